@@ -1,0 +1,5 @@
+import sys
+
+from rblguard.cli import main
+
+sys.exit(main())

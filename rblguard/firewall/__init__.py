@@ -1,0 +1,1 @@
+"""Firewall backends: put bans in the kernel, in batches, with kernel timeouts."""

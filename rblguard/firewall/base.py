@@ -1,0 +1,123 @@
+"""The one interface every firewall backend offers the daemon and the CLI.
+
+Bans live in the kernel with kernel timeouts: the kernel expires them by itself, so a
+backend never needs a timer of its own.  Every call takes a whole batch, because one
+call (one transaction, one process at most) per batch is what keeps up with a botnet
+wave; one process per ban does not.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+ALL_PORTS = None  # FirewallOptions.ports value meaning "every TCP port"
+
+
+@dataclass(frozen=True, slots=True)
+class FirewallOptions:
+    """Backend settings, parsed and checked once (by rblguard.config) and passed down."""
+
+    backend: str = "nftables"  # "nftables" | "ipset"
+    ports: tuple[int, ...] | None = (25, 465, 587)  # None: every TCP port
+    # nftables
+    table: str = "rblguard"  # in family inet
+    priority: int = -10  # input hook; conntrack runs at -200, filter chains at 0
+    # ipset
+    set_v4: str = "rblguard4"
+    set_v6: str = "rblguard6"
+    maxelem: int = 1_048_576
+    mode: str = "rules"  # "rules": rblguard adds its own iptables rules; "set-only": admin's
+    chain: str = "RBLGUARD"  # iptables/ip6tables chain used in "rules" mode
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One ban for the kernel: an address or CIDR network and its timeout in seconds."""
+
+    target: str  # "198.18.5.124", "198.18.5.0/24", "2001:db8::17", "2001:db8:1:2::/64"
+    timeout: int  # seconds, >= 1; a backend caps it at what its kernel object allows
+
+
+@dataclass(slots=True)
+class Listed:
+    """One element found in the kernel, with the seconds it has left."""
+
+    target: str
+    expires: float
+
+
+@dataclass(slots=True)
+class Counters:
+    """Drops by the backend's rules: new connections refused and packets dropped."""
+
+    packets: int = 0
+    connections: int = 0
+
+
+@dataclass(slots=True)
+class Health:
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """How a batch went: how many entries were applied and which failed, and why."""
+
+    done: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (target, error)
+
+
+class FirewallError(Exception):
+    """The kernel refused an operation; the message says which object and why."""
+
+
+class SetFullError(FirewallError):
+    """A set reached its size limit; ``refused`` entries were not added."""
+
+    def __init__(self, message: str, refused: int) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+class Backend(abc.ABC):
+    """What the daemon and ``rblguard firewall`` need from a firewall."""
+
+    name: str
+
+    @abc.abstractmethod
+    def ensure(self) -> None:
+        """Create or repair all objects, idempotently, keeping elements already there."""
+
+    @abc.abstractmethod
+    def ban(self, entries: Sequence[Entry]) -> BatchResult:
+        """Add or refresh every entry in one batch; a re-ban refreshes the timeout."""
+
+    @abc.abstractmethod
+    def unban(self, targets: Sequence[str]) -> BatchResult:
+        """Remove every target; one that is not there does not fail the others."""
+
+    @abc.abstractmethod
+    def list(self) -> list[Listed]:
+        """Every element with its remaining time."""
+
+    @abc.abstractmethod
+    def flush(self) -> None:
+        """Empty the sets, keeping the objects."""
+
+    @abc.abstractmethod
+    def remove(self) -> None:
+        """Remove every object this backend owns; leave nothing behind."""
+
+    @abc.abstractmethod
+    def counters(self) -> dict[int, Counters]:
+        """Drop counters per family: {4: Counters(...), 6: Counters(...)}."""
+
+    @abc.abstractmethod
+    def health(self) -> Health:
+        """Whether all objects are intact (tables, sets, chains, rules)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release handles (netlink sockets, contexts)."""

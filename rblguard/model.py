@@ -1,0 +1,103 @@
+"""Plain data passed between rblguard's stages.
+
+The flow is one way: sources read lines, rules turn lines into events, decisions turn
+matches into bans, and the firewall backend puts bans in the kernel.  Every stage takes
+and returns the small dataclasses below, so each stage can be tested alone and nothing
+reaches into another stage's internals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class FileId:
+    """Identity of one log file on disk: survives renames, changes on replacement."""
+
+    dev: int
+    inode: int
+
+
+@dataclass(slots=True)
+class Match:
+    """A line that a rule recognised as an RBL reject: its address deserves a ban."""
+
+    rule: str
+    address: str  # canonical: "198.18.5.124", "2001:db8::17" (never "::ffff:a.b.c.d")
+    time: float | None  # Unix time from the line's stamp; None for unstamped logs
+    line: str  # the message (text after stamp and syslog prefix), for logs and state
+    offset: int  # byte offset just past this line's newline, in its file
+
+
+@dataclass(slots=True)
+class Ignored:
+    """A line a rule matched but one of its ignore patterns vetoed: never a ban.
+
+    ``kind`` groups reasons for reporting: ``lookup-error`` (the DNS lookup failed),
+    ``dnsbl-error`` (the DNSBL refused us: the server is being cut off) or ``other``.
+    """
+
+    rule: str
+    reason: str  # the ignore pattern's name, e.g. "lookup-error", "dnsbl-error"
+    kind: str  # "lookup-error" | "dnsbl-error" | "other"
+    zone: str | None  # for dnsbl-error: which DNSBL answered (from its URL), if known
+    address: str | None
+    time: float | None
+    line: str
+    offset: int
+
+
+@dataclass(slots=True)
+class ParseError:
+    """A line that looks like a rule's reject but whose address does not parse."""
+
+    rule: str
+    line: str
+    time: float | None
+    offset: int
+
+
+@dataclass(slots=True)
+class Connection:
+    """An SMTP connection accepted by tcpserver (``tcpserver: pid N from ADDR``).
+
+    Each one reached rblsmtpd, so each one cost at least one DNSBL query.
+    """
+
+    address: str
+    time: float | None
+    offset: int
+
+
+Event = Match | Ignored | ParseError | Connection
+
+
+@dataclass(slots=True)
+class ChunkResult:
+    """What the scanner found in one buffer of complete lines, in file order."""
+
+    lines: int = 0
+    events: list[Event] = field(default_factory=list)
+    first_time: float | None = None
+    last_time: float | None = None
+    end_offset: int = 0  # byte offset just past the last complete line consumed
+
+
+@dataclass(frozen=True, slots=True)
+class Ban:
+    """A decision to keep ``target`` out until ``until`` (Unix time).
+
+    ``target`` is a canonical address ("198.18.5.124", "2001:db8::17") or a network in
+    CIDR form ("198.18.5.0/24", "2001:db8:1:2::/64").  ``rule`` is the rule's name, or
+    "manual" for an admin's ban; ``reason`` is the log line or the admin's text.
+    """
+
+    target: str
+    until: float
+    rule: str
+    reason: str
+
+    @property
+    def family(self) -> int:
+        return 6 if ":" in self.target else 4
