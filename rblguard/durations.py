@@ -26,7 +26,7 @@ def parse_duration(value: object) -> float:
 
 def format_duration(seconds: float) -> str:
     """The shortest exact spelling: 3600 -> "1h", 5400 -> "90m", 45 -> "45s"."""
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     for unit in ("w", "d", "h", "m"):
         if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
             return f"{seconds // _UNITS[unit]}{unit}"
