@@ -101,3 +101,22 @@ class Ban:
     @property
     def family(self) -> int:
         return 6 if ":" in self.target else 4
+
+
+@dataclass(frozen=True, slots=True)
+class SourcePosition:
+    """Where reading of one configured source stopped: enough to resume exactly there.
+
+    ``file`` is the path the bytes came from when last read (a multilog ``current`` may
+    since have been renamed to ``@....s``: ``dev``/``inode`` find it again), ``offset``
+    is just past the last line whose bans are in the kernel, and ``fingerprint`` is a
+    digest of the file's first bytes, so a replaced file (new content, reused inode) is
+    told apart from the one we were reading.
+    """
+
+    source: str  # the configured source path
+    file: str
+    dev: int
+    inode: int
+    offset: int
+    fingerprint: str
