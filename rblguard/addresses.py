@@ -1,0 +1,56 @@
+"""Client addresses as rblguard stores and bans them: one canonical spelling each.
+
+``::ffff:198.18.5.124`` (an IPv4 client seen by an IPv6 socket) is the IPv4 client
+``198.18.5.124``; ``2001:DB8:0::17`` is ``2001:db8::17``.  One spelling per client is
+what makes counting, thresholds and bans agree.  Nothing is skipped for being private or
+reserved: only the allowlist exempts an address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_PLAIN_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
+_cache: dict[str, str | None] = {}
+_CACHE_LIMIT = 65536
+
+
+def canonical_address(text: str) -> str | None:
+    """The canonical form of an IPv4/IPv6 address, or None if ``text`` is not one.
+
+    Called once per reject line, so the common case (plain dotted IPv4) skips the
+    ipaddress module, and everything else is cached: spammers retry from the same
+    addresses.
+    """
+    if _PLAIN_IPV4.fullmatch(text):
+        return text
+    try:
+        return _cache[text]
+    except KeyError:
+        pass
+    candidate = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    try:
+        addr = ipaddress.ip_address(candidate)
+    except ValueError:
+        result = None
+    else:
+        if isinstance(addr, ipaddress.IPv6Address):
+            if addr.scope_id is not None:
+                result = None  # a link-local zone cannot be banned by address alone
+            elif addr.ipv4_mapped is not None:
+                result = str(addr.ipv4_mapped)
+            else:
+                result = addr.compressed
+        else:
+            result = str(addr)
+    if len(_cache) >= _CACHE_LIMIT:
+        _cache.clear()
+    _cache[text] = result
+    return result
+
+
+def family(target: str) -> int:
+    """4 or 6 for a canonical address or network."""
+    return 6 if ":" in target else 4

@@ -1,0 +1,305 @@
+"""Rule files: how admins tell rblguard which log lines are RBL rejects.
+
+One YAML file per log producer (``rules/rblsmtpd.yaml``).  A rule's ``match`` is a
+regular expression anchored at the start of the message, with ``<ADDR>`` where the
+client's address stands.  Its ``ignore`` patterns veto a match (a DNS lookup failure, a
+DNSBL error reply), and its ``ban`` says how many matches within which window ban for
+how long.  Every file carries ``samples``: lines with the outcome they must give, so a
+rule file tests itself and a rule that no sample exercises is an error.
+
+Loading checks everything once and reports the file, the line and the problem.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rblguard.durations import parse_duration
+
+ADDR = "<ADDR>"
+# What the placeholder captures: anything address-like up to a separator.  Whether it
+# really is an address is decided by rblguard.addresses (a failure is a parse error, and
+# never a ban), so a malformed address is counted instead of silently skipped.
+ADDR_CAPTURE = r"(?P<addr>[^\s,;]+)"
+IGNORE_KINDS = ("lookup-error", "dnsbl-error", "other")
+OUTCOMES = ("ban", "ignored", "none", "parse-error")
+# The characters a literal prefix may hold: a program's name and its separator.
+_LITERAL_CHARS = re.compile(r"[A-Za-z0-9 _:@=/,'\"<>!%&#~-]")
+_QUANTIFIERS = "*+?{"
+
+
+class RuleError(Exception):
+    """A rule file cannot be used; the message names file, line and problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class BanPolicy:
+    """What a rule asks for: ``count`` matches within ``window`` seconds ban an address
+    for ``duration`` seconds (None: the configured ``ban_time``)."""
+
+    count: int = 1
+    window: float = 3600.0
+    duration: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IgnorePattern:
+    name: str
+    kind: str
+    regex: re.Pattern[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    line: str
+    outcome: str  # one of OUTCOMES
+    expect: str  # the address for "ban", the ignore name for "ignored", else the why
+    rule: str | None
+    file: str
+    lineno: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    file: str
+    lineno: int
+    pattern: str  # as the admin wrote it
+    literal: bytes  # the fixed text the pattern starts with: what the scanner looks for
+    regex: re.Pattern[bytes]  # anchored by use of .match at the message start
+    ignores: tuple[IgnorePattern, ...]
+    policy: BanPolicy
+
+
+@dataclass
+class RuleSet:
+    """Every enabled rule, in load order (files by name, rules in file order)."""
+
+    rules: list[Rule] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    disabled_files: list[str] = field(default_factory=list)
+
+    def by_name(self, name: str) -> Rule:
+        for rule in self.rules:
+            if rule.name == name:
+                return rule
+        raise KeyError(name)
+
+
+def shipped_rules_dir() -> Path:
+    """The rules that come with rblguard: installed beside the package, or in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "shipped_rules", here.parent / "rules"):
+        if any(candidate.glob("*.yaml")):
+            return candidate
+    return here.parent / "rules"
+
+
+def literal_prefix(pattern: str) -> str:
+    """The fixed text a pattern starts with (``rblsmtpd: `` for ``rblsmtpd: <ADDR> ...``).
+
+    The scanner searches a whole buffer for it, which is what makes scanning fast.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if pattern.startswith(ADDR, i):
+            break
+        if ch == "\\" and i + 1 < len(pattern) and not pattern[i + 1].isalnum():
+            step, text = 2, pattern[i + 1]
+        elif _LITERAL_CHARS.fullmatch(ch) and not (ch in "<" and pattern.startswith(ADDR, i)):
+            step, text = 1, ch
+        else:
+            break
+        if i + step < len(pattern) and pattern[i + step] in _QUANTIFIERS:
+            break  # "ab*": the b is optional, so only "a" is fixed
+        out.append(text)
+        i += step
+    return "".join(out)
+
+
+def _where(node: Any, file: str) -> str:
+    mark = getattr(node, "start_mark", None)
+    return f"{file}:{mark.line + 1}" if mark is not None else file
+
+
+def _compile(pattern: str, where: str, what: str) -> re.Pattern[bytes]:
+    try:
+        return re.compile(pattern.encode(), re.MULTILINE)
+    except re.error as exc:
+        raise RuleError(f"{where}: {what}: bad regular expression {pattern!r}: {exc}") from exc
+
+
+class _Loader:
+    """Reads one rule file, keeping YAML nodes so every error can name its line."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RuleError(f"{self.file}: cannot read: {exc}") from exc
+        try:
+            self.root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as exc:
+            raise RuleError(f"{self.file}: not valid YAML: {exc}") from exc
+
+    def err(self, node: Any, message: str) -> RuleError:
+        return RuleError(f"{_where(node, self.file)}: {message}")
+
+    def mapping(self, node: Any, what: str, allowed: set[str]) -> dict[str, Any]:
+        if not isinstance(node, yaml.MappingNode):
+            raise self.err(node, f"{what} must be a mapping")
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key not in allowed:
+                raise self.err(key_node, f"{what}: unknown key {key!r} "
+                               f"(known: {', '.join(sorted(allowed))})")
+            out[key] = value_node
+        return out
+
+    def scalar(self, node: Any, what: str) -> str:
+        if not isinstance(node, yaml.ScalarNode) or node.value == "":
+            raise self.err(node, f"{what} must be a non-empty text")
+        return str(node.value)
+
+    def sequence(self, node: Any, what: str) -> list[Any]:
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.err(node, f"{what} must be a list")
+        return list(node.value)
+
+
+def _load_policy(ld: _Loader, node: Any, rule_name: str) -> BanPolicy:
+    fields = ld.mapping(node, f"rule {rule_name}: ban", {"for", "after", "within"})
+    count, window, duration = 1, 3600.0, None
+    try:
+        if "after" in fields:
+            count = int(ld.scalar(fields["after"], "ban.after"))
+            if count < 1:
+                raise ValueError("must be 1 or more")
+        if "within" in fields:
+            window = parse_duration(ld.scalar(fields["within"], "ban.within"))
+        if "for" in fields:
+            duration = parse_duration(ld.scalar(fields["for"], "ban.for"))
+    except ValueError as exc:
+        raise ld.err(node, f"rule {rule_name}: ban: {exc}") from exc
+    return BanPolicy(count=count, window=window, duration=duration)
+
+
+def _load_rule(ld: _Loader, node: Any) -> Rule:
+    fields = ld.mapping(node, "a rule", {"name", "match", "ignore", "ban"})
+    for required in ("name", "match"):
+        if required not in fields:
+            raise ld.err(node, f"a rule needs {required!r}")
+    name = ld.scalar(fields["name"], "rule name")
+    pattern = ld.scalar(fields["match"], f"rule {name}: match")
+    where = _where(fields["match"], ld.file)
+    if pattern.count(ADDR) != 1:
+        raise RuleError(f"{where}: rule {name}: match must hold {ADDR} exactly once, "
+                        "where the client's address stands")
+    if pattern.startswith("^"):
+        pattern = pattern[1:]  # every match is anchored at the message start anyway
+    literal = literal_prefix(pattern)
+    if len(literal) < 4:
+        raise RuleError(f"{where}: rule {name}: match must start with the program's own "
+                        f"fixed prefix (like 'rblsmtpd: '), got {pattern!r}")
+    before, _, after = pattern.partition(ADDR)
+    regex = _compile(before + ADDR_CAPTURE + after, where, f"rule {name}")
+    ignores = []
+    for item in ld.sequence(fields["ignore"], f"rule {name}: ignore") if "ignore" in fields else []:
+        ig = ld.mapping(item, f"rule {name}: ignore", {"name", "match", "kind"})
+        if "name" not in ig or "match" not in ig:
+            raise ld.err(item, f"rule {name}: an ignore needs 'name' and 'match'")
+        ig_name = ld.scalar(ig["name"], "ignore name")
+        kind = ld.scalar(ig["kind"], "ignore kind") if "kind" in ig else (
+            ig_name if ig_name in IGNORE_KINDS else "other")
+        if kind not in IGNORE_KINDS:
+            raise ld.err(ig["kind"], f"ignore {ig_name}: kind must be one of "
+                         f"{', '.join(IGNORE_KINDS)}")
+        ig_regex = _compile(ld.scalar(ig["match"], "ignore match"),
+                            _where(ig["match"], ld.file), f"ignore {ig_name}")
+        ignores.append(IgnorePattern(ig_name, kind, ig_regex))
+    policy = _load_policy(ld, fields["ban"], name) if "ban" in fields else BanPolicy()
+    return Rule(name, ld.file, node.start_mark.line + 1, pattern, literal.encode(), regex,
+                tuple(ignores), policy)
+
+
+def _load_sample(ld: _Loader, node: Any) -> Sample:
+    fields = ld.mapping(node, "a sample", {"line", "rule", *OUTCOMES})
+    if "line" not in fields:
+        raise ld.err(node, "a sample needs 'line'")
+    outcomes = [key for key in OUTCOMES if key in fields]
+    if len(outcomes) != 1:
+        raise ld.err(node, "a sample states exactly one outcome: "
+                     "ban: ADDRESS, ignored: REASON, none: WHY or parse-error: WHY")
+    outcome = outcomes[0]
+    return Sample(
+        line=ld.scalar(fields["line"], "sample line"),
+        outcome=outcome,
+        expect=ld.scalar(fields[outcome], f"sample {outcome}"),
+        rule=ld.scalar(fields["rule"], "sample rule") if "rule" in fields else None,
+        file=ld.file,
+        lineno=node.start_mark.line + 1,
+    )
+
+
+def load_rule_file(path: Path) -> tuple[bool, list[Rule], list[Sample]]:
+    """(enabled, rules, samples) of one file; raises RuleError naming file and line."""
+    ld = _Loader(path)
+    if ld.root is None:
+        raise RuleError(f"{ld.file}: the file is empty")
+    top = ld.mapping(ld.root, "a rule file", {"description", "enabled", "rules", "samples"})
+    enabled = True
+    if "enabled" in top:
+        value = ld.scalar(top["enabled"], "enabled").lower()
+        if value not in ("true", "false", "yes", "no", "on", "off"):
+            raise ld.err(top["enabled"], "enabled must be true or false")
+        enabled = value in ("true", "yes", "on")
+    if "rules" not in top:
+        raise ld.err(ld.root, "a rule file needs 'rules'")
+    rules = [_load_rule(ld, item) for item in ld.sequence(top["rules"], "rules")]
+    if not rules:
+        raise ld.err(top["rules"], "'rules' is empty")
+    samples = [_load_sample(ld, item)
+               for item in (ld.sequence(top["samples"], "samples") if "samples" in top else [])]
+    return enabled, rules, samples
+
+
+def rule_files(dirs: list[str | Path] | None = None) -> list[Path]:
+    """The ``*.yaml`` files of each directory, by name; a missing directory has none."""
+    out: list[Path] = []
+    for d in dirs if dirs is not None else [shipped_rules_dir()]:
+        out.extend(sorted(Path(d).glob("*.yaml")))
+    return out
+
+
+def load_rules(dirs: list[str | Path] | None = None) -> RuleSet:
+    """Every enabled rule of every file in ``dirs`` (None: the shipped rules).
+
+    Rule names must be unique across files: metrics, state and bans are keyed by them.
+    """
+    ruleset = RuleSet()
+    seen: dict[str, Rule] = {}
+    for path in rule_files(dirs):
+        enabled, rules, samples = load_rule_file(path)
+        if not enabled:
+            ruleset.disabled_files.append(str(path))
+            continue
+        for rule in rules:
+            if rule.name in seen:
+                other = seen[rule.name]
+                raise RuleError(f"{rule.file}:{rule.lineno}: rule name {rule.name!r} is "
+                                f"already used at {other.file}:{other.lineno}")
+            seen[rule.name] = rule
+        ruleset.rules.extend(rules)
+        ruleset.samples.extend(samples)
+        ruleset.files.append(str(path))
+    return ruleset

@@ -1,0 +1,159 @@
+"""``rblguard scan``: read logs from start to end and report what rblguard would see.
+
+No firewall, no state: it answers "what is in this log?" — rejects per rule, the lines
+that must never ban (lookup errors, DNSBL error replies), unparsable addresses, and the
+offenders.  DNSBL error replies get a loud warning: they mean the DNSBL is refusing this
+server's queries, the very cut-off rblguard exists to prevent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rblguard.model import ChunkResult, Connection, Ignored, Match, ParseError
+from rblguard.rules import RuleError, RuleSet, load_rules
+from rblguard.scanner import Scanner, scan_source
+
+
+@dataclass
+class ScanReport:
+    """Totals over every chunk of every file scanned."""
+
+    lines: int = 0
+    connections: int = 0
+    first_time: float | None = None
+    last_time: float | None = None
+    by_rule: Counter[str] = field(default_factory=Counter)
+    ignored: Counter[str] = field(default_factory=Counter)
+    ignored_kinds: Counter[str] = field(default_factory=Counter)
+    dnsbl_zones: Counter[str] = field(default_factory=Counter)
+    parse_errors: int = 0
+    offenders: Counter[str] = field(default_factory=Counter)
+    files: list[str] = field(default_factory=list)
+    first_dnsbl_error: str | None = None
+
+    def add(self, chunk: ChunkResult) -> None:
+        self.lines += chunk.lines
+        if chunk.first_time is not None and (self.first_time is None
+                                             or chunk.first_time < self.first_time):
+            self.first_time = chunk.first_time
+        if chunk.last_time is not None and (self.last_time is None
+                                            or chunk.last_time > self.last_time):
+            self.last_time = chunk.last_time
+        offenders = self.offenders
+        by_rule = self.by_rule
+        for event in chunk.events:
+            kind = type(event)
+            if kind is Match:
+                by_rule[event.rule] += 1
+                offenders[event.address] += 1
+            elif kind is Connection:
+                self.connections += 1
+            elif kind is Ignored:
+                self.ignored[event.reason] += 1
+                self.ignored_kinds[event.kind] += 1
+                if event.kind == "dnsbl-error":
+                    self.dnsbl_zones[event.zone or "unknown"] += 1
+                    if self.first_dnsbl_error is None:
+                        self.first_dnsbl_error = event.line
+            elif kind is ParseError:
+                self.parse_errors += 1
+
+    def as_json(self, top: int, with_list: bool) -> dict:
+        out = {
+            "lines": self.lines,
+            "matches": sum(self.by_rule.values()),
+            "by_rule": dict(self.by_rule),
+            "ignored": dict(self.ignored),
+            "lookup_errors": self.ignored_kinds.get("lookup-error", 0),
+            "dnsbl_errors": self.ignored_kinds.get("dnsbl-error", 0),
+            "dnsbl_errors_by_zone": dict(self.dnsbl_zones),
+            "parse_errors": self.parse_errors,
+            "connections": self.connections,
+            "addresses": len(self.offenders),
+            "first_time": self.first_time,
+            "last_time": self.last_time,
+            "files": self.files,
+            "top": [{"address": a, "matches": n} for a, n in self.offenders.most_common(top)],
+        }
+        if with_list:
+            out["offenders"] = dict(self.offenders.most_common())
+        return out
+
+
+def scan_paths(paths: list[str], ruleset: RuleSet) -> ScanReport:
+    from rblguard.follow import list_files
+
+    report = ScanReport()
+    scanner = Scanner(ruleset)
+    for path in paths:
+        report.files.extend(str(f) for f in list_files(path))
+        for chunk in scan_source(path, ruleset, scanner=scanner):
+            report.add(chunk)
+    return report
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t is not None else "-"
+
+
+def _print_text(report: ScanReport, top: int, with_list: bool) -> None:
+    data = report.as_json(top, with_list)
+    span = ""
+    if report.first_time is not None and report.last_time is not None:
+        span = f" ({(report.last_time - report.first_time) / 3600:.1f} h)"
+    print(f"files:            {len(report.files)}")
+    print(f"lines read:       {data['lines']}")
+    print(f"time span:        {_when(report.first_time)} .. {_when(report.last_time)}{span}")
+    print(f"SMTP connections: {data['connections']}")
+    print(f"rejects (ban):    {data['matches']}")
+    for rule, n in sorted(report.by_rule.items()):
+        print(f"  {rule:<24} {n}")
+    print(f"ignored:          {sum(report.ignored.values())}")
+    for reason, n in sorted(report.ignored.items()):
+        print(f"  {reason:<24} {n}")
+    print(f"parse errors:     {data['parse_errors']}")
+    print(f"offenders:        {data['addresses']} distinct addresses")
+    if data["top"]:
+        print(f"top {len(data['top'])}:")
+        for row in data["top"]:
+            print(f"  {row['address']:<40} {row['matches']}")
+    if with_list:
+        print("all offenders:")
+        for address, n in report.offenders.most_common():
+            print(f"{address}\t{n}")
+
+
+def main(args: argparse.Namespace) -> int:
+    for path in args.paths:
+        if not Path(path).exists():
+            print(f"rblguard scan: {path}: no such file or directory", file=sys.stderr)
+            return 2
+    try:
+        ruleset = load_rules(args.rules)
+    except RuleError as exc:
+        print(f"rblguard scan: {exc}", file=sys.stderr)
+        return 2
+    try:
+        report = scan_paths(args.paths, ruleset)
+    except OSError as exc:
+        print(f"rblguard scan: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    if report.ignored_kinds.get("dnsbl-error"):
+        zones = ", ".join(f"{z} ({n})" for z, n in report.dnsbl_zones.most_common())
+        print(f"rblguard scan: WARNING: {report.ignored_kinds['dnsbl-error']} DNSBL error "
+              f"replies ({zones}): the DNSBL is refusing this server's queries, and "
+              f"rblsmtpd rejects every client with them. First: {report.first_dnsbl_error}",
+              file=sys.stderr)
+    if args.json:
+        json.dump(report.as_json(args.top, args.list), sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        _print_text(report, args.top, args.list)
+    return 0

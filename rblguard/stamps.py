@@ -1,0 +1,149 @@
+"""Line stamps: what comes before the message, and the time it tells.
+
+A qmail log line is a stamp followed by a message.  The stamp is multilog's TAI64N
+label, ``tai64nlocal``'s local time, a syslog header (RFC 3164 or RFC 3339), or nothing.
+One file keeps one format, so the format is detected once per file from its first
+complete lines, and every rule match is then anchored at the message start that the
+format defines: text a client chose later in a line can never look like a reject.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+TAI64_UNIX_OFFSET = 4611686018427387914  # 2**62 + 10: TAI64 label of the Unix epoch
+
+_TAI64N = re.compile(rb"@([0-9a-f]{16})([0-9a-f]{8}) ")
+_TAI64NLOCAL = re.compile(rb"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(\.\d{1,9})? ")
+_RFC3164 = re.compile(
+    rb"(?:<\d{1,3}>)?([A-Z][a-z]{2} [ 0-9]\d \d\d:\d\d:\d\d) \S+ ([^\s:\[\]]+)(?:\[\d+\])?: "
+)
+_RFC3339 = re.compile(
+    rb"(?:<\d{1,3}>)?(?:1 )?(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d{1,9})?(Z|[+-]\d\d:?\d\d) "
+    rb"\S+ ([^\s:\[\]]+)(?:\[\d+\])?: "
+)
+# A program that prefixes its own lines ("rblsmtpd: ...", "tcpserver: ...").
+_OWN_PREFIX = re.compile(rb"[\w.-]+: ")
+
+_MONTHS = {m.encode(): i for i, m in enumerate(calendar.month_abbr) if m}
+
+
+@dataclass(frozen=True, slots=True)
+class StampFormat:
+    """How one file's lines are stamped.
+
+    ``prefix`` matches a line's stamp (and syslog header) at the line start.
+    ``fixed_width`` is the stamp's length when every line has the same one, which lets
+    the scanner check a match's anchor without running a regex.  ``syslog`` formats
+    rebuild the message as ``TAG: text`` so that rules see what multilog would show.
+    """
+
+    name: str
+    prefix: re.Pattern[bytes] | None
+    fixed_width: int | None
+    syslog: bool
+    parse: Callable[[re.Match[bytes], float], float | None]
+
+
+def _parse_tai64n(m: re.Match[bytes], _ref: float) -> float:
+    return int(m.group(1), 16) - TAI64_UNIX_OFFSET + int(m.group(2), 16) / 1e9
+
+
+_local_cache: dict[bytes, float] = {}
+
+
+def _local_seconds(text: bytes) -> float:
+    """Unix time of a local ``YYYY-MM-DD HH:MM:SS``; cached, as log seconds repeat."""
+    seconds = _local_cache.get(text)
+    if seconds is None:
+        if len(_local_cache) > 4096:
+            _local_cache.clear()
+        seconds = time.mktime(time.strptime(text.decode(), "%Y-%m-%d %H:%M:%S"))
+        _local_cache[text] = seconds
+    return seconds
+
+
+def _parse_tai64nlocal(m: re.Match[bytes], _ref: float) -> float | None:
+    try:
+        seconds = _local_seconds(m.group(1))
+    except (ValueError, OverflowError):
+        return None
+    fraction = m.group(2)
+    return seconds + (float(fraction) if fraction else 0.0)
+
+
+def _parse_rfc3164(m: re.Match[bytes], ref: float) -> float | None:
+    """Syslog omits the year: take the reference time's, or the year before when the
+    line would otherwise lie more than a day in the future (a log crossing New Year)."""
+    stamp = m.group(1)
+    month = _MONTHS.get(stamp[:3])
+    if month is None:
+        return None
+    year = time.localtime(ref).tm_year
+    try:
+        day, clock = int(stamp[4:6]), stamp[7:15].decode()
+        hh, mm, ss = (int(x) for x in clock.split(":"))
+        when = time.mktime((year, month, day, hh, mm, ss, 0, 0, -1))
+        if when > ref + 86400:
+            when = time.mktime((year - 1, month, day, hh, mm, ss, 0, 0, -1))
+    except (ValueError, OverflowError):
+        return None
+    return when
+
+
+def _parse_rfc3339(m: re.Match[bytes], _ref: float) -> float | None:
+    try:
+        base = calendar.timegm(time.strptime(m.group(1).decode(), "%Y-%m-%dT%H:%M:%S"))
+    except (ValueError, OverflowError):
+        return None
+    fraction = float(m.group(2)) if m.group(2) else 0.0
+    zone = m.group(3)
+    offset = 0
+    if zone != b"Z":
+        digits = zone[1:].replace(b":", b"")
+        offset = (int(digits[:2]) * 3600 + int(digits[2:]) * 60) * (1 if zone[:1] == b"+" else -1)
+    return base + fraction - offset
+
+
+TAI64N = StampFormat("tai64n", _TAI64N, 26, False, _parse_tai64n)
+TAI64NLOCAL = StampFormat("tai64nlocal", _TAI64NLOCAL, None, False, _parse_tai64nlocal)
+RFC3164 = StampFormat("syslog", _RFC3164, None, True, _parse_rfc3164)
+RFC3339 = StampFormat("rfc3339", _RFC3339, None, True, _parse_rfc3339)
+NONE = StampFormat("none", None, 0, False, lambda _m, _r: None)
+FORMATS = (TAI64N, TAI64NLOCAL, RFC3339, RFC3164)
+
+
+def detect_format(sample: bytes) -> StampFormat:
+    """The format most of the first complete lines of ``sample`` carry (none if unclear)."""
+    lines = [line for line in sample.split(b"\n")[:-1][:50] if line.strip()]
+    if not lines:
+        return NONE
+    best, best_count = NONE, 0
+    for fmt in FORMATS:
+        assert fmt.prefix is not None
+        count = sum(1 for line in lines if fmt.prefix.match(line))
+        if count > best_count:
+            best, best_count = fmt, count
+    return best if best_count * 2 >= len(lines) else NONE
+
+
+def split_line(fmt: StampFormat, line: bytes, ref: float) -> tuple[float | None, bytes]:
+    """A line's time and message (syslog: ``TAG: text`` unless text names its program).
+
+    A line that lacks the file's stamp has no message: in a stamped log such a line was
+    not written by the log's programs, so nothing in it is trusted.
+    """
+    if fmt.prefix is None:
+        return None, line
+    m = fmt.prefix.match(line)
+    if m is None:
+        return None, b""
+    message = line[m.end():]
+    if fmt.syslog and not _OWN_PREFIX.match(message):
+        tag = m.group(2) if fmt is RFC3164 else m.group(4)
+        message = tag + b": " + message
+    return fmt.parse(m, ref), message
