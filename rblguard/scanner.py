@@ -195,7 +195,7 @@ def scan_file(path: str | Path, scanner: Scanner) -> Iterator[ChunkResult]:
     fmt: StampFormat | None = None
     for offset, buf in read_complete_lines(path):
         if fmt is None:
-            fmt = detect_format(buf[:65536])
+            fmt = detect_format(buf)
         yield scanner.scan(buf, offset, fmt, ref)
 
 

@@ -117,18 +117,30 @@ NONE = StampFormat("none", None, 0, False, lambda _m, _r: None)
 FORMATS = (TAI64N, TAI64NLOCAL, RFC3339, RFC3164)
 
 
-def detect_format(sample: bytes) -> StampFormat:
-    """The format most of the first complete lines of ``sample`` carry (none if unclear)."""
-    lines = [line for line in sample.split(b"\n")[:-1][:50] if line.strip()]
-    if not lines:
+def detect_format(buf: bytes, max_lines: int = 50) -> StampFormat:
+    """The format most of the first complete lines of ``buf`` carry (none if unclear).
+
+    Only each line's first bytes are looked at, so a megabyte-long first line costs
+    nothing and does not hide the lines after it.
+    """
+    heads: list[bytes] = []
+    start = 0
+    while len(heads) < max_lines:
+        end = buf.find(b"\n", start)
+        if end < 0:
+            break
+        if end > start:
+            heads.append(buf[start:min(end, start + 200)])
+        start = end + 1
+    if not heads:
         return NONE
     best, best_count = NONE, 0
     for fmt in FORMATS:
         assert fmt.prefix is not None
-        count = sum(1 for line in lines if fmt.prefix.match(line))
+        count = sum(1 for head in heads if fmt.prefix.match(head))
         if count > best_count:
             best, best_count = fmt, count
-    return best if best_count * 2 >= len(lines) else NONE
+    return best if best_count * 2 >= len(heads) else NONE
 
 
 def split_line(fmt: StampFormat, line: bytes, ref: float) -> tuple[float | None, bytes]:

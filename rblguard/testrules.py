@@ -131,7 +131,7 @@ def try_logs(rules: list[Rule], paths: list[str]) -> int:
         for file in list_files(path):
             fmt = None
             for _offset, buf in read_complete_lines(file):
-                fmt = fmt or detect_format(buf[:65536])
+                fmt = fmt or detect_format(buf)
                 for line in buf.split(b"\n")[:-1]:
                     _when, message = split_line(fmt, line, 0.0)
                     event = scanner.classify_message(message, None, 0)
