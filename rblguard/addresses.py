@@ -14,7 +14,21 @@ import re
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _PLAIN_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 _cache: dict[str, str | None] = {}
+_bytes_cache: dict[bytes, str | None] = {}
 _CACHE_LIMIT = 65536
+
+
+def canonical_bytes(raw: bytes) -> str | None:
+    """canonical_address() of an address as the log's bytes hold it; the scanner's path."""
+    try:
+        return _bytes_cache[raw]
+    except KeyError:
+        pass
+    result = canonical_address(raw.decode("ascii", "replace"))
+    if len(_bytes_cache) >= _CACHE_LIMIT:
+        _bytes_cache.clear()
+    _bytes_cache[raw] = result
+    return result
 
 
 def canonical_address(text: str) -> str | None:

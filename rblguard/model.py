@@ -82,6 +82,10 @@ class ChunkResult:
     first_time: float | None = None
     last_time: float | None = None
     end_offset: int = 0  # byte offset just past the last complete line consumed
+    # Scanner.tally() only counts: these hold what Match and Connection events would say,
+    # and ``events`` then holds only the rare Ignored and ParseError events.
+    match_counts: dict[tuple[str, str], int] | None = None  # (rule, address) -> matches
+    connection_count: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,9 +71,11 @@ class Rule:
     lineno: int
     pattern: str  # as the admin wrote it
     literal: bytes  # the fixed text the pattern starts with: what the scanner looks for
+    rest: bytes  # the regular expression after that text, <ADDR> expanded
     regex: re.Pattern[bytes]  # anchored by use of .match at the message start
     ignores: tuple[IgnorePattern, ...]
     policy: BanPolicy
+    veto: re.Pattern[bytes] | None = None  # all ignores in one pattern: one search a match
 
 
 @dataclass
@@ -106,6 +108,11 @@ def literal_prefix(pattern: str) -> str:
 
     The scanner searches a whole buffer for it, which is what makes scanning fast.
     """
+    return split_literal(pattern)[0]
+
+
+def split_literal(pattern: str) -> tuple[str, str]:
+    """(fixed text the pattern starts with, the rest of the pattern after it)."""
     out: list[str] = []
     i = 0
     while i < len(pattern):
@@ -122,7 +129,7 @@ def literal_prefix(pattern: str) -> str:
             break  # "ab*": the b is optional, so only "a" is fixed
         out.append(text)
         i += step
-    return "".join(out)
+    return "".join(out), pattern[i:]
 
 
 def _where(node: Any, file: str) -> str:
@@ -207,12 +214,12 @@ def _load_rule(ld: _Loader, node: Any) -> Rule:
                         "where the client's address stands")
     if pattern.startswith("^"):
         pattern = pattern[1:]  # every match is anchored at the message start anyway
-    literal = literal_prefix(pattern)
+    literal, rest = split_literal(pattern)
     if len(literal) < 4:
         raise RuleError(f"{where}: rule {name}: match must start with the program's own "
                         f"fixed prefix (like 'rblsmtpd: '), got {pattern!r}")
-    before, _, after = pattern.partition(ADDR)
-    regex = _compile(before + ADDR_CAPTURE + after, where, f"rule {name}")
+    rest = rest.replace(ADDR, ADDR_CAPTURE)
+    regex = _compile(re.escape(literal) + rest, where, f"rule {name}")
     ignores = []
     for item in ld.sequence(fields["ignore"], f"rule {name}: ignore") if "ignore" in fields else []:
         ig = ld.mapping(item, f"rule {name}: ignore", {"name", "match", "kind"})
@@ -228,8 +235,10 @@ def _load_rule(ld: _Loader, node: Any) -> Rule:
                             _where(ig["match"], ld.file), f"ignore {ig_name}")
         ignores.append(IgnorePattern(ig_name, kind, ig_regex))
     policy = _load_policy(ld, fields["ban"], name) if "ban" in fields else BanPolicy()
-    return Rule(name, ld.file, node.start_mark.line + 1, pattern, literal.encode(), regex,
-                tuple(ignores), policy)
+    veto = (re.compile(b"|".join(b"(?:" + ig.regex.pattern + b")" for ig in ignores),
+                       re.MULTILINE) if ignores else None)
+    return Rule(name, ld.file, node.start_mark.line + 1, pattern, literal.encode(),
+                rest.encode(), regex, tuple(ignores), policy, veto)
 
 
 def _load_sample(ld: _Loader, node: Any) -> Sample:

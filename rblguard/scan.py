@@ -48,6 +48,11 @@ class ScanReport:
             self.last_time = chunk.last_time
         offenders = self.offenders
         by_rule = self.by_rule
+        if chunk.match_counts:
+            for (rule, address), n in chunk.match_counts.items():
+                by_rule[rule] += n
+                offenders[address] += n
+        self.connections += chunk.connection_count
         for event in chunk.events:
             kind = type(event)
             if kind is Match:
@@ -75,7 +80,6 @@ class ScanReport:
             "dnsbl_errors": self.ignored_kinds.get("dnsbl-error", 0),
             "dnsbl_errors_by_zone": dict(self.dnsbl_zones),
             "parse_errors": self.parse_errors,
-            "connections": self.connections,
             "addresses": len(self.offenders),
             "first_time": self.first_time,
             "last_time": self.last_time,
@@ -91,10 +95,11 @@ def scan_paths(paths: list[str], ruleset: RuleSet) -> ScanReport:
     from rblguard.follow import list_files
 
     report = ScanReport()
-    scanner = Scanner(ruleset)
+    # Connections are left to `simulate`: counting them would cost scan a second pass.
+    scanner = Scanner(ruleset, connections=False)
     for path in paths:
         report.files.extend(str(f) for f in list_files(path))
-        for chunk in scan_source(path, ruleset, scanner=scanner):
+        for chunk in scan_source(path, ruleset, scanner=scanner, tally=True):
             report.add(chunk)
     return report
 
@@ -111,7 +116,6 @@ def _print_text(report: ScanReport, top: int, with_list: bool) -> None:
     print(f"files:            {len(report.files)}")
     print(f"lines read:       {data['lines']}")
     print(f"time span:        {_when(report.first_time)} .. {_when(report.last_time)}{span}")
-    print(f"SMTP connections: {data['connections']}")
     print(f"rejects (ban):    {data['matches']}")
     for rule, n in sorted(report.by_rule.items()):
         print(f"  {rule:<24} {n}")

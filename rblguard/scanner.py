@@ -18,14 +18,17 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from rblguard.addresses import canonical_address
+from rblguard.addresses import _bytes_cache as _BYTES_CACHE
+from rblguard.addresses import canonical_address, canonical_bytes
 from rblguard.model import ChunkResult, Connection, Event, Ignored, Match, ParseError
 from rblguard.rules import Rule, RuleSet
 from rblguard.stamps import TAI64_UNIX_OFFSET, TAI64N, StampFormat, detect_format, split_line
 
 CHUNK_SIZE = 8 << 20
 # tcpserver -v writes one of these per accepted connection; each one reached rblsmtpd.
-CONNECTION = re.compile(rb"tcpserver: pid \d+ from (?P<addr>[^\s,;]+)$", re.MULTILINE)
+CONNECTION_LITERAL = b"tcpserver: pid "
+CONNECTION_REST = rb"\d+ from (?P<addr>[^\s,;]+)$"
+CONNECTION = re.compile(re.escape(CONNECTION_LITERAL) + CONNECTION_REST, re.MULTILINE)
 _URL_HOST = re.compile(rb"https?://([A-Za-z0-9.-]+)")
 
 
@@ -43,6 +46,7 @@ class Scanner:
     def __init__(self, ruleset: RuleSet, *, connections: bool = True) -> None:
         self.rules = ruleset.rules
         self.connections = connections
+        self._compiled: dict[str, list[tuple[Rule | None, re.Pattern[bytes]]]] = {}
 
     def scan(self, buf: bytes, base: int, fmt: StampFormat, ref_time: float) -> ChunkResult:
         """Events of ``buf`` (complete lines, starting at byte ``base`` of its file)."""
@@ -59,57 +63,73 @@ class Scanner:
             self._scan_buffer(buf, base, fmt, ref_time, result)
         return result
 
-    # -- the fast path: whole-buffer search, then an anchor check per hit ------------
+    # -- the fast path: one search per rule over the whole buffer ---------------------
 
-    def _anchor(self, buf: bytes, pos: int, fmt: StampFormat, ref: float):
-        """(line start, time) if ``pos`` is the message start of its line, else None."""
-        ls = buf.rfind(b"\n", 0, pos) + 1
-        width = fmt.fixed_width
-        if width is not None and pos - ls != width:
-            return None
-        if fmt.prefix is None:
-            return ls, None
-        m = fmt.prefix.match(buf, ls)
-        if m is None or m.end() != pos:
-            return None
-        if fmt is TAI64N:  # the common case, inlined
-            return ls, int(m.group(1), 16) - TAI64_UNIX_OFFSET + int(m.group(2), 16) / 1e9
-        return ls, fmt.parse(m, ref)
+    def _patterns(self, fmt: StampFormat) -> list[tuple[Rule | None, re.Pattern[bytes]]] | None:
+        """Each rule's pattern, anchored by a look-behind at newline + stamp (None:
+        connections); None if this format's stamp is not of fixed width.
+
+        The pattern starts with the rule's fixed text, which the regex engine finds fast,
+        and the look-behind then proves the hit stands right after its line's stamp:
+        the anchor is checked inside the engine, and the stamp's groups give the time.
+        """
+        if fmt.name in self._compiled:
+            return self._compiled[fmt.name]
+        stamp = fmt.prefix.pattern if fmt.prefix is not None else b""
+        sources: list[tuple[Rule | None, bytes, bytes]] = [
+            (r, r.literal, r.rest) for r in self.rules]
+        if self.connections:
+            sources.append((None, CONNECTION_LITERAL, CONNECTION_REST))
+        try:
+            patterns = []
+            for rule, literal, rest in sources:
+                lit = re.escape(literal)
+                regex = lit + b"(?<=\n" + stamp + lit + b")" + rest
+                patterns.append((rule, re.compile(regex, re.MULTILINE)))
+        except re.error:  # "look-behind requires fixed-width pattern"
+            patterns = None
+        self._compiled[fmt.name] = patterns
+        return patterns
 
     def _scan_buffer(self, buf: bytes, base: int, fmt: StampFormat, ref: float,
                      result: ChunkResult) -> None:
+        patterns = self._patterns(fmt)
+        if patterns is None:
+            self._scan_lines(buf, base, fmt, ref, result.events)
+            return
+        data = b"\n" + buf  # so the first line, too, follows a newline
+        base -= 1  # offsets in data are one more than in the file
+        parse = fmt.parse
+        tai64n = fmt is TAI64N
         runs: list[list[Event]] = []
-        claimed: set[int] = set()  # line starts already matched by an earlier rule
-        for rule in self.rules:
+        claimed: set[int] = set()  # lines already taken by an earlier rule
+        several = len(self.rules) > 1
+        find = data.find
+        cache = _BYTES_CACHE
+        for rule, pattern in patterns:
             events: list[Event] = []
-            for m in rule.regex.finditer(buf):
+            append = events.append
+            veto = rule.veto if rule is not None else None
+            for m in pattern.finditer(data):
+                hi, lo, raw = m.group(1, 2, "addr") if tai64n else (None, None, m["addr"])
+                when = (int(hi, 16) - TAI64_UNIX_OFFSET + int(lo, 16) / 1e9 if tai64n
+                        else parse(m, ref))
+                address = cache.get(raw) or canonical_bytes(raw)
+                if rule is None:
+                    if address is not None:
+                        append(Connection(address, when, base + m.end() + 1))
+                    continue
                 pos = m.start()
-                anchored = self._anchor(buf, pos, fmt, ref)
-                if anchored is None:
-                    continue
-                ls, when = anchored
-                if ls in claimed:
-                    continue
-                le = buf.find(b"\n", pos)
-                if m.end() > le:  # a pattern with \s ran into the next line
-                    m = rule.regex.match(buf, pos, le)
-                    if m is None:
+                if several:
+                    if pos in claimed:
                         continue
-                claimed.add(ls)
-                event = self._classify(rule, m, buf, pos, le, when, base + le + 1)
-                events.append(event)
-            if events:
-                runs.append(events)
-        if self.connections:
-            events = []
-            for m in CONNECTION.finditer(buf):
-                pos = m.start()
-                anchored = self._anchor(buf, pos, fmt, ref)
-                if anchored is None:
-                    continue
-                address = canonical_address(m.group("addr").decode("ascii", "replace"))
-                if address is not None:
-                    events.append(Connection(address, anchored[1], base + m.end() + 1))
+                    claimed.add(pos)
+                le = find(b"\n", m.end() - 1)  # a pattern may end at its line's end
+                if address is None or (veto is not None and veto.search(data, m.end(), le)):
+                    append(self._classify(rule, m, data, pos, le, when, base + le + 1))
+                else:
+                    append(Match(rule.name, address, when,
+                                 data[pos:le].decode("utf-8", "replace"), base + le + 1))
             if events:
                 runs.append(events)
         if len(runs) == 1:
@@ -121,18 +141,72 @@ class Scanner:
     def _classify(rule: Rule, m: re.Match[bytes], buf: bytes, pos: int, le: int,
                   when: float | None, offset: int) -> Event:
         """Match, Ignored or ParseError for one anchored hit of ``rule``."""
-        for ig in rule.ignores:
-            if ig.regex.search(buf, pos, le):
-                text = buf[pos:le]
-                zone = _dnsbl_zone(text) if ig.kind == "dnsbl-error" else None
-                address = canonical_address(m.group("addr").decode("ascii", "replace"))
-                return Ignored(rule.name, ig.name, ig.kind, zone, address, when,
-                               text.decode("utf-8", "replace"), offset)
-        address = canonical_address(m.group("addr").decode("ascii", "replace"))
+        address = canonical_bytes(m.group("addr"))
+        if rule.veto is not None and rule.veto.search(buf, m.end(), le):
+            ig = next(ig for ig in rule.ignores if ig.regex.search(buf, m.end(), le))
+            text = buf[pos:le]
+            zone = _dnsbl_zone(text) if ig.kind == "dnsbl-error" else None
+            return Ignored(rule.name, ig.name, ig.kind, zone, address, when,
+                           text.decode("utf-8", "replace"), offset)
         line = buf[pos:le].decode("utf-8", "replace")
         if address is None:
             return ParseError(rule.name, line, when, offset)
         return Match(rule.name, address, when, line, offset)
+
+    # -- counting only: what `rblguard scan` needs, without an object per line ----------
+
+    def tally(self, buf: bytes, base: int, fmt: StampFormat, ref_time: float) -> ChunkResult:
+        """Like scan(), but Match and Connection events come as counts.
+
+        The same patterns find the same lines; only the per-line Python work is skipped
+        (findall and a Counter run in C), which is what makes a full-log scan fast.
+        Vetoed and unparsable hits, which are rare, still become events.
+        """
+        patterns = None if fmt.syslog or not self._disjoint() else self._patterns(fmt)
+        if patterns is None:
+            return _as_counts(self.scan(buf, base, fmt, ref_time))
+        result = ChunkResult(lines=buf.count(b"\n"), end_offset=base + len(buf))
+        if not buf:
+            return result
+        result.first_time = split_line(fmt, buf[:buf.find(b"\n")], ref_time)[0]
+        last_start = buf.rfind(b"\n", 0, len(buf) - 1) + 1
+        result.last_time = split_line(fmt, buf[last_start:-1], ref_time)[0]
+        data = b"\n" + buf
+        counts: dict[tuple[str, str], int] = {}
+        events: list[Event] = []
+        find = data.find
+        for rule, pattern in patterns:
+            if rule is None:
+                result.connection_count = len(pattern.findall(data))
+                continue
+            raw_counts: dict[bytes, int] = {}
+            veto = rule.veto
+            for m in pattern.finditer(data):
+                raw = m["addr"]
+                if veto is not None:
+                    end = m.end()
+                    le = find(b"\n", end - 1)
+                    if veto.search(data, end, le):  # rare: a lookup error, an error reply
+                        events.append(self._classify(rule, m, data, m.start(), le,
+                                                     fmt.parse(m, ref_time), base + le))
+                        continue
+                raw_counts[raw] = raw_counts.get(raw, 0) + 1
+            for raw, n in raw_counts.items():
+                address = canonical_bytes(raw)
+                if address is None:
+                    text = raw.decode("ascii", "replace")
+                    events.extend(ParseError(rule.name, text, None, base) for _ in range(n))
+                else:
+                    counts[(rule.name, address)] = counts.get((rule.name, address), 0) + n
+        result.match_counts = counts
+        result.events = events
+        return result
+
+    def _disjoint(self) -> bool:
+        """True when no line can match two rules (no literal is a prefix of another)."""
+        lits = [r.literal for r in self.rules]
+        return not any((a != b and b.startswith(a)) or (a == b and i != j)
+                       for i, a in enumerate(lits) for j, b in enumerate(lits))
 
     # -- the line path: syslog, samples, and anything whose message is rebuilt ---------
 
@@ -159,6 +233,22 @@ class Scanner:
             event = self.classify_message(message, when, base + start)
             if event is not None:
                 events.append(event)
+
+
+def _as_counts(result: ChunkResult) -> ChunkResult:
+    """A scan() result in tally() form: Match and Connection events become counts."""
+    counts: dict[tuple[str, str], int] = {}
+    rest: list[Event] = []
+    for event in result.events:
+        if isinstance(event, Match):
+            key = (event.rule, event.address)
+            counts[key] = counts.get(key, 0) + 1
+        elif isinstance(event, Connection):
+            result.connection_count += 1
+        else:
+            rest.append(event)
+    result.events, result.match_counts = rest, counts
+    return result
 
 
 def _offset(event: Event) -> int:
@@ -189,21 +279,25 @@ def read_complete_lines(path: str | Path, start: int = 0,
             carry = data[cut:]
 
 
-def scan_file(path: str | Path, scanner: Scanner) -> Iterator[ChunkResult]:
-    """Scan one file from start to end, detecting its stamp format from its first lines."""
+def scan_file(path: str | Path, scanner: Scanner, *,
+              tally: bool = False) -> Iterator[ChunkResult]:
+    """Scan one file from start to end, detecting its stamp format from its first lines.
+
+    With ``tally`` the chunks come from Scanner.tally(): counts instead of events.
+    """
     ref = os.stat(path).st_mtime
     fmt: StampFormat | None = None
     for offset, buf in read_complete_lines(path):
         if fmt is None:
             fmt = detect_format(buf)
-        yield scanner.scan(buf, offset, fmt, ref)
+        yield (scanner.tally if tally else scanner.scan)(buf, offset, fmt, ref)
 
 
-def scan_source(path: str | Path, ruleset: RuleSet, *,
-                scanner: Scanner | None = None) -> Iterator[ChunkResult]:
+def scan_source(path: str | Path, ruleset: RuleSet, *, scanner: Scanner | None = None,
+                tally: bool = False) -> Iterator[ChunkResult]:
     """Scan every file of a source (a file, or a multilog directory oldest first)."""
     from rblguard.follow import list_files
 
     scanner = scanner or Scanner(ruleset)
     for file in list_files(str(path)):
-        yield from scan_file(file, scanner)
+        yield from scan_file(file, scanner, tally=tally)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 TAI64_UNIX_OFFSET = 4611686018427387914  # 2**62 + 10: TAI64 label of the Unix epoch
 
 _TAI64N = re.compile(rb"@([0-9a-f]{16})([0-9a-f]{8}) ")
-_TAI64NLOCAL = re.compile(rb"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(\.\d{1,9})? ")
+# tai64nlocal always writes nanoseconds: nine digits, so the stamp has a fixed width.
+_TAI64NLOCAL = re.compile(rb"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(\.\d{9}) ")
 _RFC3164 = re.compile(
     rb"(?:<\d{1,3}>)?([A-Z][a-z]{2} [ 0-9]\d \d\d:\d\d:\d\d) \S+ ([^\s:\[\]]+)(?:\[\d+\])?: "
 )
@@ -36,15 +37,15 @@ _MONTHS = {m.encode(): i for i, m in enumerate(calendar.month_abbr) if m}
 class StampFormat:
     """How one file's lines are stamped.
 
-    ``prefix`` matches a line's stamp (and syslog header) at the line start.
-    ``fixed_width`` is the stamp's length when every line has the same one, which lets
-    the scanner check a match's anchor without running a regex.  ``syslog`` formats
-    rebuild the message as ``TAG: text`` so that rules see what multilog would show.
+    ``prefix`` matches a line's stamp (and syslog header) at the line start; its groups
+    1 and 2 are what ``parse`` reads the time from, so the scanner can put the prefix in
+    front of a rule's pattern and read the time from the one combined match.  ``syslog``
+    formats rebuild the message as ``TAG: text`` so that rules see what multilog would
+    show; they are matched line by line.
     """
 
     name: str
     prefix: re.Pattern[bytes] | None
-    fixed_width: int | None
     syslog: bool
     parse: Callable[[re.Match[bytes], float], float | None]
 
@@ -109,11 +110,11 @@ def _parse_rfc3339(m: re.Match[bytes], _ref: float) -> float | None:
     return base + fraction - offset
 
 
-TAI64N = StampFormat("tai64n", _TAI64N, 26, False, _parse_tai64n)
-TAI64NLOCAL = StampFormat("tai64nlocal", _TAI64NLOCAL, None, False, _parse_tai64nlocal)
-RFC3164 = StampFormat("syslog", _RFC3164, None, True, _parse_rfc3164)
-RFC3339 = StampFormat("rfc3339", _RFC3339, None, True, _parse_rfc3339)
-NONE = StampFormat("none", None, 0, False, lambda _m, _r: None)
+TAI64N = StampFormat("tai64n", _TAI64N, False, _parse_tai64n)
+TAI64NLOCAL = StampFormat("tai64nlocal", _TAI64NLOCAL, False, _parse_tai64nlocal)
+RFC3164 = StampFormat("syslog", _RFC3164, True, _parse_rfc3164)
+RFC3339 = StampFormat("rfc3339", _RFC3339, True, _parse_rfc3339)
+NONE = StampFormat("none", None, False, lambda _m, _r: None)
 FORMATS = (TAI64N, TAI64NLOCAL, RFC3339, RFC3164)
 
 

@@ -163,3 +163,31 @@ def test_injected_reject_after_any_prefix_never_bans(prefix, address) -> None:
     line = LINE_START + prefix + f"rblsmtpd: {address} pid 1: 553 x\n".encode()
     result = Scanner(ruleset).scan(line, 0, TAI64N, 0)
     assert not [e for e in result.events if isinstance(e, Match)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from([
+    b"rblsmtpd: 198.18.5.124 pid 7: 451 https://www.spamhaus.org/query/ip/198.18.5.124",
+    b"rblsmtpd: ::ffff:198.18.5.124 pid 8: 553 listed",
+    b"rblsmtpd: 2001:db8::1 pid 9: 553 listed",
+    b"rblsmtpd: 198.18.5.125 pid 7: 451 temporary RBL lookup error",
+    b"rblsmtpd: 198.18.5.126 pid 7: 451 Error: open resolver; https://x.example/returnc/",
+    b"rblsmtpd: 198.18.999.1 pid 7: 553 listed",
+    b"qmail-smtpd: HELO rblsmtpd: 203.0.113.9 pid 1: 553 x",
+    b"tcpserver: pid 7 from 198.18.5.124",
+    b"tcpserver: pid 8 from ::ffff:198.18.5.127",
+]), max_size=40))
+def test_tally_counts_what_scan_finds(lines) -> None:
+    """`rblguard scan` counts with tally(); the daemon acts on scan(): they must agree."""
+    buf = b"".join(LINE_START + line + b"\n" for line in lines)
+    scanner = Scanner(load_rules([shipped_rules_dir()]))
+    events = scanner.scan(buf, 0, TAI64N, 0).events
+    counted = scanner.tally(buf, 0, TAI64N, 0)
+    matches: dict[tuple[str, str], int] = {}
+    for e in events:
+        if isinstance(e, Match):
+            matches[(e.rule, e.address)] = matches.get((e.rule, e.address), 0) + 1
+    assert counted.match_counts == matches
+    assert counted.connection_count == sum(isinstance(e, Connection) for e in events)
+    assert sorted(type(e).__name__ for e in counted.events) == sorted(
+        type(e).__name__ for e in events if isinstance(e, Ignored | ParseError))
