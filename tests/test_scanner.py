@@ -187,7 +187,7 @@ def test_tally_counts_what_scan_finds(lines) -> None:
     for e in events:
         if isinstance(e, Match):
             matches[(e.rule, e.address)] = matches.get((e.rule, e.address), 0) + 1
-    assert counted.match_counts == matches
+    assert (counted.match_counts or {}) == matches
     assert counted.connection_count == sum(isinstance(e, Connection) for e in events)
     assert sorted(type(e).__name__ for e in counted.events) == sorted(
         type(e).__name__ for e in events if isinstance(e, Ignored | ParseError))
