@@ -1,0 +1,463 @@
+"""``rblguard run``: the daemon that joins sources, rules, decisions and the firewall.
+
+One thread, the loop in Daemon.run(), owns every piece of state: followers, the
+decider, the SQLite store and the firewall backend.  Other threads only hand it work
+through one queue: the inotify watcher says "this source changed", the control socket
+passes requests and waits for the answer, signals ask for a reload or a stop.  Bursts
+coalesce: however many notifications arrive, each wake-up reads every changed source to
+its end once and sends all the bans it found to the kernel in one batch.
+
+Order of durability: bans go to the kernel first, then the state (bans and source
+positions) is written in one transaction.  A crash at any instant therefore loses no
+ban, and at worst re-reads a few lines whose bans are idempotent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from rblguard import __version__
+from rblguard.addresses import family
+from rblguard.daemon_control import restore_entries
+from rblguard.firewall.base import Backend, Entry, FirewallError
+from rblguard.model import Ban, ChunkResult, Match, SourcePosition
+from rblguard.rules import RuleError, RuleSet, load_rules, rule_files, shipped_rules_dir
+from rblguard.scanner import Scanner
+from rblguard.stamps import StampFormat, detect_format
+
+log = logging.getLogger("rblguard")
+
+READ_BYTES = 4 << 20  # per source per wake-up: keeps a backlog from starving the socket
+TICK = 1.0  # seconds: safety-net re-read of every source, rule-file and tcprules check
+HOUSEKEEPING = 5.0  # seconds: firewall health (self-repair), counters, expiry
+
+
+@dataclass
+class _Request:
+    """A control request waiting for the main loop's answer."""
+
+    body: dict[str, Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    answer: dict[str, Any] | None = None
+    error: str | None = None
+
+
+@dataclass
+class _SourceState:
+    follower: Any  # rblguard.follow.Follower
+    formats: dict[tuple[int, int], StampFormat] = field(default_factory=dict)
+    last_time: float | None = None
+    position: SourcePosition | None = None
+
+
+class Daemon:
+    """Everything ``rblguard run`` does, driven by run()."""
+
+    def __init__(self, config: Any, config_path: str) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.wakeups: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.stopping = threading.Event()
+        self.started = time.time()
+        self.dirty: set[str] = set()
+        self.pending: list[Ban] = []  # decided but not yet accepted by the kernel
+        self.state: Any = None
+        self.backend: Backend | None = None
+        self.rule_mtimes: dict[str, float] = {}
+        self.tcprules_mtime: float | None = None
+        self.latency_start: dict[str, float] = {}  # target -> its log line's time
+
+    # -- start-up --------------------------------------------------------------------
+
+    def start(self) -> None:
+        from rblguard.allowlist import Allowlist
+        from rblguard.decisions import Decider, DecisionSettings
+        from rblguard.firewall import make_backend
+        from rblguard.follow import Follower
+        from rblguard.metrics import Metrics
+
+        cfg = self.config
+        self.ruleset = self._load_rules()
+        self.scanner = Scanner(self.ruleset)
+        self.metrics = Metrics(zones=cfg.dnsbl.zones,
+                               connections_per_day=cfg.dnsbl.connections_per_day,
+                               queries_per_day=cfg.dnsbl.queries_per_day)
+        self.metrics.reload(True)
+        self.allowlist = Allowlist.from_config(cfg)
+        self.decider = Decider(DecisionSettings.from_config(cfg), self.allowlist)
+        self._open_state()
+        self.backend = make_backend(cfg.firewall)
+        self.backend.ensure()
+        now = time.time()
+        positions: dict[str, SourcePosition] = {}
+        if self.state is not None:
+            bans = self._state_call("load bans", self.state.load_bans, now) or []
+            history = self._state_call("load history", self.state.load_history) or []
+            positions = self._state_call("load positions", self.state.load_positions) or {}
+            self.decider.load(bans, history)
+            t0 = time.monotonic()
+            self._to_kernel([Entry(b.target, max(1, int(b.until - now))) for b in bans])
+            log.info("restored %d bans into the kernel in %.3f s", len(bans),
+                     time.monotonic() - t0)
+        self.sources = {
+            src: _SourceState(Follower(src, positions.get(src)), position=positions.get(src))
+            for src in cfg.source_paths
+        }
+        self.dirty.update(self.sources)
+        self._remember_rule_files()
+
+    def _load_rules(self) -> RuleSet:
+        dirs = ([shipped_rules_dir()] if self.config.shipped_rules else []) + [
+            d for d in self.config.rules_dirs if os.path.isdir(d)]
+        return load_rules(dirs)
+
+    def _open_state(self) -> None:
+        from rblguard.state import State, StateError
+
+        try:
+            self.state = State(self.config.state_dir)
+        except StateError as exc:
+            log.error("%s; running without saved state: bans stay in the kernel but "
+                      "will not survive a restart", exc)
+            self.state = None
+
+    def _state_call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        from rblguard.state import StateError
+
+        try:
+            return fn(*args, **kw)
+        except StateError as exc:
+            self.limited_warning("state", "cannot %s: %s (kernel bans are unaffected)",
+                                 what, exc)
+            return None
+
+    # -- the loop --------------------------------------------------------------------
+
+    def run(self) -> int:
+        from rblguard import sdnotify
+        from rblguard.control import ControlServer
+        from rblguard.follow import SourceWatcher
+
+        self.start()
+        self.watcher = SourceWatcher(list(self.sources), self._source_changed)
+        self.watcher.start()
+        self.control = ControlServer(self.config.control_socket, self._control_request)
+        self.control.start()
+        if self.config.metrics:
+            self.metrics.serve(self.config.metrics)
+        self._install_signals()
+        self._pump()  # the backlog up to now, before we call ourselves ready
+        sdnotify.ready()
+        sdnotify.status(f"following {len(self.sources)} source(s)")
+        log.info("rblguard %s ready: %d source(s), %d rule(s), backend %s", __version__,
+                 len(self.sources), len(self.ruleset.rules), self.backend.name)
+        watchdog = sdnotify.watchdog_interval()
+        next_tick = next_house = time.monotonic()
+        try:
+            while not self.stopping.is_set():
+                timeout = max(0.0, min(next_tick, next_house) - time.monotonic())
+                self._wait(timeout)
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + TICK
+                    self.dirty.update(self.sources)
+                    self._check_reload_triggers()
+                self._pump()
+                if now >= next_house:
+                    next_house = now + (min(HOUSEKEEPING, watchdog / 2) if watchdog
+                                        else HOUSEKEEPING)
+                    self._housekeeping()
+                    sdnotify.watchdog()
+        finally:
+            sdnotify.stopping()
+            self.watcher.stop()
+            self.control.stop()
+            if self.backend is not None:
+                self.backend.close()
+            log.info("rblguard stopped; bans stay in the kernel until they expire")
+        return 0
+
+    def _wait(self, timeout: float) -> None:
+        """Block for the first wake-up, then drain every other one already queued."""
+        items = []
+        try:
+            items.append(self.wakeups.get(timeout=timeout))
+            while True:
+                items.append(self.wakeups.get_nowait())
+        except queue.Empty:
+            pass
+        for item in items:
+            if isinstance(item, str):
+                self.dirty.add(item)
+            elif isinstance(item, _Request):
+                self._answer(item)
+            elif item == "reload":
+                self.reload()
+
+    def _source_changed(self, source: str) -> None:  # watchdog's thread
+        self.wakeups.put(source)
+
+    def _install_signals(self) -> None:
+        def stop(_sig: int, _frame: Any) -> None:
+            self.stopping.set()
+            self.wakeups.put(None)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, lambda _s, _f: self.wakeups.put("reload"))
+
+    # -- sources -> rules -> decisions -> kernel -------------------------------------
+
+    def _pump(self) -> None:
+        """Read every dirty source to its end, ban what it holds, then save positions."""
+        while self.dirty:
+            source = self.dirty.pop()
+            st = self.sources[source]
+            more = True
+            while more and not self.stopping.is_set():
+                try:
+                    chunks = st.follower.read(READ_BYTES)
+                except OSError as exc:
+                    self.limited_warning(f"read {source}", "cannot read %s: %s", source, exc)
+                    break
+                more = sum(len(c.data) for c in chunks) >= READ_BYTES
+                for chunk in chunks:
+                    self._process(source, st, chunk)
+                self._flush_bans()
+                if not self.pending and chunks:
+                    st.position = chunks[-1].position(source)
+                    if self.state is not None:
+                        self._state_call("save position", self.state.commit,
+                                         positions=[st.position])
+
+    def _process(self, source: str, st: _SourceState, chunk: Any) -> None:
+        key = (chunk.dev, chunk.inode)
+        fmt = st.formats.get(key)
+        if fmt is None:
+            fmt = st.formats[key] = detect_format(chunk.data)
+            if len(st.formats) > 64:
+                st.formats.pop(next(iter(st.formats)))
+        result: ChunkResult = self.scanner.scan(chunk.data, chunk.start, fmt, time.time())
+        self.metrics.observe_chunk(source, result)
+        if result.last_time is not None:
+            st.last_time = result.last_time
+        now = time.time()
+        for event in result.events:
+            if type(event) is not Match:
+                continue
+            rule = self.ruleset.by_name(event.rule)
+            verdict = self.decider.on_match(event, rule.policy, now)
+            if verdict.refused:
+                self.metrics.refused(verdict.refused)
+                self.limited_warning(f"refused {verdict.refused}",
+                                     "not banning %s (%s): %s", event.address,
+                                     verdict.refused, event.line)
+            for ban in verdict.bans:
+                self.pending.append(ban)
+                self.metrics.ban(ban.rule, family(ban.target))
+                if event.time is not None:
+                    self.latency_start.setdefault(ban.target, event.time)
+                self.log_ban(ban, verdict.refreshed)
+
+    def _flush_bans(self) -> None:
+        """Send every pending ban to the kernel in one batch, then record them."""
+        if not self.pending:
+            return
+        now = time.time()
+        bans = self.pending
+        entries = [Entry(b.target, max(1, int(b.until - now))) for b in bans]
+        failed = self._to_kernel(entries)
+        committed = time.time()
+        for start in self.latency_start.values():
+            self.metrics.ban_latency(max(0.0, committed - start))
+        self.latency_start = {}
+        if failed is None:
+            return  # the kernel refused the batch: keep them pending, retry next wake-up
+        done = [b for b in bans if b.target not in failed]
+        self.pending = []
+        if self.state is not None and done:
+            self._state_call("save bans", self.state.commit, bans=done,
+                             history=self.decider.history_updates(done))
+
+    def _to_kernel(self, entries: list[Entry]) -> set[str] | None:
+        """Ban a batch; the targets that failed for good, or None to retry the batch."""
+        if not entries:
+            return set()
+        assert self.backend is not None
+        try:
+            result = self.backend.ban(entries)
+        except FirewallError as exc:
+            self.metrics.firewall_error("ban")
+            self.limited_warning("firewall ban", "firewall refused a batch of %d: %s; "
+                                 "repairing and retrying", len(entries), exc)
+            try:
+                self.backend.ensure()
+                result = self.backend.ban(entries)
+            except FirewallError as exc2:
+                log.error("firewall still refuses: %s", exc2)
+                return None
+        for target, error in result.failed:
+            reason = "set_full" if "full" in error.lower() else "firewall"
+            self.metrics.refused(reason)
+            self.limited_warning(f"failed {reason}", "kernel refused %s: %s", target, error)
+        return {t for t, _ in result.failed}
+
+    # -- housekeeping ----------------------------------------------------------------
+
+    def _housekeeping(self) -> None:
+        assert self.backend is not None
+        now = time.time()
+        self.decider.expire(now)
+        health = self.backend.health()
+        self.metrics.firewall_health(health.ok)
+        if not health.ok:
+            log.warning("firewall objects damaged (%s): restoring them with %d bans",
+                        "; ".join(health.problems), sum(self.decider.active_counts().values()))
+            self.metrics.firewall_error("health")
+            try:
+                self.backend.ensure()
+                self._to_kernel(restore_entries(self, now))
+            except FirewallError as exc:
+                log.error("cannot restore firewall objects: %s", exc)
+        try:
+            self.metrics.set_kernel_counters(self.backend.counters())
+        except FirewallError as exc:
+            self.metrics.firewall_error("counters")
+            self.limited_warning("counters", "cannot read firewall counters: %s", exc)
+        self.metrics.set_active(self.decider.active_counts())
+        for source, st in self.sources.items():
+            self.metrics.source_lag(source, st.follower.lag_bytes())
+        if self.state is not None:
+            self._state_call("prune", self.state.prune, now)
+
+    # -- reload ----------------------------------------------------------------------
+
+    def _remember_rule_files(self) -> None:
+        dirs = [shipped_rules_dir(), *self.config.rules_dirs]
+        self.rule_mtimes = {str(p): p.stat().st_mtime for p in rule_files(
+            [d for d in dirs if os.path.isdir(d)])}
+        tcprules = self.config.tcprules
+        self.tcprules_mtime = (os.stat(tcprules).st_mtime
+                               if tcprules and os.path.exists(tcprules) else None)
+
+    def _check_reload_triggers(self) -> None:
+        old_rules, old_tcp = self.rule_mtimes, self.tcprules_mtime
+        try:
+            self._remember_rule_files()
+        except OSError:
+            return
+        if self.rule_mtimes != old_rules or self.tcprules_mtime != old_tcp:
+            log.info("rule files or tcprules changed: reloading")
+            self.reload()
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read rules and allowlists; a bad edit keeps the old ones."""
+        from rblguard import sdnotify
+        from rblguard.allowlist import Allowlist
+
+        sdnotify.reloading()
+        try:
+            ruleset = self._load_rules()
+        except RuleError as exc:
+            self.metrics.reload(False)
+            log.error("reload failed, keeping the %d rules in use: %s",
+                      len(self.ruleset.rules), exc)
+            sdnotify.ready()
+            raise
+        old = {r.name for r in self.ruleset.rules}
+        self.ruleset = ruleset
+        self.scanner = Scanner(ruleset)
+        self.allowlist = Allowlist.from_config(self.config)
+        self.decider.set_allowlist(self.allowlist)
+        self.metrics.reload(True)
+        new = {r.name for r in ruleset.rules}
+        changed = sorted(old ^ new)
+        log.info("reloaded %d rule(s) from %d file(s)%s", len(ruleset.rules),
+                 len(ruleset.files), f"; changed: {', '.join(changed)}" if changed else "")
+        sdnotify.ready()
+        return {"rules": len(ruleset.rules), "changed": changed}
+
+    # -- control requests (answered on the main loop) --------------------------------
+
+    def _control_request(self, body: dict[str, Any]) -> dict[str, Any]:  # server thread
+        from rblguard.control import ControlError
+
+        request = _Request(body)
+        self.wakeups.put(request)
+        if not request.done.wait(30):
+            raise ControlError("the daemon did not answer within 30 s")
+        if request.error is not None:
+            raise ControlError(request.error)
+        assert request.answer is not None
+        return request.answer
+
+    def _answer(self, request: _Request) -> None:
+        from rblguard.daemon_control import handle
+
+        try:
+            request.answer = handle(self, request.body)
+        except (ValueError, RuleError, FirewallError) as exc:
+            request.error = str(exc)
+        except Exception as exc:  # never let a request kill the loop
+            log.exception("control request %r failed", request.body)
+            request.error = f"internal error: {exc}"
+        finally:
+            request.done.set()
+
+    # -- logging ---------------------------------------------------------------------
+
+    @staticmethod
+    def log_ban(ban: Ban, refreshed: bool) -> None:
+        log.info("ban %s until %s rule=%s%s reason=%s", ban.target,
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ban.until)),
+                 ban.rule, " (refresh)" if refreshed else "", ban.reason)
+
+    @staticmethod
+    def log_unban(target: str, reason: str) -> None:
+        log.info("unban %s reason=%s", target, reason)
+
+    def limited_warning(self, key: str, message: str, *args: Any) -> None:
+        from rblguard.logs import warn_limited
+
+        warn_limited(log, key, message, *args)
+
+
+def main(args: argparse.Namespace) -> int:
+    from rblguard.config import ConfigError, load_config
+    from rblguard.logs import setup_logging
+
+    explicit = args.config != "/etc/rblguard/rblguard.yaml"
+    try:
+        config = load_config(args.config, must_exist=explicit)
+    except ConfigError as exc:
+        print(f"rblguard: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level)
+    daemon = Daemon(config, args.config)
+    if args.check:
+        try:
+            ruleset = daemon._load_rules()
+        except RuleError as exc:
+            print(f"rblguard: {exc}", file=sys.stderr)
+            return 2
+        print(f"config {args.config} OK; {len(ruleset.rules)} rule(s) from "
+              f"{len(ruleset.files)} file(s)")
+        return 0
+    try:
+        return daemon.run()
+    except RuleError as exc:
+        log.error("%s", exc)
+        return 2
+    except FirewallError as exc:
+        log.error("firewall: %s", exc)
+        return 1

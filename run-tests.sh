@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian machine, as root:  sudo ./run-tests.sh
+#
+# It installs what the tests need (Debian's nftables, ipset, iptables, ucspi-tcp,
+# daemontools, dnsmasq, promtool, systemd-analyze; the Python packages in .venv), then
+# runs ruff and pytest.  Tests that need root, network namespaces or those tools run for
+# real; under CI=true a missing one fails the run instead of skipping.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if [ "$(id -u)" != 0 ]; then
+    echo "run-tests.sh: run as root (the tests build network namespaces and firewalls)" >&2
+    exit 2
+fi
+
+APT_PACKAGES=(nftables ipset iptables iproute2 ucspi-tcp daemontools dnsmasq-base
+              prometheus systemd python3 python3-venv python3-pip)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The Debian prometheus package may start a server on install; the tests run their own.
+pkill -x prometheus 2>/dev/null || true
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+.venv/bin/python -m ruff check .
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
