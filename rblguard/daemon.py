@@ -233,12 +233,8 @@ class Daemon:
                 more = sum(len(c.data) for c in chunks) >= READ_BYTES
                 for chunk in chunks:
                     self._process(source, st, chunk)
-                self._flush_bans()
-                if not self.pending and chunks:
-                    st.position = chunks[-1].position(source)
-                    if self.state is not None:
-                        self._state_call("save position", self.state.commit,
-                                         positions=[st.position])
+                position = chunks[-1].position(source) if chunks else None
+                self._flush_bans(position)
 
     def _process(self, source: str, st: _SourceState, chunk: Any) -> None:
         key = (chunk.dev, chunk.inode)
@@ -269,25 +265,32 @@ class Daemon:
                     self.latency_start.setdefault(ban.target, event.time)
                 self.log_ban(ban, verdict.refreshed)
 
-    def _flush_bans(self) -> None:
-        """Send every pending ban to the kernel in one batch, then record them."""
-        if not self.pending:
-            return
-        now = time.time()
+    def _flush_bans(self, position: SourcePosition | None = None) -> None:
+        """Send every pending ban to the kernel in one batch, then record them.
+
+        The bans and the source position after the lines that caused them are written
+        in one transaction, and only once the kernel has the bans: a crash before it
+        re-reads those lines (bans are idempotent), a crash after it re-reads nothing.
+        """
         bans = self.pending
-        entries = [Entry(b.target, max(1, int(b.until - now))) for b in bans]
-        failed = self._to_kernel(entries)
-        committed = time.time()
-        for start in self.latency_start.values():
-            self.metrics.ban_latency(max(0.0, committed - start))
-        self.latency_start = {}
-        if failed is None:
-            return  # the kernel refused the batch: keep them pending, retry next wake-up
-        done = [b for b in bans if b.target not in failed]
-        self.pending = []
-        if self.state is not None and done:
-            self._state_call("save bans", self.state.commit, bans=done,
-                             history=self.decider.history_updates(done))
+        if bans:
+            now = time.time()
+            failed = self._to_kernel([Entry(b.target, max(1, int(b.until - now)))
+                                      for b in bans])
+            committed = time.time()
+            for start in self.latency_start.values():
+                self.metrics.ban_latency(max(0.0, committed - start))
+            self.latency_start = {}
+            if failed is None:
+                return  # the kernel refused the batch: keep them pending, retry later
+            bans = [b for b in bans if b.target not in failed]
+            self.pending = []
+        if position is not None:
+            self.sources[position.source].position = position
+        if self.state is not None and (bans or position is not None):
+            self._state_call("save bans and position", self.state.commit, bans=bans,
+                             history=self.decider.history_updates(bans),
+                             positions=[position] if position is not None else [])
 
     def _to_kernel(self, entries: list[Entry]) -> set[str] | None:
         """Ban a batch; the targets that failed for good, or None to retry the batch."""

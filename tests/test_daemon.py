@@ -1,0 +1,205 @@
+"""The daemon for real: multilog, SIGKILL, SQLite, nftables in a namespace, the CLI."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_harness import Multilog, daemon_namespace, reject_message
+from tests.netns import require_root_tools, run
+
+
+@pytest.fixture
+def harness(tmp_path: Path):
+    require_root_tools("nft", "multilog")
+    with daemon_namespace(tmp_path) as h:
+        yield h
+
+
+def wait_for(predicate, timeout: float = 15, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+NOISE = [
+    "tcpserver: status: 3/40\n",
+    "tcpserver: pid 7 from 192.0.2.44\n",
+    "qmail-smtpd: HELO rblsmtpd: 203.0.113.9 pid 1: 553 x\n",
+    "rblsmtpd: 192.0.2.45 pid 7: 451 temporary RBL lookup error\n",
+    "rblsmtpd: 192.0.2.46 pid 7: 451 Error: open resolver; https://check.spamhaus.org/returnc/pub/203.0.113.53/\n",
+    "rblsmtpd: 192.0.2.47 pid 7: greetdelay: 15\n",
+]
+
+
+def test_sigkill_at_random_points_loses_no_ban(harness, tmp_path: Path) -> None:
+    """multilog rotates every few dozen lines while the daemon is killed and restarted."""
+    rng = random.Random(7)
+    harness.write_config()
+    log = Multilog(tmp_path / "log", size=4096)
+    harness.start()
+    expected: set[str] = set()
+    try:
+        for round_ in range(6):
+            for i in range(150):
+                address = f"198.18.{round_}.{i}"
+                expected.add(address)
+                log.write(reject_message(address, pid=i))
+                log.write(rng.choice(NOISE))
+            time.sleep(rng.uniform(0.0, 0.3))
+            if round_ < 5:
+                harness.kill()
+                if rng.random() < 0.5:  # sometimes lines arrive while it is down
+                    for i in range(150, 180):
+                        address = f"198.18.{round_}.{i}"
+                        expected.add(address)
+                        log.write(reject_message(address, pid=i))
+                harness.start()
+        wait_for(lambda: harness.kernel_elements() >= expected, 20, "every ban in the kernel")
+        wait_for(lambda: harness.state_bans() >= expected, 10, "every ban in SQLite")
+    finally:
+        log.close()
+    rotated = list((tmp_path / "log").glob("@*.s"))
+    assert len(rotated) > 10, "multilog should have rotated many times"
+    assert harness.kernel_elements() == expected
+    assert harness.state_bans() == expected
+    assert not any("192.0.2." in e for e in harness.kernel_elements())
+
+
+def test_repeat_lines_after_restart_are_not_counted_twice(harness, tmp_path: Path) -> None:
+    """A clean restart resumes exactly at the saved position: no ban is logged twice."""
+    harness.write_config()
+    log = Multilog(tmp_path / "log", size=2000)
+    harness.start()
+    try:
+        for i in range(60):
+            log.write(reject_message(f"198.19.1.{i}"))
+        wait_for(lambda: len(harness.kernel_elements()) == 60, what="60 bans")
+        harness.kill(15)  # SIGTERM: a clean stop
+        harness.start()
+        for i in range(60, 80):
+            log.write(reject_message(f"198.19.1.{i}"))
+        wait_for(lambda: len(harness.kernel_elements()) == 80, what="80 bans")
+    finally:
+        log.close()
+    logs = "".join(p.read_text() for p in tmp_path.glob("daemon-*.log"))
+    for i in range(80):
+        assert logs.count(f"ban 198.19.1.{i} ") == 1, f"198.19.1.{i} banned twice"
+
+
+def test_control_ban_unban_list_flush_and_allowlist(harness, tmp_path: Path) -> None:
+    harness.write_config(allowlist=["198.51.100.0/24"])
+    (tmp_path / "log").mkdir()
+    harness.start()
+    out = harness.cli("ban", "203.0.113.5", "--for", "10m", "--reason", "by hand")
+    assert "203.0.113.5" in out
+    assert "203.0.113.5" in harness.kernel_elements()
+    listed = harness.cli("list", "--json")
+    assert [b["target"] for b in listed["bans"]] == ["203.0.113.5"]
+    assert 590 < listed["bans"][0]["remaining_s"] <= 600
+
+    refused = subprocess.run(
+        ["python3", "-m", "rblguard", "ban", "--socket", harness.socket, "198.51.100.9"],
+        capture_output=True, text=True)
+    assert refused.returncode == 1 and "allowlist" in refused.stderr
+    assert "198.51.100.9" not in harness.kernel_elements()
+
+    harness.cli("unban", "203.0.113.5")
+    assert "203.0.113.5" not in harness.kernel_elements()
+    harness.cli("ban", "2001:db8:1:2::7")
+    assert "2001:db8:1:2::/64" in harness.kernel_elements()
+    harness.cli("flush")
+    assert harness.kernel_elements() == set()
+    assert harness.cli("list", "--json")["bans"] == []
+
+
+def test_allowlisted_and_tcprules_addresses_are_never_banned(harness, tmp_path: Path) -> None:
+    tcprules = tmp_path / "tcp.smtp"
+    tcprules.write_text('192.0.2.10:allow,RELAYCLIENT=""\n198.51.100.7-19:allow,RELAYCLIENT=""\n'
+                        ":allow\n")
+    harness.write_config(allowlist=["203.0.113.0/28"], tcprules=str(tcprules))
+    log = Multilog(tmp_path / "log")
+    harness.start()
+    try:
+        for address in ("192.0.2.10", "198.51.100.12", "203.0.113.3", "198.18.9.9"):
+            log.write(reject_message(address))
+        wait_for(lambda: "198.18.9.9" in harness.kernel_elements(), what="the one real ban")
+        # A tcprules edit is picked up without a restart.
+        tcprules.write_text('198.18.7.0/24\n198.18.7.:allow,RELAYCLIENT=""\n')
+        time.sleep(2.5)
+        log.write(reject_message("198.18.7.7"))
+        log.write(reject_message("198.18.9.10"))
+        wait_for(lambda: "198.18.9.10" in harness.kernel_elements(), what="a later ban")
+    finally:
+        log.close()
+    assert harness.kernel_elements() == {"198.18.9.9", "198.18.9.10"}
+
+
+def test_bad_rule_edit_keeps_old_rules_and_good_edit_applies(harness, tmp_path: Path) -> None:
+    harness.write_config()
+    log = Multilog(tmp_path / "log")
+    harness.start()
+    rules_d = tmp_path / "rules.d"
+    try:
+        (rules_d / "mine.yaml").write_text("rules:\n  - name: x\n    match: 'no address'\n")
+        wait_for(lambda: "mine.yaml:3" in harness.log(), 10, "the reload error in the log")
+        log.write(reject_message("198.18.3.3"))
+        wait_for(lambda: "198.18.3.3" in harness.kernel_elements(), what="old rules still ban")
+        (rules_d / "mine.yaml").write_text(
+            "rules:\n  - name: custom554\n    match: 'rblsmtpd: <ADDR> pid \\d+: 554 '\n"
+            "samples:\n  - line: 'rblsmtpd: 198.18.0.1 pid 1: 554 x'\n    ban: 198.18.0.1\n")
+        wait_for(lambda: "reloaded 2 rule(s)" in harness.log(), 10, "the good reload")
+        log.write("rblsmtpd: 198.18.4.4 pid 9: 554 blocked\n")
+        wait_for(lambda: "198.18.4.4" in harness.kernel_elements(), what="the new rule bans")
+    finally:
+        log.close()
+    assert harness.proc is not None and harness.proc.poll() is None
+
+
+def test_self_repair_after_nft_flush_ruleset(harness, tmp_path: Path) -> None:
+    harness.write_config()
+    (tmp_path / "log").mkdir()
+    harness.start()
+    for i in range(5):
+        harness.cli("ban", f"198.18.50.{i}")
+    run(["ip", "netns", "exec", harness.ns, "nft", "flush", "ruleset"])
+    assert harness.kernel_elements() == set()
+    wait_for(lambda: len(harness.kernel_elements()) == 5, 10, "self-repair within 10 s")
+
+
+def test_concurrent_cli_calls_and_socket_permissions(harness, tmp_path: Path) -> None:
+    harness.write_config()
+    (tmp_path / "log").mkdir()
+    harness.start()
+    mode = Path(harness.socket).stat().st_mode & 0o777
+    assert mode == 0o600
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: harness.cli("ban", f"198.18.60.{i}"), range(24)))
+    assert len(results) == 24
+    assert len(harness.kernel_elements()) == 24
+    status = harness.cli("status", "--json")
+    assert status["active_bans"]["ipv4"] == 24
+    assert status["backend"]["healthy"] is True
+
+
+def test_unwritable_state_dir_keeps_banning(harness, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the state directory should be")
+    harness.write_config(state_dir=str(blocker / "state"))
+    log = Multilog(tmp_path / "log")
+    harness.start()
+    try:
+        log.write(reject_message("198.18.70.1"))
+        wait_for(lambda: "198.18.70.1" in harness.kernel_elements(), what="a ban without state")
+    finally:
+        log.close()
+    assert "running without saved state" in harness.log()
+    assert str(blocker) in harness.log()
