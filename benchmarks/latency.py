@@ -1,0 +1,184 @@
+"""Reject-line-to-kernel latency, restart time with 100,000 bans, memory with 1,000,000.
+
+Run as root:  python benchmarks/latency.py [--steady-rate 200] [--seconds 5]
+
+In a network namespace of its own, a real ``multilog t`` writes the log that a real
+``rblguard run`` (nftables backend) follows.  ``nft monitor`` in the same namespace
+reports each element as the kernel adds it; the latency of a ban is the time from just
+before its reject line was written to the moment ``nft monitor`` printed its element.
+Two shapes: a steady rate, and bursts (a botnet wave: hundreds of new addresses at once).
+
+In-run reference: one ``nft add element`` process per ban (what a swatch/fail2ban-style
+action costs at the very least), timed in the same namespace.
+
+Then: the daemon is stopped, its state is filled with 100,000 active bans, the kernel
+set is emptied, and the time from starting the daemon to its answering ``status`` (bans
+restored, following) is measured; likewise its resident memory with 1,000,000 bans.
+
+Last line: JSON with p50_ms, p99_ms, max_ms, restart_restore_100k_s, rss_mb_1m_bans, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rblguard.model import Ban  # noqa: E402
+from rblguard.state import State  # noqa: E402
+from tests.daemon_harness import Multilog, daemon_namespace, reject_message  # noqa: E402
+from tests.netns import run  # noqa: E402
+
+ELEMENT = re.compile(r"add element inet rblguard \S+ \{ ([0-9a-f:.]+)")
+
+
+class Monitor:
+    """``nft monitor`` in the namespace; records when each element appeared."""
+
+    def __init__(self, ns: str) -> None:
+        self.seen: dict[str, float] = {}
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "monitor", "elements"],
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+        time.sleep(0.3)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            now = time.time()
+            for m in ELEMENT.finditer(line):
+                self.seen.setdefault(m.group(1), now)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(5)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measure_latency(harness, log: Multilog, steady_rate: int, seconds: float) -> list[float]:
+    monitor = Monitor(harness.ns)
+    written: dict[str, float] = {}
+    counter = 0
+
+    def write(address: str) -> None:
+        written[address] = time.time()
+        log.write(reject_message(address))
+
+    # steady
+    interval = 1.0 / steady_rate
+    end = time.monotonic() + seconds
+    next_at = time.monotonic()
+    while time.monotonic() < end:
+        counter += 1
+        write(f"198.18.{counter // 250}.{counter % 250}")
+        next_at += interval
+        time.sleep(max(0.0, next_at - time.monotonic()))
+    # bursts: 500 new addresses at once, five times
+    for burst in range(5):
+        for i in range(500):
+            write(f"198.19.{burst * 2 + i // 250}.{i % 250}")
+        time.sleep(1.0)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(monitor.seen) < len(written):
+        time.sleep(0.1)
+    monitor.stop()
+    missing = set(written) - set(monitor.seen)
+    if missing:
+        print(f"warning: {len(missing)} bans never seen by nft monitor", file=sys.stderr)
+    return [(monitor.seen[a] - t) * 1000 for a, t in written.items() if a in monitor.seen]
+
+
+def reference_process_per_ban(ns: str, count: int = 200) -> list[float]:
+    run(["ip", "netns", "exec", ns, "nft", "add table inet refbench; "
+         "add set inet refbench s { type ipv4_addr; flags timeout; }"])
+    times = []
+    for i in range(count):
+        t = time.perf_counter()
+        run(["ip", "netns", "exec", ns, "nft", "add", "element", "inet", "refbench", "s",
+             f"{{ 203.0.113.{i % 250} timeout 1h }}"])
+        times.append((time.perf_counter() - t) * 1000)
+    run(["ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "refbench"])
+    return times
+
+
+def fill_state(state_dir: str, count: int) -> None:
+    state = State(state_dir)
+    until = time.time() + 3600
+    bans = [Ban(f"198.{18 + (i >> 16)}.{i >> 8 & 255}.{i & 255}", until, "bench", "restore")
+            for i in range(count)]
+    for start in range(0, count, 50_000):
+        state.commit(bans=bans[start:start + 50_000])
+    close = getattr(state, "close", None)
+    if close:
+        close()
+
+
+def restart_time(harness, count: int) -> tuple[float, float]:
+    """(seconds from start to answering status, resident MB) with ``count`` bans."""
+    harness.kill(15)
+    run(["ip", "netns", "exec", harness.ns, "nft", "flush", "ruleset"])
+    fill_state(harness.config["state_dir"], count)
+    t = time.perf_counter()
+    harness.start(timeout=120)
+    elapsed = time.perf_counter() - t
+    assert harness.proc is not None
+    rss_kb = 0
+    for line in Path(f"/proc/{harness.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss_kb = int(line.split()[1])
+    return elapsed, rss_kb / 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steady-rate", type=int, default=200, help="rejects per second")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--skip-1m", action="store_true", help="skip the 1,000,000-ban RSS")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, daemon_namespace(Path(tmp)) as harness:
+        harness.write_config(ban_time="1h")
+        log = Multilog(Path(tmp) / "log", size=99999, keep=20)
+        harness.start()
+        try:
+            latencies = measure_latency(harness, log, args.steady_rate, args.seconds)
+        finally:
+            log.close()
+        ref = reference_process_per_ban(harness.ns)
+        restore_100k, _ = restart_time(harness, 100_000)
+        rss_1m = None
+        if not args.skip_1m:
+            _, rss_1m = restart_time(harness, 1_000_000)
+        harness.kill(15)
+    result = {
+        "bans": len(latencies),
+        "p50_ms": round(statistics.median(latencies), 2),
+        "p99_ms": round(percentile(latencies, 0.99), 2),
+        "max_ms": round(max(latencies), 2),
+        "ref_process_per_ban_p50_ms": round(statistics.median(ref), 2),
+        "ref_process_per_ban_p99_ms": round(percentile(ref, 0.99), 2),
+        "restart_restore_100k_s": round(restore_100k, 3),
+        "rss_mb_1m_bans": round(rss_1m, 1) if rss_1m is not None else None,
+    }
+    print("| figure | value |\n|---|---:|")
+    for key, value in result.items():
+        print(f"| {key} | {value} |")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
