@@ -33,10 +33,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rblguard.model import Ban  # noqa: E402
-from rblguard.state import State  # noqa: E402
-from tests.daemon_harness import Multilog, daemon_namespace, reject_message  # noqa: E402
-from tests.netns import run  # noqa: E402
+from rblguard.state import State
+
+from rblguard.model import Ban
+from tests.daemon_harness import Multilog, daemon_namespace, reject_message
+from tests.netns import run
 
 ELEMENT = re.compile(r"add element inet rblguard \S+ \{ ([0-9a-f:.]+)")
 
