@@ -1,0 +1,44 @@
+"""The README stays true: the commands, files and words it names exist."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from rblguard.cli import COMMANDS, build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def test_setup_commands_exist_and_ci_runs_the_readme_test_command() -> None:
+    assert "sudo ./install.sh" in README
+    assert "sudo ./run-tests.sh" in README
+    for script in ("install.sh", "run-tests.sh", ".ci/run"):
+        assert os.access(ROOT / script, os.X_OK), f"{script} is not executable"
+    assert "./run-tests.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_rblguard_command_in_the_readme_exists() -> None:
+    named = set(re.findall(r"`rblguard ([a-z-]+)", README))
+    named |= set(re.findall(r"^rblguard ([a-z-]+)", README, re.MULTILINE))
+    assert named, "the README names no command"
+    unknown = named - set(COMMANDS)
+    assert not unknown, f"README names commands that do not exist: {unknown}"
+
+
+def test_every_repo_path_in_the_readme_exists() -> None:
+    paths = set(re.findall(r"`((?:rules|rblguard|tests|systemd|grafana|benchmarks|docs)"
+                           r"/[\w./-]*)`", README))
+    missing = [p for p in paths if not (ROOT / p.rstrip("/")).exists()]
+    assert not missing, f"README names files that do not exist: {missing}"
+
+
+def test_cli_help_works_for_every_command() -> None:
+    parser = build_parser()
+    for command in COMMANDS:
+        args = {"scan": ["x"], "simulate": ["x"], "ban": ["192.0.2.1"],
+                "unban": ["192.0.2.1"], "firewall": ["status"]}.get(command, [])
+        parsed = parser.parse_args([command, *args])
+        assert parsed.command == command
