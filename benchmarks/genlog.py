@@ -159,10 +159,14 @@ class LogGenerator:
             raise ValueError("give exactly one of lines and size")
         truth = self.truth
         while (truth.lines < lines) if lines is not None else (truth.bytes < size):
-            want = batch_lines if lines is None else min(batch_lines, lines - truth.lines)
+            # A batch ends after a whole connection: only the log's end may cut one short.
+            left = (lines - truth.lines) if lines is not None else 1 << 62
+            want = min(batch_lines, left)
+            if size is not None:  # near the end, smaller batches: overshoot stays small
+                want = min(want, max(1000, (size - truth.bytes) // 80))
             out: list[str] = []
             while len(out) < want:
-                self._connection(out, want - len(out))
+                self._connection(out, left - len(out))
             truth.lines += len(out)
             out.append("")
             text = "\n".join(out)
