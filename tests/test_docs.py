@@ -22,7 +22,8 @@ def test_setup_commands_exist_and_ci_runs_the_readme_test_command() -> None:
 
 def test_every_rblguard_command_in_the_readme_exists() -> None:
     named = set(re.findall(r"`rblguard ([a-z-]+)", README))
-    named |= set(re.findall(r"^rblguard ([a-z-]+)", README, re.MULTILINE))
+    for block in re.findall(r"```sh\n(.*?)```", README, re.DOTALL):
+        named |= set(re.findall(r"^(?:sudo )?rblguard ([a-z-]+)", block, re.MULTILINE))
     assert named, "the README names no command"
     unknown = named - set(COMMANDS)
     assert not unknown, f"README names commands that do not exist: {unknown}"
