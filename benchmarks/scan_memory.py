@@ -1,0 +1,94 @@
+"""Scan memory: peak resident memory of ``rblguard scan --json`` on a ~1 GB log.
+
+Months of logs must scan on a small mail server without swapping: scan reads in chunks
+and keeps only counts, so its peak must not grow with the log (target: under 150 MB).
+The reference loop of benchmarks/parse.py, which holds one line at a time, shows what
+the interpreter alone costs.  The log is streamed to disk (never held in memory here)
+and removed afterwards, also on error.  Peak memory is the child's ``ru_maxrss`` from
+``os.wait4``.
+
+    python benchmarks/scan_memory.py [--bytes 1000000000] [--tmpdir DIR]
+
+The last line printed is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import genlog
+from benchmarks.parse import compare_counts, reference_command, scan_command, write_reference
+
+TARGET_MB = 150
+
+
+def run_measured(command: list[str]) -> tuple[float, float, dict]:
+    """Wall seconds, peak RSS in MB, and the JSON object the process printed last."""
+    with tempfile.TemporaryFile() as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} exited with {proc.returncode}")
+        out.seek(0)
+        last = out.read().decode().strip().splitlines()[-1]
+    return seconds, usage.ru_maxrss / 1024, json.loads(last)  # ru_maxrss is in KiB
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bytes", type=int, default=1_000_000_000, dest="size",
+                        help="log size to generate (default 1e9)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--tmpdir", help="where the log is written (default: system temp)")
+    args = parser.parse_args(argv)
+
+    directory = Path(tempfile.mkdtemp(prefix="rblguard-memory-", dir=args.tmpdir))
+    try:
+        log = directory / "current"
+        started = time.perf_counter()
+        truth = genlog.write_log(log, "tai64n", args.seed, size=args.size)
+        generated = time.perf_counter() - started
+        script = write_reference(directory)
+        ref_seconds, ref_mb, ref_out = run_measured(reference_command(script, log))
+        scan_seconds, scan_mb, scan_out = run_measured(scan_command(log))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+    problems = compare_counts(truth, ref_out, scan_out)
+    print(f"log: {truth.bytes / 1e9:.2f} GB, {truth.lines} lines, generated in "
+          f"{generated:.1f} s")
+    print(f"{'':<16}{'peak RSS MB':>12}{'seconds':>9}")
+    print(f"{'reference loop':<16}{ref_mb:>12.1f}{ref_seconds:>9.2f}")
+    print(f"{'rblguard scan':<16}{scan_mb:>12.1f}{scan_seconds:>9.2f}")
+    verdict = "meets" if scan_mb < TARGET_MB else "FALLS SHORT of"
+    print(f"scan peak {scan_mb:.1f} MB {verdict} the {TARGET_MB} MB target")
+    for problem in problems:
+        print(f"MISMATCH {problem}")
+    print(json.dumps({
+        "log_bytes": truth.bytes,
+        "lines": truth.lines,
+        "scan_peak_rss_mb": round(scan_mb, 1),
+        "ref_peak_rss_mb": round(ref_mb, 1),
+        "scan_seconds": round(scan_seconds, 2),
+        "ref_seconds": round(ref_seconds, 2),
+        "counts_agree": not problems,
+        "target_mb": TARGET_MB,
+    }))
+    return 0 if scan_mb < TARGET_MB and not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
