@@ -5,7 +5,7 @@ and keeps only counts, so its peak must not grow with the log (target: under 150
 The reference loop of benchmarks/parse.py, which holds one line at a time, shows what
 the interpreter alone costs.  The log is streamed to disk (never held in memory here)
 and removed afterwards, also on error.  Peak memory is the child's ``ru_maxrss`` from
-``os.wait4``.
+``os.wait4``; this process stays small, as a child's figure starts at its parent's size.
 
     python benchmarks/scan_memory.py [--bytes 1000000000] [--tmpdir DIR]
 
@@ -59,7 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log = directory / "current"
         started = time.perf_counter()
-        truth = genlog.write_log(log, "tai64n", args.seed, size=args.size)
+        # In a child process: Linux starts a child's ru_maxrss at its parent's resident
+        # size at fork, so this process must stay small for the figures to be the
+        # children's own.
+        truth_file = directory / "truth.json"
+        subprocess.run([sys.executable, genlog.__file__, "--bytes", str(args.size),
+                        "--format", "tai64n", "--seed", str(args.seed),
+                        "--truth", str(truth_file), str(log)], check=True)
+        truth = genlog.Truth(**json.loads(truth_file.read_text()))
         generated = time.perf_counter() - started
         script = write_reference(directory)
         ref_seconds, ref_mb, ref_out = run_measured(reference_command(script, log))
