@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _PLAIN_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
@@ -24,11 +25,35 @@ def canonical_bytes(raw: bytes) -> str | None:
         return _bytes_cache[raw]
     except KeyError:
         pass
-    result = canonical_address(raw.decode("ascii", "replace"))
+    result = _canonical_fast(raw)
     if len(_bytes_cache) >= _CACHE_LIMIT:
         _bytes_cache.clear()
     _bytes_cache[raw] = result
     return result
+
+
+def _canonical_fast(raw: bytes) -> str | None:
+    """canonical_address() for the spellings logs hold, without the ipaddress module.
+
+    ``inet_pton``/``inet_ntop`` are the C library's strict parser and canonical printer
+    (RFC 5952: lower case, longest zero run compressed), about a hundred times faster.
+    """
+    text = raw.decode("ascii", "replace")
+    if _PLAIN_IPV4.fullmatch(text):
+        return text
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    if text[:7].lower() == "::ffff:" and _PLAIN_IPV4.fullmatch(text[7:]):
+        return text[7:]
+    if ":" not in text or "%" in text:
+        return canonical_address(text)
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, text)
+    except (OSError, ValueError):
+        return None
+    if packed[:12] == b"\0" * 10 + b"\xff\xff":
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return socket.inet_ntop(socket.AF_INET6, packed)
 
 
 def canonical_address(text: str) -> str | None:

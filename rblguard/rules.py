@@ -241,6 +241,7 @@ def _load_rule(ld: _Loader, node: Any) -> Rule:
                 rest.encode(), regex, tuple(ignores), policy, veto)
 
 
+
 def _load_sample(ld: _Loader, node: Any) -> Sample:
     fields = ld.mapping(node, "a sample", {"line", "rule", *OUTCOMES})
     if "line" not in fields:

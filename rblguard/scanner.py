@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,7 @@ CHUNK_SIZE = 8 << 20
 CONNECTION_LITERAL = b"tcpserver: pid "
 CONNECTION_REST = rb"\d+ from (?P<addr>[^\s,;]+)$"
 CONNECTION = re.compile(re.escape(CONNECTION_LITERAL) + CONNECTION_REST, re.MULTILINE)
+_STAMP_GROUP = re.compile(rb"(?<!\\)\((?!\?)")  # a capturing "(" in a stamp's pattern
 _URL_HOST = re.compile(rb"https?://([A-Za-z0-9.-]+)")
 
 
@@ -174,24 +176,25 @@ class Scanner:
         data = b"\n" + buf
         counts: dict[tuple[str, str], int] = {}
         events: list[Event] = []
-        find = data.find
-        for rule, pattern in patterns:
+        for rule, count_pattern, veto_pattern in self._count_patterns(fmt):
             if rule is None:
-                result.connection_count = len(pattern.findall(data))
+                result.connection_count = len(count_pattern.findall(data))
                 continue
-            raw_counts: dict[bytes, int] = {}
-            veto = rule.veto
-            for m in pattern.finditer(data):
-                raw = m["addr"]
-                if veto is not None:
-                    end = m.end()
-                    le = find(b"\n", end - 1)
-                    if veto.search(data, end, le):  # rare: a lookup error, an error reply
-                        events.append(self._classify(rule, m, data, m.start(), le,
-                                                     fmt.parse(m, ref_time), base + le))
-                        continue
-                raw_counts[raw] = raw_counts.get(raw, 0) + 1
+            found = count_pattern.findall(data)  # (address, rest of line) per hit, in C
+            index = count_pattern.groupindex["addr"] - 1
+            tail = count_pattern.groupindex["tail"] - 1
+            raw_counts = Counter(groups[index] for groups in found)
+            # Ignores look at the rest of each hit's line: search all of them at once.
+            if veto_pattern is not None and rule.veto is not None and rule.veto.search(
+                    b"\n".join(groups[tail] for groups in found)):
+                for m in veto_pattern.finditer(data):  # rare: an error reply, a lookup error
+                    le = data.find(b"\n", m.end() - 1)
+                    events.append(self._classify(rule, m, data, m.start(), le,
+                                                 fmt.parse(m, ref_time), base + le))
+                    raw_counts[m["addr"]] -= 1
             for raw, n in raw_counts.items():
+                if n <= 0:
+                    continue
                 address = canonical_bytes(raw)
                 if address is None:
                     text = raw.decode("ascii", "replace")
@@ -201,6 +204,27 @@ class Scanner:
         result.match_counts = counts
         result.events = events
         return result
+
+    def _count_patterns(self, fmt: StampFormat) -> list[tuple[Rule | None, re.Pattern[bytes],
+                                                              re.Pattern[bytes] | None]]:
+        """For tally(): each pattern with only the address captured (findall then
+        returns the addresses alone), and the pattern of the hits an ignore vetoes."""
+        key = "count:" + fmt.name
+        cached = self._compiled.get(key)
+        if cached is None:
+            cached = []
+            for rule, pattern in self._patterns(fmt) or []:
+                source = pattern.pattern
+                uncaptured = _STAMP_GROUP.sub(b"(?:", source.split(b"(?P<addr>")[0])
+                count = re.compile(uncaptured + b"(?P<addr>" + source.split(b"(?P<addr>", 1)[1]
+                                   + b"(?P<tail>[^\n]*)", re.MULTILINE)
+                veto = None
+                if rule is not None and rule.veto is not None:
+                    veto = re.compile(source + b"(?=[^\n]*?(?:" + rule.veto.pattern + b"))",
+                                      re.MULTILINE)
+                cached.append((rule, count, veto))
+            self._compiled[key] = cached
+        return cached
 
     def _disjoint(self) -> bool:
         """True when no line can match two rules (no literal is a prefix of another)."""
@@ -255,9 +279,10 @@ def _offset(event: Event) -> int:
     return event.offset
 
 
-def read_complete_lines(path: str | Path, start: int = 0,
+def read_complete_lines(path: str | Path, start: int = 0, end: int | None = None,
                         chunk_size: int = CHUNK_SIZE) -> Iterator[tuple[int, bytes]]:
-    """(offset, buffer) pairs of a file's complete lines, in order, from ``start``.
+    """(offset, buffer) pairs of a file's complete lines, in order, from ``start`` up to
+    ``end`` (a line boundary; default: the end of the file).
 
     A last line without its newline is left out: it is not complete yet.  A line longer
     than a chunk is read whole, however long.
@@ -266,7 +291,8 @@ def read_complete_lines(path: str | Path, start: int = 0,
         f.seek(start)
         offset, carry = start, b""
         while True:
-            data = f.read(chunk_size)
+            want = chunk_size if end is None else min(chunk_size, end - offset - len(carry))
+            data = f.read(want) if want > 0 else b""
             if not data:
                 return
             data = carry + data if carry else data
