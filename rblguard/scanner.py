@@ -23,7 +23,14 @@ from rblguard.addresses import _bytes_cache as _BYTES_CACHE
 from rblguard.addresses import canonical_address, canonical_bytes
 from rblguard.model import ChunkResult, Connection, Event, Ignored, Match, ParseError
 from rblguard.rules import Rule, RuleSet
-from rblguard.stamps import TAI64_UNIX_OFFSET, TAI64N, StampFormat, detect_format, split_line
+from rblguard.stamps import (
+    TAI64_UNIX_OFFSET,
+    TAI64N,
+    StampFormat,
+    detect_format,
+    split_line,
+    split_message,
+)
 
 CHUNK_SIZE = 8 << 20
 # tcpserver -v writes one of these per accepted connection; each one reached rblsmtpd.
@@ -253,9 +260,11 @@ class Scanner:
         start = 0
         for line in buf.split(b"\n")[:-1]:
             start += len(line) + 1
-            when, message = split_line(fmt, line, ref)
-            event = self.classify_message(message, when, base + start)
+            m, message = split_message(fmt, line)
+            event = self.classify_message(message, None, base + start)
             if event is not None:
+                if m is not None:
+                    event.time = fmt.parse(m, ref)
                 events.append(event)
 
 

@@ -77,10 +77,23 @@ def _parse_tai64nlocal(m: re.Match[bytes], _ref: float) -> float | None:
     return seconds + (float(fraction) if fraction else 0.0)
 
 
+_rfc3164_cache: dict[tuple[bytes, int], float | None] = {}
+
+
 def _parse_rfc3164(m: re.Match[bytes], ref: float) -> float | None:
     """Syslog omits the year: take the reference time's, or the year before when the
-    line would otherwise lie more than a day in the future (a log crossing New Year)."""
-    stamp = m.group(1)
+    line would otherwise lie more than a day in the future (a log crossing New Year).
+    Cached per stamp text: a busy log repeats each second many times."""
+    key = (m.group(1), int(ref) // 3600)
+    when = _rfc3164_cache.get(key)
+    if when is None:
+        if len(_rfc3164_cache) > 4096:
+            _rfc3164_cache.clear()
+        when = _rfc3164_cache[key] = _rfc3164_time(m.group(1), ref)
+    return when
+
+
+def _rfc3164_time(stamp: bytes, ref: float) -> float | None:
     month = _MONTHS.get(stamp[:3])
     if month is None:
         return None
@@ -144,11 +157,13 @@ def detect_format(buf: bytes, max_lines: int = 50) -> StampFormat:
     return best if best_count * 2 >= len(heads) else NONE
 
 
-def split_line(fmt: StampFormat, line: bytes, ref: float) -> tuple[float | None, bytes]:
-    """A line's time and message (syslog: ``TAG: text`` unless text names its program).
+def split_message(fmt: StampFormat, line: bytes) -> tuple[re.Match[bytes] | None, bytes]:
+    """A line's stamp match (None if unstamped) and its message; the time is left to
+    ``fmt.parse``, so that only lines that matter pay for it.
 
-    A line that lacks the file's stamp has no message: in a stamped log such a line was
-    not written by the log's programs, so nothing in it is trusted.
+    Syslog: the message is ``TAG: text`` unless the text names its own program.  A line
+    that lacks the file's stamp has no message: in a stamped log such a line was not
+    written by the log's programs, so nothing in it is trusted.
     """
     if fmt.prefix is None:
         return None, line
@@ -159,4 +174,10 @@ def split_line(fmt: StampFormat, line: bytes, ref: float) -> tuple[float | None,
     if fmt.syslog and not _OWN_PREFIX.match(message):
         tag = m.group(2) if fmt is RFC3164 else m.group(4)
         message = tag + b": " + message
-    return fmt.parse(m, ref), message
+    return m, message
+
+
+def split_line(fmt: StampFormat, line: bytes, ref: float) -> tuple[float | None, bytes]:
+    """A line's time and message (see split_message)."""
+    m, message = split_message(fmt, line)
+    return (fmt.parse(m, ref) if m is not None else None), message
