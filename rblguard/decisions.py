@@ -1,0 +1,348 @@
+"""From a rule's match to a ban: allowlist, thresholds, repeat offenders, prefixes, storms.
+
+The Decider belongs to the daemon's main thread, which is why it has no lock.  It keeps
+only what each decision needs, compactly: the active bans as ``target -> until`` (rule
+and line live in SQLite), offender history as one packed int per target, and recent
+match times only for rules that ask for more than one match.
+
+Time comes from the LOG (``match.time``), so catching up on a backlog bans until the
+line's time + ban time and skips bans that would already be over.  The storm guard's
+rate uses the wall clock ``now``: it protects the kernel and the host, which live now.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from rblguard.durations import parse_duration
+from rblguard.model import Ban, Match
+from rblguard.rules import BanPolicy  # one definition: the rules carry it per rule
+from rblguard.state import Offender
+
+if TYPE_CHECKING:
+    from rblguard.allowlist import Allowlist
+    from rblguard.config import Config, RepeatSettings, StormSettings, SubnetSettings
+
+__all__ = ["BanPolicy", "Decider", "DecisionSettings", "Verdict"]
+
+RECENT_LIMIT = 200_000  # (rule, target) pairs waiting to reach their rule's count
+_COUNT_BITS = 8  # history packs last_ban (whole seconds) << 8 | min(bans, 255)
+_COUNT_MASK = (1 << _COUNT_BITS) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionSettings:
+    """The config keys decisions depend on, and nothing else."""
+
+    ban_time: float = 3600.0
+    repeat: RepeatSettings | None = None
+    ipv6_prefix: int = 64
+    ipv4_subnet: SubnetSettings | None = None
+    storm: StormSettings | None = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> DecisionSettings:
+        return cls(ban_time=config.ban_time, repeat=config.repeat,
+                   ipv6_prefix=config.ipv6_prefix, ipv4_subnet=config.ipv4_subnet,
+                   storm=config.storm)
+
+
+@dataclass(slots=True)
+class Verdict:
+    """What one match (or one admin request) led to.
+
+    ``bans`` go to the kernel (a subnet escalation adds a second one); ``refused`` names
+    why a ban was not made (``allowlist``, ``storm_active``, ``storm_rate``) and
+    ``message`` says it for an admin; ``pending`` means the rule's count is not reached
+    yet; ``stale`` that the ban would already have expired (an old backlog line);
+    ``refreshed`` that an active ban was extended.
+    """
+
+    bans: list[Ban] = field(default_factory=list)
+    refused: str | None = None
+    pending: bool = False
+    stale: bool = False
+    refreshed: bool = False
+    message: str | None = None
+
+
+class Decider:
+    """Turns matches and admin requests into bans; holds the active ones in memory."""
+
+    def __init__(self, settings: DecisionSettings, allowlist: Allowlist) -> None:
+        self.settings = settings
+        self.allowlist = allowlist
+        self._active: dict[str, float] = {}  # target -> until (Unix time)
+        self._history: dict[str, int] = {}  # target -> int(last_ban) << 8 | bans
+        self._recent: dict[tuple[str, str], list[float]] = {}
+        self._subnet_singles: dict[str, int] = {}  # "198.18.5.0/24" -> active singles in it
+        self._earliest = float("inf")  # no active ban ends before this: expire() is cheap
+        storm = settings.storm
+        self._bucket = storm.max_per_second if storm else 0.0
+        self._bucket_time: float | None = None
+        self.refusals: dict[str, int] = {}
+
+    # -- start-up, reload ----------------------------------------------------------
+
+    def load(self, bans: Iterable[Ban], history: Iterable[Offender]) -> None:
+        """Take the saved bans and history (from State) at start-up."""
+        for ban in bans:
+            self._set_active(ban.target, max(ban.until, self._active.get(ban.target, 0.0)))
+        for target, count, last_ban in history:
+            self._history[target] = int(last_ban) << _COUNT_BITS | min(count, _COUNT_MASK)
+
+    def set_allowlist(self, allowlist: Allowlist) -> None:
+        self.allowlist = allowlist
+
+    # -- the log's matches -----------------------------------------------------------
+
+    def on_match(self, match: Match, policy: BanPolicy, now: float) -> Verdict:
+        """Decide what one RBL reject means.  Never raises for an odd address."""
+        address = match.address
+        when = match.time if match.time is not None else now
+        if self.allowlist.contains(address):
+            return self._refuse("allowlist", f"{address} is allowlisted "
+                                f"({self.allowlist.reason(address)})")
+        target = self._target(address)
+        if policy.count > 1 and not self._threshold_reached(match.rule, target, when, policy):
+            return Verdict(pending=True)
+        active_until = self._covering_until(target)
+        if active_until is not None and active_until[1] > when:
+            target = active_until[0]  # already banned (maybe by its subnet): a refresh
+        active = self._active.get(target, 0.0) > when
+        previous = self._previous_bans(target, when) - (1 if active else 0)
+        until = when + self._duration(policy, max(0, previous))
+        if until <= now:
+            return Verdict(stale=True)
+        if active:
+            old = self._active[target]
+            if until <= old:
+                return Verdict()  # the kernel already holds it at least this long
+            self._set_active(target, until)
+            return Verdict(bans=[Ban(target, until, match.rule, match.line)], refreshed=True)
+        refusal = self._storm_check(now, 1)
+        if refusal:
+            return refusal
+        self._set_active(target, until)
+        self._remember_ban(target, when)
+        bans = [Ban(target, until, match.rule, match.line)]
+        subnet_ban = self._subnet_escalation(target, until, match.rule, match.line, now)
+        if subnet_ban is not None:
+            bans.append(subnet_ban)
+        return Verdict(bans=bans)
+
+    def _target(self, address: str) -> str:
+        """The address, or its IPv6 /ipv6_prefix network unless that covers an allowlisted
+        address (then the single address: never let a prefix ban hit a friend)."""
+        plen = self.settings.ipv6_prefix
+        if ":" not in address or plen >= 128:
+            return address
+        net = ipaddress.IPv6Network(f"{address}/{plen}", strict=False)
+        if self.allowlist.overlaps(net):
+            return address
+        return str(net)
+
+    def _covering_until(self, target: str) -> tuple[str, float] | None:
+        """The active subnet ban that already covers a single IPv4 address, if any."""
+        sub = self.settings.ipv4_subnet
+        if sub is None or "/" in target or ":" in target:
+            return None
+        net = str(ipaddress.IPv4Network(f"{target}/{sub.prefix}", strict=False))
+        until = self._active.get(net)
+        return (net, until) if until is not None else None
+
+    def _threshold_reached(self, rule: str, target: str, when: float,
+                           policy: BanPolicy) -> bool:
+        key = (rule, target)
+        times = self._recent.get(key)
+        if times is None:
+            if len(self._recent) >= RECENT_LIMIT:  # forget the oldest tenth, stay bounded
+                for old in list(self._recent)[: RECENT_LIMIT // 10]:
+                    del self._recent[old]
+            times = self._recent[key] = []
+        horizon = when - policy.window
+        times[:] = [*[t for t in times if t > horizon][-(policy.count - 1):], when]
+        if len(times) < policy.count:
+            return False
+        del self._recent[key]
+        return True
+
+    def _previous_bans(self, target: str, when: float) -> int:
+        packed = self._history.get(target)
+        if packed is None:
+            return 0
+        repeat = self.settings.repeat
+        if repeat is not None and when - (packed >> _COUNT_BITS) > repeat.forget_after:
+            del self._history[target]
+            return 0
+        return packed & _COUNT_MASK
+
+    def _duration(self, policy: BanPolicy, previous: int) -> float:
+        base = policy.duration if policy.duration is not None else self.settings.ban_time
+        repeat = self.settings.repeat
+        if repeat is None or previous == 0:
+            return base
+        cap = max(repeat.max, base)  # a rule's own longer duration is never cut
+        return min(base * repeat.factor ** min(previous, 64), cap)
+
+    def _remember_ban(self, target: str, when: float) -> None:
+        packed = self._history.get(target, 0)
+        count = min((packed & _COUNT_MASK) + 1, _COUNT_MASK)
+        self._history[target] = int(when) << _COUNT_BITS | count
+
+    def _subnet_escalation(self, target: str, until: float, rule: str, line: str,
+                           now: float) -> Ban | None:
+        """Ban the IPv4 subnet once ``after`` of its addresses are banned (singles stay)."""
+        sub = self.settings.ipv4_subnet
+        if sub is None or "/" in target or ":" in target:
+            return None
+        net = ipaddress.IPv4Network(f"{target}/{sub.prefix}", strict=False)
+        key = str(net)
+        count = self._subnet_singles.get(key, 0)  # already counts target (_set_active)
+        if count < sub.after or key in self._active or self.allowlist.overlaps(net):
+            return None
+        if self._storm_check(now, 1) is not None:
+            return None
+        self._set_active(key, until)
+        return Ban(key, until, rule, f"{count} addresses of {key} banned; last: {line}")
+
+    # -- storm guard -----------------------------------------------------------------
+
+    def _storm_check(self, now: float, n: int) -> Verdict | None:
+        """Refuse new bans past max_active, or faster than max_per_second (token bucket)."""
+        storm = self.settings.storm
+        if storm is None:
+            return None
+        if len(self._active) + n > storm.max_active:
+            return self._refuse("storm_active", f"{len(self._active)} active bans reached "
+                                f"storm.max_active ({storm.max_active})")
+        if self._bucket_time is not None:
+            elapsed = max(0.0, now - self._bucket_time)
+            self._bucket = min(storm.max_per_second,
+                               self._bucket + elapsed * storm.max_per_second)
+        self._bucket_time = now
+        if self._bucket < n:
+            return self._refuse("storm_rate", "more than storm.max_per_second "
+                                f"({storm.max_per_second:g}) new bans a second")
+        self._bucket -= n
+        return None
+
+    def _refuse(self, reason: str, message: str) -> Verdict:
+        self.refusals[reason] = self.refusals.get(reason, 0) + 1
+        return Verdict(refused=reason, message=message)
+
+    # -- the admin's requests ----------------------------------------------------------
+
+    def on_manual(self, target: str, duration: float | str | None, reason: str,
+                  force: bool, now: float) -> Verdict:
+        """``rblguard ban``: exactly ``duration`` from now (shorter replaces longer).
+
+        Storm limits do not apply to an admin; the allowlist does unless ``force``.
+        """
+        try:
+            net = ipaddress.ip_network(target, strict=False)
+        except ValueError:
+            return Verdict(refused="invalid", message=f"{target!r} is not an address or "
+                           "CIDR network")
+        canonical = str(net.network_address) if net.prefixlen == net.max_prefixlen \
+            else str(net)
+        if not force and self.allowlist.overlaps(net):
+            return self._refuse("allowlist", f"{canonical} is allowlisted "
+                                f"({self.allowlist.reason(canonical)}); use --force to "
+                                "ban it anyway")
+        try:
+            seconds = (self.settings.ban_time if duration is None
+                       else parse_duration(duration))
+        except ValueError as exc:
+            return Verdict(refused="invalid", message=str(exc))
+        refreshed = canonical in self._active
+        until = now + seconds
+        self._set_active(canonical, until)
+        return Verdict(bans=[Ban(canonical, until, "manual", reason)], refreshed=refreshed)
+
+    def unban(self, target: str) -> bool:
+        """Forget an active ban; False if there was none.  Its history stays."""
+        until = self._active.pop(target, None)
+        if until is None:
+            return False
+        self._single_gone(target)
+        return True
+
+    def flush(self) -> None:
+        self._active.clear()
+        self._subnet_singles.clear()
+        self._earliest = float("inf")
+
+    # -- housekeeping and reporting ----------------------------------------------------
+
+    def expire(self, now: float) -> list[str]:
+        """Drop bans over at ``now`` from memory (the kernel has already dropped them)."""
+        if now < self._earliest:
+            return []
+        gone = [t for t, until in self._active.items() if until <= now]
+        for target in gone:
+            del self._active[target]
+            self._single_gone(target)
+        self._earliest = min(self._active.values(), default=float("inf"))
+        repeat = self.settings.repeat
+        if repeat is not None:  # history past forget_after, checked at the same pace
+            horizon = int(now - repeat.forget_after)
+            old = [t for t, p in self._history.items() if (p >> _COUNT_BITS) < horizon]
+            for target in old:
+                del self._history[target]
+        return gone
+
+    def history_updates(self, bans: Iterable[Ban]) -> list[Offender]:
+        """The history records of these bans' targets, for State.commit."""
+        out = []
+        for ban in bans:
+            packed = self._history.get(ban.target)
+            if packed is not None:
+                out.append(Offender(ban.target, packed & _COUNT_MASK,
+                                    float(packed >> _COUNT_BITS)))
+        return out
+
+    def active_counts(self) -> dict[int, int]:
+        counts = {4: 0, 6: 0}
+        for target in self._active:
+            counts[6 if ":" in target else 4] += 1
+        return counts
+
+    def active_items(self) -> Iterator[tuple[str, float]]:
+        return iter(list(self._active.items()))
+
+    def until(self, target: str) -> float | None:
+        return self._active.get(target)
+
+    def history_of(self, target: str) -> int:
+        """How many times ``target`` was banned (0 if forgotten or never)."""
+        return self._history.get(target, 0) & _COUNT_MASK
+
+    def __len__(self) -> int:
+        return len(self._active)
+
+    # -- internals -------------------------------------------------------------------
+
+    def _set_active(self, target: str, until: float) -> None:
+        if target not in self._active:
+            sub = self.settings.ipv4_subnet
+            if sub is not None and "/" not in target and ":" not in target:
+                key = str(ipaddress.IPv4Network(f"{target}/{sub.prefix}", strict=False))
+                self._subnet_singles[key] = self._subnet_singles.get(key, 0) + 1
+        self._active[target] = until
+        if until < self._earliest:
+            self._earliest = until
+
+    def _single_gone(self, target: str) -> None:
+        sub = self.settings.ipv4_subnet
+        if sub is None or "/" in target or ":" in target:
+            return
+        key = str(ipaddress.IPv4Network(f"{target}/{sub.prefix}", strict=False))
+        left = self._subnet_singles.get(key, 0) - 1
+        if left > 0:
+            self._subnet_singles[key] = left
+        else:
+            self._subnet_singles.pop(key, None)
