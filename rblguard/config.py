@@ -229,14 +229,15 @@ def _ports(r: _Reader, value: Any) -> tuple[int, ...] | None:
 
 def _backend(r: _Reader, value: Any) -> FirewallOptions:
     kinds = ("nftables", "ipset")
-    if isinstance(value, str):
+    shorthand = isinstance(value, str)
+    if shorthand:
         value = {"type": value}
     allowed = ("type", "ports", "table", "priority", "set_v4", "set_v6", "maxelem", "mode",
                "chain")
     spec = r.mapping("backend", value, allowed)
     kind = spec.get("type", "nftables")
     if kind not in kinds:
-        raise r.err("backend.type" if "type" in spec else "backend",
+        raise r.err("backend" if shorthand else "backend.type",
                     f"must be nftables or ipset, not {kind!r}")
     opts: dict[str, Any] = {"backend": kind}
     if "ports" in spec:
