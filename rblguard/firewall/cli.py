@@ -1,0 +1,146 @@
+"""``rblguard firewall setup|status|remove``: the kernel objects, without the daemon.
+
+An admin runs ``setup`` once (or lets the daemon do it), ``status`` to see whether the
+objects are intact and how much they drop, and ``remove`` to leave nothing behind.  In
+ipset ``set-only`` mode rblguard does not touch the firewall's rules, so ``setup`` and
+``status`` print the lines the admin adds to shorewall or iptables to use the sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from rblguard.config import ConfigError, load_config
+from rblguard.firewall.base import Backend, FirewallError, FirewallOptions
+
+MULTIPORT_MAX = 15
+
+
+def admin_lines(options: FirewallOptions) -> list[str]:
+    """What an admin adds to use the sets in set-only mode: NEW connections only.
+
+    Only new connections are dropped: a session cut in the middle would leave rblsmtpd
+    waiting on a silent peer, holding one of tcpserver's few slots until it times out.
+    """
+    ports = options.ports
+    sw_ports = ",".join(map(str, ports)) if ports else "-"
+    lines = [
+        "# shorewall: /etc/shorewall/rules (and /etc/shorewall6/rules with "
+        f"+{options.set_v6}),",
+        "# in the NEW section, so established sessions are never cut:",
+        "?SECTION NEW",
+        f"DROP    net:+{options.set_v4}    $FW    tcp    {sw_ports}",
+        "# or in /etc/shorewall/blrules, with BLACKLIST=\"NEW,INVALID,UNTRACKED\" "
+        "(BLACKLISTNEWONLY=Yes before 4.5.13) in shorewall.conf:",
+        f"DROP    net:+{options.set_v4}    $FW    tcp    {sw_ports}",
+        "# iptables / ip6tables:",
+    ]
+    if ports is None:
+        port_matches = [""]
+    else:
+        port_matches = [
+            "-m multiport --dports " + ",".join(map(str, ports[i:i + MULTIPORT_MAX])) + " "
+            for i in range(0, len(ports), MULTIPORT_MAX)]
+    for tool, name in (("iptables", options.set_v4), ("ip6tables", options.set_v6)):
+        for match in port_matches:
+            lines.append(f"{tool} -I INPUT -p tcp {match}-m conntrack --ctstate NEW "
+                         f"-m set --match-set {name} src -j DROP")
+    return lines
+
+
+def _status(backend: Backend) -> dict:
+    """Everything ``status`` shows, as the one JSON object ``--json`` prints."""
+    health = backend.health()
+    entries = {"ipv4": 0, "ipv6": 0}
+    counters = {"ipv4": {"packets": 0, "connections": 0},
+                "ipv6": {"packets": 0, "connections": 0}}
+    problems = list(health.problems)
+    try:
+        for item in backend.list():
+            entries["ipv6" if ":" in item.target else "ipv4"] += 1
+    except FirewallError as exc:
+        problems.append(f"cannot list the sets: {exc}")
+    try:
+        for family, c in backend.counters().items():
+            counters[f"ipv{family}"] = {"packets": c.packets, "connections": c.connections}
+    except FirewallError as exc:
+        problems.append(f"cannot read the counters: {exc}")
+    return {"backend": backend.name, "healthy": health.ok and not problems,
+            "problems": problems, "entries": entries, "counters": counters}
+
+
+def _print_status(report: dict, options: FirewallOptions) -> None:
+    print(f"backend: {report['backend']}")
+    if report["healthy"]:
+        print("objects: healthy")
+    else:
+        print("objects: PROBLEMS")
+        for problem in report["problems"]:
+            print(f"  - {problem}")
+    for fam in ("ipv4", "ipv6"):
+        c = report["counters"][fam]
+        print(f"{fam}: {report['entries'][fam]} entries, {c['packets']} packets and "
+              f"{c['connections']} connections dropped")
+    if report["backend"] == "ipset":
+        print("(ipset counts dropped SYN packets, retransmits included: "
+              "connections = packets)")
+
+
+def _set_only(options: FirewallOptions) -> bool:
+    return options.backend == "ipset" and options.mode == "set-only"
+
+
+def main(args: argparse.Namespace) -> int:
+    """Exit 0 ok, 1 unhealthy or a firewall failure, 2 a config or usage error."""
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"rblguard firewall: {exc}", file=sys.stderr)
+        return 2
+    options = config.firewall
+    if args.backend:
+        options = dataclasses.replace(options, backend=args.backend)
+    from rblguard.firewall import make_backend
+
+    try:
+        backend = make_backend(options)
+    except FirewallError as exc:
+        print(f"rblguard firewall: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.action == "setup":
+            backend.ensure()
+            health = backend.health()
+            if not args.json:
+                print(f"{backend.name}: objects "
+                      + ("in place" if health.ok else "set up with problems"))
+                for problem in health.problems:
+                    print(f"  - {problem}")
+                if _set_only(options):
+                    print("\n".join(admin_lines(options)))
+            else:
+                print(json.dumps({"backend": backend.name, "healthy": health.ok,
+                                  "problems": health.problems}))
+            return 0 if health.ok else 1
+        if args.action == "remove":
+            backend.remove()
+            if not args.json:
+                print(f"{backend.name}: objects removed")
+            return 0
+        report = _status(backend)
+        if args.json:
+            print(json.dumps(report))
+        else:
+            _print_status(report, options)
+            if _set_only(options):
+                print("the admin's firewall must use the sets, e.g.:")
+                print("\n".join(admin_lines(options)))
+        return 0 if report["healthy"] else 1
+    except FirewallError as exc:
+        print(f"rblguard firewall {args.action}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        backend.close()
