@@ -217,7 +217,9 @@ class Follower:
             self._check_rewritten(self._file)
         while self._file is not None and budget > 0:
             f = self._file
-            data = self._complete_lines(f, budget)
+            data = self._complete_lines(f, budget, whole_line=not chunks)
+            if data is None:
+                break  # the next line would overrun the budget: next time
             if data:
                 chunks.append(Chunk(f.path, f.dev, f.inode, f.offset, data, f.fingerprint))
                 f.offset += len(data)
@@ -262,7 +264,12 @@ class Follower:
 
     # -- reading ---------------------------------------------------------------------
 
-    def _complete_lines(self, f: _Open, budget: int) -> bytes:
+    def _complete_lines(self, f: _Open, budget: int, whole_line: bool) -> bytes | None:
+        """Complete lines from ``f`` within ``budget``; b"" if none is complete yet.
+
+        A line longer than the budget comes whole when ``whole_line`` (nothing else was
+        read in this call), else None says: stop here, it comes first next time.
+        """
         size = os.fstat(f.fd).st_size
         if size < f.offset and not f.finished:
             log.warning("%s was truncated in place (copy-and-truncate rotation?): reading "
@@ -280,7 +287,7 @@ class Follower:
         if cut >= 0:
             return data[: cut + 1]
         if len(data) < available:
-            return self._long_line(f, data, size)
+            return self._long_line(f, data, size) if whole_line else None
         if f.finished and data:
             log.warning("%s ends with %d bytes without a newline (the writer died "
                         "mid-line): skipped", f.path, len(data))

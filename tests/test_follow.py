@@ -1,0 +1,362 @@
+"""Following sources with a real multilog: every line once, across rotations and restarts."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from rblguard.follow import Chunk, Follower, SourceWatcher, fingerprint, list_files
+from tests.netns import IN_CI
+
+
+def require_multilog() -> None:
+    if shutil.which("multilog") is None:
+        if IN_CI:
+            pytest.fail("needs multilog (daemontools): CI must run this test")
+        pytest.skip("needs multilog (daemontools)")
+
+
+class Multilog:
+    """A real ``multilog t sSIZE nN DIR`` fed through a pipe.
+
+    multilog holds its output back while more input is waiting, so the writer pauses
+    briefly every few lines, as a real SMTP log's writers do.
+    """
+
+    def __init__(self, directory: Path, size: int = 4096, keep: int = 5) -> None:
+        require_multilog()
+        self.directory = directory
+        self.proc = subprocess.Popen(["multilog", "t", f"s{size}", f"n{keep}", str(directory)],
+                                     stdin=subprocess.PIPE)
+        self.written = 0
+        deadline = time.monotonic() + 5
+        while not (directory / "current").exists():
+            assert time.monotonic() < deadline, "multilog did not start"
+            time.sleep(0.01)
+
+    def write(self, count: int) -> None:
+        assert self.proc.stdin is not None
+        for _ in range(count):
+            self.proc.stdin.write(b"line %d\n" % self.written)
+            self.proc.stdin.flush()
+            self.written += 1
+            if self.written % 10 == 0:
+                time.sleep(0.0005)
+
+    def close(self) -> None:
+        """Stop multilog; it writes out everything it holds first."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=10) == 0
+
+
+def numbers(chunks: list[Chunk]) -> list[int]:
+    """The line numbers in chunks, after checking each chunk's own promises."""
+    found = []
+    for chunk in chunks:
+        assert chunk.data.endswith(b"\n")
+        assert chunk.end == chunk.start + len(chunk.data)
+        found += [int(line.rsplit(b" ", 1)[1]) for line in chunk.data.split(b"\n")[:-1]]
+    return found
+
+
+def test_list_files_orders_rotated_files_by_label_then_current(tmp_path: Path) -> None:
+    labels = ["@400000006b0676050000000a.s", "@400000006b06760400000000.u",
+              "@400000006B0676060000000b.s"]
+    for name in reversed(labels):
+        (tmp_path / name).write_bytes(b"x\n")
+    for name in ("current", "lock", "state", "previous-ish"):
+        (tmp_path / name).write_bytes(b"")
+    expected = [tmp_path / labels[1], tmp_path / labels[0], tmp_path / labels[2],
+                tmp_path / "current"]
+    assert list_files(str(tmp_path)) == expected
+    assert list_files(str(tmp_path / "current")) == expected  # `current` means its directory
+    plain = tmp_path / "sub" / "maillog"
+    plain.parent.mkdir()
+    plain.write_bytes(b"")
+    assert list_files(str(plain)) == [plain]
+
+
+def test_fingerprint_records_how_many_bytes_it_covers() -> None:
+    assert fingerprint(b"abc").startswith("3:")
+    assert fingerprint(b"a" * 5000) == fingerprint(b"a" * 1024)
+    assert fingerprint(b"abc") != fingerprint(b"abd")
+
+
+def test_concurrent_reader_gets_every_line_once_across_many_rotations(tmp_path: Path) -> None:
+    log = Multilog(tmp_path / "log")
+    follower = Follower(str(tmp_path / "log"), None)
+    got: list[Chunk] = []
+    done = threading.Event()
+    rng = random.Random(1)
+
+    def read_loop() -> None:
+        while not done.is_set():
+            got.extend(follower.read(rng.choice([200, 4096, 1 << 20])))
+            time.sleep(0.001)
+
+    reader = threading.Thread(target=read_loop)
+    reader.start()
+    try:
+        log.write(6000)
+    finally:
+        log.close()
+        done.set()
+        reader.join()
+    got.extend(follower.read())
+    assert numbers(got) == list(range(6000))
+    switches = sum(a.inode != b.inode for a, b in itertools.pairwise(got))
+    assert switches > 20, "multilog should have rotated often"
+    assert follower.lag_bytes() == 0
+
+
+def test_restarts_from_saved_positions_lose_and_repeat_nothing(tmp_path: Path) -> None:
+    """The Follower is recreated from its last committed position at random points."""
+    rng = random.Random(2)
+    log = Multilog(tmp_path / "log")
+    source = str(tmp_path / "log")
+    follower = Follower(source, None)
+    position = None
+    got: list[Chunk] = []
+    restarts = 0
+    try:
+        for _ in range(150):
+            log.write(rng.randint(1, 60))
+            chunks = follower.read(rng.choice([100, 1000, 1 << 20]))
+            got += chunks
+            if chunks:
+                position = chunks[-1].position(source)
+            if rng.random() < 0.3:
+                follower.close()
+                follower = Follower(source, position)
+                restarts += 1
+    finally:
+        log.close()
+    while chunks := follower.read(1000):
+        got += chunks
+    assert restarts > 20
+    assert numbers(got) == list(range(log.written))
+    assert any(os.path.basename(c.file).startswith("@") for c in got), \
+        "some restart should have resumed inside a rotated file"
+
+
+def test_several_rotations_between_two_reads(tmp_path: Path) -> None:
+    log = Multilog(tmp_path / "log", keep=50)
+    follower = Follower(str(tmp_path / "log"), None)
+    log.write(50)
+    first = numbers(follower.read())
+    log.write(800)  # about 7 rotations
+    log.close()
+    chunks = follower.read()
+    assert first + numbers(chunks) == list(range(850))
+    assert sum(os.path.basename(c.file).startswith("@") for c in chunks) >= 5
+
+
+def test_resume_into_a_rotated_file_then_newer_ones(tmp_path: Path) -> None:
+    log = Multilog(tmp_path / "log", keep=50)
+    source = str(tmp_path / "log")
+    log.write(40)
+    time.sleep(0.05)
+    with Follower(source, None) as follower:
+        chunks = follower.read(300)  # stop in the middle of `current`
+    position = chunks[-1].position(source)
+    done = numbers(chunks)
+    assert 0 < len(done) < 40
+    log.write(600)
+    log.close()
+    assert os.path.basename(position.file) == "current"
+    with Follower(source, position) as follower:
+        rest = follower.read()
+    assert done + numbers(rest) == list(range(640))
+    assert os.path.basename(rest[0].file).startswith("@")  # found again by its inode
+    assert rest[0].inode == position.inode and rest[0].start == position.offset
+
+
+def test_resume_after_the_saved_file_was_deleted_warns_and_reads_only_newer(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    log = Multilog(tmp_path / "log", keep=2)
+    source = str(tmp_path / "log")
+    log.write(40)
+    time.sleep(0.05)
+    with Follower(source, None) as follower:
+        chunks = follower.read(300)
+    position = chunks[-1].position(source)
+    done = numbers(chunks)
+    log.write(1500)  # many rotations: multilog's n2 deletes the file we were in
+    log.close()
+    with caplog.at_level(logging.WARNING, "rblguard.follow"), Follower(source, position) as f:
+        rest = numbers(f.read())
+    assert "may have been lost" in caplog.text
+    assert rest == list(range(rest[0], 1540)), "a gap-free run up to the last line"
+    assert rest[0] > done[-1] + 1
+
+
+def test_copy_truncate_restarts_at_zero_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "maillog"
+    path.write_bytes(b"".join(b"old %d\n" % i for i in range(100)))
+    follower = Follower(str(path), None)
+    assert len(numbers(follower.read())) == 100
+    inode = path.stat().st_ino
+    with open(path, "r+b") as f:
+        f.truncate(0)
+    with open(path, "ab") as f:
+        f.write(b"new 0\nnew 1\n")
+    with caplog.at_level(logging.WARNING, "rblguard.follow"):
+        chunks = follower.read()
+    assert [(c.inode, c.start, c.data) for c in chunks] == [(inode, 0, b"new 0\nnew 1\n")]
+    assert "truncated" in caplog.text
+
+
+def test_truncated_and_refilled_past_the_offset_is_noticed(tmp_path: Path) -> None:
+    path = tmp_path / "maillog"
+    path.write_bytes(b"".join(b"old %d\n" % i for i in range(10)))
+    follower = Follower(str(path), None)
+    assert numbers(follower.read()) == list(range(10))
+    with open(path, "r+b") as f:  # rewritten in place, longer than before
+        f.truncate(0)
+        f.write(b"".join(b"fresh %d\n" % i for i in range(50)))
+    assert numbers(follower.read()) == list(range(50))
+
+
+def test_replaced_file_finishes_the_old_one_then_reads_the_new_from_zero(tmp_path: Path) -> None:
+    path = tmp_path / "maillog"
+    writer = open(path, "ab", buffering=0)  # noqa: SIM115 - kept open across the rename
+    writer.write(b"a 0\na 1\n")
+    follower = Follower(str(path), None)
+    assert numbers(follower.read()) == [0, 1]
+    path.rename(tmp_path / "maillog.1")
+    writer.write(b"a 2\n")  # the writer has not reopened yet
+    assert numbers(follower.read()) == [2], "path missing: keep following the old file"
+    path.write_bytes(b"b 3\nb 4\n")
+    writer.write(b"a 5\n")
+    writer.close()
+    assert numbers(follower.read()) == [5, 3, 4], "the old file's end, then the new one"
+    # A saved position whose inode now holds other bytes: the new file from its start.
+    assert follower.read() == []
+    stale = Chunk(str(path), path.stat().st_dev, path.stat().st_ino, 0, b"x 9\n",
+                  fingerprint(b"x 9\n")).position(str(path))
+    with Follower(str(path), stale) as again:
+        assert numbers(again.read()) == [3, 4]
+
+
+def test_missing_source_is_followed_from_its_start_once_it_appears(tmp_path: Path) -> None:
+    plain = tmp_path / "later" / "maillog"
+    follower = Follower(str(plain), None)
+    assert follower.read() == [] and follower.current_file is None
+    plain.parent.mkdir()
+    plain.write_bytes(b"x 0\nx 1\n")
+    assert numbers(follower.read()) == [0, 1]
+
+    source = tmp_path / "multi"
+    follower = Follower(str(source), None)
+    assert follower.read() == []
+    log = Multilog(source, keep=50)
+    log.write(500)  # rotations before the follower looks again: read them too
+    log.close()
+    assert numbers(follower.read()) == list(range(500))
+
+
+def test_partial_last_line_waits_for_its_newline(tmp_path: Path) -> None:
+    path = tmp_path / "maillog"
+    path.write_bytes(b"x 0\nx 1")
+    follower = Follower(str(path), None)
+    assert [c.data for c in follower.read()] == [b"x 0\n"]
+    assert follower.read() == []
+    assert follower.lag_bytes() == 3
+    with open(path, "ab") as f:
+        f.write(b"1\n")
+    chunks = follower.read()
+    assert [(c.start, c.data) for c in chunks] == [(4, b"x 11\n")]
+
+
+def test_long_line_and_bounded_backlog(tmp_path: Path) -> None:
+    path = tmp_path / "maillog"
+    long_line = b"L" * (1_500_000) + b" 0\n"
+    short = b"".join(b"s %d\n" % i for i in range(1, 20001))
+    path.write_bytes(long_line + short)
+    follower = Follower(str(path), None)
+    first = follower.read(65536)
+    assert [c.data for c in first] == [long_line], "a line longer than max_bytes comes whole"
+    pieces = []
+    while chunks := follower.read(65536):
+        assert sum(len(c.data) for c in chunks) <= 65536
+        pieces += chunks
+    assert len(pieces) > 2
+    assert numbers(first + pieces) == list(range(20001))
+
+
+def test_resume_with_a_fingerprint_taken_when_the_file_was_short(tmp_path: Path) -> None:
+    path = tmp_path / "maillog"
+    path.write_bytes(b"x 0\n")
+    with Follower(str(path), None) as follower:
+        position = follower.read()[-1].position(str(path))
+    assert position.fingerprint.startswith("4:")
+    with open(path, "ab") as f:
+        f.write(b"".join(b"x %d\n" % i for i in range(1, 1000)))
+    with Follower(str(path), position) as follower:
+        assert numbers(follower.read()) == list(range(1, 1000))
+
+
+def test_bytes_are_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "maillog"
+    path.write_bytes(b"\xff\xfe\x00 0\n\x00\x00 1\n")
+    assert numbers(Follower(str(path), None).read()) == [0, 1]
+
+
+def test_source_watcher_calls_back_within_milliseconds(tmp_path: Path) -> None:
+    log = Multilog(tmp_path / "log", size=4096, keep=50)
+    plain = tmp_path / "maillog"
+    missing = tmp_path / "not" / "yet" / "there"
+    sources = [str(tmp_path / "log"), str(plain), str(missing)]
+    calls: list[tuple[str, float]] = []
+    cond = threading.Condition()
+
+    def on_change(source: str) -> None:
+        with cond:
+            calls.append((source, time.monotonic()))
+            cond.notify_all()
+
+    def delay_after(action, source: str) -> float:
+        with cond:
+            calls.clear()
+        start = time.monotonic()
+        action()
+        with cond:
+            assert cond.wait_for(lambda: any(s == source for s, _ in calls), timeout=5), source
+            return next(t for s, t in calls if s == source) - start
+
+    watcher = SourceWatcher(sources, on_change)
+    watcher.start()
+    try:
+        write_delays = [delay_after(lambda: log.write(1), sources[0]) for _ in range(20)]
+        rotate_delays = []
+        for _ in range(5):  # a rotation, then the first write to the new current
+            log.write(120)
+            time.sleep(0.05)
+            rotate_delays.append(delay_after(lambda: log.write(1), sources[0]))
+        plain_delay = delay_after(lambda: plain.write_bytes(b"x\n"), sources[1])
+        missing.parent.mkdir(parents=True)
+        appear_delay = delay_after(lambda: missing.write_bytes(b"x\n"), sources[2])
+        unrelated = tmp_path / "other"
+        with cond:
+            calls.clear()
+        unrelated.write_bytes(b"x\n")
+        time.sleep(0.1)
+        assert not calls, "a file no source names is not reported"
+    finally:
+        watcher.stop()
+        log.close()
+    write_delays.sort()
+    print(f"\nwatcher delay: write median {write_delays[10] * 1000:.2f} ms, max "
+          f"{write_delays[-1] * 1000:.2f} ms; after rotation max {max(rotate_delays) * 1000:.2f}"
+          f" ms; plain file {plain_delay * 1000:.2f} ms; appeared {appear_delay * 1000:.2f} ms")
