@@ -1,0 +1,297 @@
+"""The ipset backend against the real kernel: real sets, real iptables, real packets.
+
+Each test makes a namespace pair (tests/netns.py), runs the backend inside the server
+namespace (a fresh python process per step, the way the daemon and CLI would run) and
+connects from the client namespace: a banned source's SYN must be dropped (the connect
+times out), an unbanned source, an out-of-scope port and a session opened before the
+ban must keep working.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.netns import NetnsPair, netns_pair, require_root_tools
+
+ROOT = str(Path(__file__).resolve().parents[1])
+PROBE_TIMEOUT = 1.5
+
+# Runs inside the server namespace: builds a backend from options, applies ops, prints JSON.
+RUNNER = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from rblguard.firewall.base import Entry, FirewallError, FirewallOptions
+opts = json.loads(sys.argv[2])
+if opts.get("ports") is not None:
+    opts["ports"] = tuple(opts["ports"])
+options = FirewallOptions(**opts)
+if options.backend == "ipset":
+    from rblguard.firewall.ipset import IpsetBackend as cls
+else:
+    from rblguard.firewall import make_backend
+    cls = make_backend
+backend = cls(options)
+out = []
+for op, arg in json.loads(sys.argv[3]):
+    try:
+        if op == "ban":
+            r = backend.ban([Entry(t, s) for t, s in arg])
+            out.append({"done": r.done, "failed": r.failed})
+        elif op == "unban":
+            r = backend.unban(arg)
+            out.append({"done": r.done, "failed": r.failed})
+        elif op == "list":
+            out.append({x.target: x.expires for x in backend.list()})
+        elif op == "health":
+            h = backend.health()
+            out.append({"ok": h.ok, "problems": h.problems})
+        elif op == "counters":
+            out.append({f: [c.packets, c.connections] for f, c in backend.counters().items()})
+        else:
+            getattr(backend, op)()
+            out.append(None)
+    except FirewallError as exc:
+        out.append({"error": str(exc)})
+backend.close()
+print(json.dumps(out))
+"""
+
+# Runs in the server namespace: echo server on [::]:25 and [::]:8025, IPv4 and IPv6.
+LISTENER = r"""
+import socket, sys, threading
+def serve(conn):
+    with conn:
+        f = conn.makefile("rwb", buffering=0)
+        for line in f:
+            f.write(line)
+def accept(port):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("::", port)); s.listen(64)
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=serve, args=(c,), daemon=True).start()
+for p in (25, 8025):
+    threading.Thread(target=accept, args=(p,), daemon=True).start()
+print("listening", flush=True)
+threading.Event().wait()
+"""
+
+# Runs in the client namespace: connects from each source in parallel, one echo each.
+PROBE = r"""
+import json, socket, sys, threading
+probes, timeout = json.loads(sys.argv[1]), float(sys.argv[2])
+res = [None] * len(probes)
+def go(i, src, dst, port):
+    fam = socket.AF_INET6 if ":" in src else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.bind((src, 0)); s.connect((dst, port)); s.sendall(b"hi\n")
+        res[i] = "ok" if s.recv(16) == b"hi\n" else "bad echo"
+    except (socket.timeout, TimeoutError):
+        res[i] = "timeout"
+    except OSError as e:
+        res[i] = f"error {e}"
+    finally:
+        s.close()
+ts = [threading.Thread(target=go, args=(i, *p)) for i, p in enumerate(probes)]
+[t.start() for t in ts]; [t.join() for t in ts]
+print(json.dumps(res))
+"""
+
+# Runs in the client namespace: one session opened now, used again when told to.
+HELD = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[2], 25), timeout=5, source_address=(sys.argv[1], 0))
+f = s.makefile("rwb", buffering=0)
+f.write(b"one\n"); print(f.readline().decode().strip(), flush=True)
+sys.stdin.readline()
+f.write(b"two\n"); print(f.readline().decode().strip(), flush=True)
+"""
+
+BANNED4, OTHER4 = "198.18.1.10", "198.18.1.11"
+BANNED6, OTHER6 = "2001:db8::10", "2001:db8::11"
+NET4_IN, NET4_OUT = "198.18.2.5", "198.18.3.5"
+NET6_IN, NET6_OUT = "2001:db8:0:1::5", "2001:db8:0:2::5"
+EXTRA = [BANNED4, OTHER4, BANNED6, OTHER6, NET4_IN, NET4_OUT, NET6_IN, NET6_OUT,
+         "198.18.1.20", "198.18.1.21"]
+
+
+def backend_ops(pair: NetnsPair, ops: list, **options) -> list:
+    """Run ``ops`` against a backend built inside the server namespace; their results."""
+    options.setdefault("backend", "ipset")
+    proc = pair.exec(pair.server, [sys.executable, "-c", RUNNER, ROOT, json.dumps(options),
+                                   json.dumps(ops)])
+    return json.loads(proc.stdout)
+
+
+def probe(pair: NetnsPair, probes: list[tuple[str, str, int]],
+          timeout: float = PROBE_TIMEOUT) -> list[str]:
+    """Connect from each (source, destination, port) at once; "ok" or "timeout" each."""
+    proc = pair.exec(pair.client, [sys.executable, "-c", PROBE, json.dumps(probes),
+                                   str(timeout)])
+    return json.loads(proc.stdout)
+
+
+def server_of(pair: NetnsPair, src: str) -> str:
+    return pair.server6 if ":" in src else pair.server4
+
+
+@pytest.fixture
+def pair() -> Iterator[NetnsPair]:
+    """A namespace pair with extra client addresses and the echo listener running."""
+    require_root_tools("ipset", "iptables", "ip6tables")
+    with netns_pair("rgi") as p:
+        p.add_client_addresses(EXTRA)
+        listener = p.popen(p.server, [sys.executable, "-c", LISTENER],
+                           stdout=subprocess.PIPE, text=True)
+        try:
+            assert listener.stdout.readline().strip() == "listening"
+            yield p
+        finally:
+            listener.kill()
+            listener.wait()
+
+
+def rule_lines(pair: NetnsPair, tool: str, chain: str) -> list[str]:
+    return pair.exec(pair.server, [tool, "-S", chain]).stdout.splitlines()
+
+
+def test_rules_mode_drops_new_connections_of_banned_sources_only(pair: NetnsPair) -> None:
+    backend_ops(pair, [["ensure", None], ["ensure", None]])
+    for tool in ("iptables", "ip6tables"):
+        assert [ln for ln in rule_lines(pair, tool, "INPUT") if "RBLGUARD" in ln] == \
+            ["-A INPUT -j RBLGUARD"]
+        rules = [ln for ln in rule_lines(pair, tool, "RBLGUARD") if ln.startswith("-A")]
+        assert len(rules) == 1 and "--dports 25,465,587" in rules[0]
+        assert "--ctstate NEW" in rules[0]
+    held = pair.popen(pair.client, [sys.executable, "-c", HELD, BANNED4, pair.server4],
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert held.stdout.readline().strip() == "one"
+        [result] = backend_ops(pair, [["ban", [[BANNED4, 60], [BANNED6, 60],
+                                               ["198.18.2.0/24", 60],
+                                               ["2001:db8:0:1::/64", 60]]]])
+        assert result == {"done": 4, "failed": []}
+        cases = [(BANNED4, 25, "timeout"), (OTHER4, 25, "ok"), (BANNED4, 8025, "ok"),
+                 (BANNED6, 25, "timeout"), (OTHER6, 25, "ok"), (BANNED6, 8025, "ok"),
+                 (NET4_IN, 25, "timeout"), (NET4_OUT, 25, "ok"),
+                 (NET6_IN, 25, "timeout"), (NET6_OUT, 25, "ok")]
+        got = probe(pair, [(s, server_of(pair, s), p) for s, p, _ in cases])
+        assert got == [want for _, _, want in cases]
+        # The session opened before the ban still completes its exchange.
+        held.stdin.write("go\n")
+        held.stdin.flush()
+        assert held.stdout.readline().strip() == "two"
+    finally:
+        held.kill()
+        held.wait()
+    [counters, unban, listed] = backend_ops(
+        pair, [["counters", None], ["unban", [BANNED4, "198.18.77.7", "2001:db8:0:1::/64"]],
+               ["list", None]])
+    assert counters["4"][0] >= 2 and counters["6"][0] >= 2  # v4: BANNED4 and the /24
+    assert counters["4"][0] == counters["4"][1]
+    assert unban == {"done": 3, "failed": []}
+    assert sorted(listed) == sorted([BANNED6, "198.18.2.0/24"])
+    assert probe(pair, [(BANNED4, pair.server4, 25), (NET6_IN, pair.server6, 25)]) == \
+        ["ok", "ok"]
+
+
+def test_expiry_refresh_and_big_batches(pair: NetnsPair) -> None:
+    """2 s bans expire by themselves; a re-ban refreshes, by netlink and by restore."""
+    filler = [[f"198.19.{i // 250}.{i % 250 + 1}", 60] for i in range(40)]
+    ops = [["ensure", None],
+           ["ban", [["198.18.1.20", 2], ["198.18.1.21", 2], [BANNED6, 2]]],
+           ["ban", [["198.18.1.21", 60]]],  # small batch: netlink refresh
+           ["ban", [[BANNED6, 60], *filler]],  # big batch: restore refresh
+           ["list", None]]
+    results = backend_ops(pair, ops)
+    assert results[1] == {"done": 3, "failed": []}
+    assert results[3] == {"done": 41, "failed": []}
+    listed = results[4]
+    assert listed["198.18.1.20"] <= 2 and listed["198.18.1.21"] > 30
+    assert listed[BANNED6] > 30 and len(listed) == 43
+    time.sleep(2.5)
+    [listed] = backend_ops(pair, [["list", None]])
+    assert "198.18.1.20" not in listed and "198.18.1.21" in listed
+    got = probe(pair, [("198.18.1.20", pair.server4, 25), ("198.18.1.21", pair.server4, 25),
+                       (BANNED6, pair.server6, 25)])
+    assert got == ["ok", "timeout", "timeout"]
+    # Unban in one restore batch, absent addresses included, leaves the set empty.
+    [unban, listed] = backend_ops(
+        pair, [["unban", ["198.18.1.21", BANNED6, "198.18.1.20", "2001:db8::99",
+                          *[t for t, _ in filler]]], ["list", None]])
+    assert unban == {"done": 44, "failed": []} and listed == {}
+
+
+@pytest.mark.parametrize("count", [12, 30], ids=["netlink", "restore"])
+def test_full_set_refuses_the_rest_without_crashing(pair: NetnsPair, count: int) -> None:
+    entries = [[f"198.18.5.{i}", 60] for i in range(1, count + 1)]
+    results = backend_ops(pair, [["ensure", None], ["ban", entries], ["list", None],
+                                 ["ban", entries[:8]], ["health", None]], maxelem=8)
+    ban, listed, reban, health = results[1:]
+    assert ban["done"] == 8 and len(ban["failed"]) == count - 8
+    assert {t for t, _ in ban["failed"]} == {t for t, _ in entries[8:]}
+    assert all("set is full" in why and f"{count - 8} entries" in why
+               for _, why in ban["failed"])
+    assert sorted(listed) == sorted(t for t, _ in entries[:8])
+    assert reban == {"done": 8, "failed": []}  # refreshes still work in a full set
+    assert health["ok"]
+
+
+def test_health_notices_damage_and_ensure_repairs_it(pair: NetnsPair) -> None:
+    [health] = backend_ops(pair, [["health", None]])
+    assert not health["ok"]
+    backend_ops(pair, [["ensure", None], ["ban", [[BANNED4, 60]]]])
+    pair.exec(pair.server, ["ip6tables", "-F", "RBLGUARD"])  # flushed chain
+    pair.exec(pair.server, ["ipset", "destroy", "rblguard6"])  # deleted set
+    pair.exec(pair.server, ["iptables", "-D", "INPUT", "-j", "RBLGUARD"])  # lost jump
+    [health] = backend_ops(pair, [["health", None]])
+    assert not health["ok"]
+    text = "\n".join(health["problems"])
+    assert "rblguard6 is missing" in text and "ip6tables: rule missing in RBLGUARD" in text
+    assert "iptables: INPUT does not jump to RBLGUARD" in text
+    assert "rblguard4" not in text and "iptables: rule missing" not in text
+    [_, health, listed] = backend_ops(pair, [["ensure", None], ["health", None],
+                                             ["list", None]])
+    assert health == {"ok": True, "problems": []}
+    assert list(listed) == [BANNED4]  # repair kept the elements that were there
+    assert len([x for x in rule_lines(pair, "iptables", "RBLGUARD") if "-A" in x]) == 1
+    backend_ops(pair, [["remove", None], ["remove", None]])
+    for tool in ("iptables", "ip6tables"):
+        dump = pair.exec(pair.server, [f"{tool}-save"]).stdout
+        assert "RBLGUARD" not in dump
+    assert pair.exec(pair.server, ["ipset", "list", "-n"]).stdout.strip() == ""
+
+
+def test_every_port_and_set_only_mode(pair: NetnsPair) -> None:
+    """ports None: every TCP port.  set-only: no rules of ours; the admin's rule drops."""
+    backend_ops(pair, [["ensure", None], ["ban", [[BANNED4, 60]]]], ports=None)
+    assert probe(pair, [(BANNED4, pair.server4, 8025), (OTHER4, pair.server4, 8025)]) == \
+        ["timeout", "ok"]
+    backend_ops(pair, [["remove", None]], ports=None)
+    results = backend_ops(pair, [["ensure", None], ["health", None],
+                                 ["ban", [[BANNED4, 60], [BANNED6, 60]]]], mode="set-only")
+    assert results[1] == {"ok": True, "problems": []}
+    assert "RBLGUARD" not in pair.exec(pair.server, ["iptables-save"]).stdout
+    assert probe(pair, [(BANNED4, pair.server4, 25)]) == ["ok"]  # nothing uses the set yet
+    from rblguard.firewall.base import FirewallOptions
+    from rblguard.firewall.cli import admin_lines
+
+    for line in admin_lines(FirewallOptions(backend="ipset", mode="set-only")):
+        if line.startswith(("iptables ", "ip6tables ")):
+            pair.exec(pair.server, line.split())
+    got = probe(pair, [(BANNED4, pair.server4, 25), (BANNED6, pair.server6, 25),
+                       (OTHER4, pair.server4, 25), (BANNED4, pair.server4, 8025)])
+    assert got == ["timeout", "timeout", "ok", "ok"]
+    [removed] = backend_ops(pair, [["remove", None]], mode="set-only")
+    assert "references it" in removed["error"]  # the admin's rule still uses the set
