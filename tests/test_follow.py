@@ -360,3 +360,56 @@ def test_source_watcher_calls_back_within_milliseconds(tmp_path: Path) -> None:
     print(f"\nwatcher delay: write median {write_delays[10] * 1000:.2f} ms, max "
           f"{write_delays[-1] * 1000:.2f} ms; after rotation max {max(rotate_delays) * 1000:.2f}"
           f" ms; plain file {plain_delay * 1000:.2f} ms; appeared {appear_delay * 1000:.2f} ms")
+
+
+def test_multilogs_two_step_rotation_never_reads_a_file_twice(tmp_path: Path) -> None:
+    """multilog renames current to previous, makes a new current, then links previous to
+    its label: a reader that catches two rotations in that window must not lose count."""
+    source = tmp_path / "log"
+    source.mkdir()
+    (source / "current").write_bytes(b"x 0\n")
+    follower = Follower(str(source), None)
+    got = follower.read()
+    label = 0x400000006B067600000000
+
+    def rotate(lines: bytes) -> None:  # step one: the full file becomes `previous`
+        (source / "current").rename(source / "previous")
+        (source / "current").write_bytes(lines)
+
+    def finish() -> None:  # step two: `previous` gets its label
+        nonlocal label
+        label += 1
+        os.link(source / "previous", source / f"@{label:024x}.s")
+        (source / "previous").unlink()
+
+    rotate(b"x 1\n")
+    got += follower.read()  # caught between the two steps
+    finish()
+    got += follower.read()
+    rotate(b"x 2\n")
+    got += follower.read()  # and again, with the first file now labelled
+    finish()
+    got += follower.read()
+    assert numbers(got) == [0, 1, 2]
+
+
+def test_lines_the_writer_adds_just_before_the_switch_are_read(tmp_path: Path) -> None:
+    """The old file is read to its end once more after the live path changed."""
+    path = tmp_path / "maillog"
+    path.write_bytes(b"a 0\n")
+    old = path.open("ab", buffering=0)
+
+    class RacedFollower(Follower):
+        raced = False
+
+        def _replaced(self, f):  # the writer's last line lands between EOF and this check
+            if not self.raced:
+                self.raced = True
+                old.write(b"a 1\n")
+                path.rename(tmp_path / "maillog.1")
+                path.write_bytes(b"b 2\n")
+            return super()._replaced(f)
+
+    follower = RacedFollower(str(path), None)
+    assert numbers(follower.read()) == [0, 1, 2]
+    old.close()
