@@ -55,13 +55,20 @@ def _sh(cmd: Sequence[str], *, input: str | None = None,
     return proc
 
 
-def _net(target: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    return ipaddress.ip_network(target, strict=False)
+def _net(target: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | str:
+    """A comparable form of a target ("198.18.0.1" == "198.18.0.1/32"); bad text as is."""
+    try:
+        return ipaddress.ip_network(target, strict=False)
+    except ValueError:
+        return target
 
 
 def _family(target: str) -> int:
-    """4 or 6; raises ValueError for text that is no address or network."""
-    return ipaddress.ip_network(target, strict=False).version
+    """4 or 6 by a glance, not a parse: ipaddress costs 4.5 us a target, a third of a
+    batch's time; ipset itself rejects bad text, and that line is reported failed."""
+    if target.split() != [target] or target[0] == "-":
+        raise ValueError(target)  # would break the restore line or read as an option
+    return 6 if ":" in target else 4
 
 
 class IpsetBackend(Backend):
@@ -276,7 +283,7 @@ class IpsetBackend(Backend):
                    f"{len(refused)} entries refused"
             result.failed.extend((t, text) for t in refused)
 
-    def _members(self, set_name: str) -> set[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    def _members(self, set_name: str) -> set[ipaddress.IPv4Network | ipaddress.IPv6Network | str]:
         """A set's elements as networks, so "198.18.0.1" and "198.18.0.1/32" compare equal."""
         return {_net(listed.target) for listed in self._list_set(set_name)}
 

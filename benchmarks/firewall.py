@@ -1,0 +1,167 @@
+"""Firewall backends' throughput: bans, listing, unbans, single-ban latency, bulk restore.
+
+Run as root:  python benchmarks/firewall.py [--count 100000] [--batch 10000]
+
+Inside a network namespace it creates and deletes, for each backend (nftables, ipset):
+``--count`` addresses (mostly 198.18.0.0/15, 5% from 2001:db8::/32) banned in batches of
+``--batch``, listed back, and unbanned; the latency of a few hundred one-entry ``ban()``
+calls (the daemon's steady state); and ``--count`` bans put into an empty set in ONE
+``ban()`` call (what a restart does).  In-run reference: one ``nft add element`` /
+``ipset add`` process per address for 1,000 addresses, the way a shell action would.
+
+Prints a Markdown table, then as LAST line one JSON object (nft_bans_per_s,
+ipset_bans_per_s, ref_process_bans_per_s, single_ban_p99_ms, restore_100k_s, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rblguard.firewall import make_backend  # noqa: E402
+from rblguard.firewall.base import Entry, FirewallOptions  # noqa: E402
+
+REF_COUNT = 1_000
+SINGLE_BANS = 300
+
+
+def targets(count: int) -> list[str]:
+    """``count`` distinct addresses: 95% IPv4 from 198.18.0.0/15, 5% IPv6."""
+    n6 = count // 20
+    base4 = int(ipaddress.IPv4Address("198.18.0.0"))
+    base6 = int(ipaddress.IPv6Address("2001:db8:1::"))
+    out = [str(ipaddress.IPv4Address(base4 + 1 + i)) for i in range(count - n6)]
+    out += [str(ipaddress.IPv6Address(base6 + 1 + i)) for i in range(n6)]
+    return out
+
+
+def timed(fn, *args) -> tuple[float, object]:
+    start = time.perf_counter()
+    value = fn(*args)
+    return time.perf_counter() - start, value
+
+
+def reference(kind: str) -> float:
+    """Bans per second with one process per address (the slow way rblguard avoids)."""
+    addrs = [str(ipaddress.IPv4Address(int(ipaddress.IPv4Address("198.19.200.0")) + i))
+             for i in range(REF_COUNT)]
+    if kind == "nftables":
+        subprocess.run(["nft", "add table inet rgref; add set inet rgref s "
+                        "{ type ipv4_addr; flags timeout; }"], check=True)
+        cmd = ["nft", "add", "element", "inet", "rgref", "s", "{ %s timeout 1h }"]
+    else:
+        subprocess.run(["ipset", "create", "rgref", "hash:net", "timeout", "0"], check=True)
+        cmd = ["ipset", "add", "rgref", "%s", "timeout", "3600"]
+    start = time.perf_counter()
+    for a in addrs:
+        subprocess.run([c.replace("%s", a) for c in cmd], check=True)
+    rate = REF_COUNT / (time.perf_counter() - start)
+    if kind == "nftables":
+        subprocess.run(["nft", "delete", "table", "inet", "rgref"], check=True)
+    else:
+        subprocess.run(["ipset", "destroy", "rgref"], check=True)
+    return rate
+
+
+def measure(kind: str, count: int, batch: int) -> dict[str, float]:
+    backend = make_backend(FirewallOptions(backend=kind))
+    backend.remove()
+    backend.ensure()
+    addrs = targets(count)
+    entries = [Entry(a, 3600) for a in addrs]
+    res: dict[str, float] = {}
+    try:
+        start = time.perf_counter()
+        for i in range(0, count, batch):
+            r = backend.ban(entries[i:i + batch])
+            assert not r.failed, r.failed[:3]
+        res["bans_per_s"] = count / (time.perf_counter() - start)
+        t, listed = timed(backend.list)
+        assert len(listed) == count, (kind, len(listed))
+        res["list_s"] = t
+        start = time.perf_counter()
+        for i in range(0, count, batch):
+            r = backend.unban(addrs[i:i + batch])
+            assert not r.failed, r.failed[:3]
+        res["unbans_per_s"] = count / (time.perf_counter() - start)
+        singles = []
+        for i in range(SINGLE_BANS):
+            t, r = timed(backend.ban, [Entry(f"198.19.100.{i % 250 + 1}", 60 + i)])
+            singles.append(t * 1000)
+        singles.sort()
+        res["single_p50_ms"] = statistics.median(singles)
+        res["single_p99_ms"] = singles[int(len(singles) * 0.99) - 1]
+        backend.flush()
+        t, r = timed(backend.ban, entries)
+        assert not r.failed and r.done == count, (r.done, r.failed[:3])
+        res["restore_s"] = t
+        res["ref_process_bans_per_s"] = reference(kind)
+    finally:
+        backend.remove()
+        backend.close()
+    return res
+
+
+def inner(args: argparse.Namespace) -> None:
+    results = {kind: measure(kind, args.count, args.batch) for kind in ("nftables", "ipset")}
+    n = f"{args.count:,}"
+    print(f"| backend | bans/s (batches of {args.batch:,}) | list {n} s | unbans/s "
+          f"| single ban p50 / p99 ms | {n} in one ban() s | 1 process per ban, /s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for kind, r in results.items():
+        print(f"| {kind} | {r['bans_per_s']:,.0f} | {r['list_s']:.2f} | "
+              f"{r['unbans_per_s']:,.0f} | {r['single_p50_ms']:.2f} / "
+              f"{r['single_p99_ms']:.2f} | {r['restore_s']:.2f} | "
+              f"{r['ref_process_bans_per_s']:,.0f} |")
+    nft, ips = results["nftables"], results["ipset"]
+    summary = {
+        "count": args.count,
+        "nft_bans_per_s": round(nft["bans_per_s"]),
+        "ipset_bans_per_s": round(ips["bans_per_s"]),
+        "ref_process_bans_per_s": round(nft["ref_process_bans_per_s"]),
+        "ref_ipset_process_bans_per_s": round(ips["ref_process_bans_per_s"]),
+        "single_ban_p50_ms": round(nft["single_p50_ms"], 3),
+        "single_ban_p99_ms": round(nft["single_p99_ms"], 3),
+        "ipset_single_ban_p50_ms": round(ips["single_p50_ms"], 3),
+        "ipset_single_ban_p99_ms": round(ips["single_p99_ms"], 3),
+        "restore_100k_s": round(nft["restore_s"], 3),
+        "ipset_restore_100k_s": round(ips["restore_s"], 3),
+        "nft_list_100k_s": round(nft["list_s"], 3),
+        "ipset_list_100k_s": round(ips["list_s"], 3),
+        "nft_unbans_per_s": round(nft["unbans_per_s"]),
+        "ipset_unbans_per_s": round(ips["unbans_per_s"]),
+    }
+    print(json.dumps(summary))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=10_000)
+    parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inner:
+        inner(args)
+        return 0
+    ns = f"rgbench-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, __file__, "--inner",
+                               "--count", str(args.count), "--batch", str(args.batch)])
+        return proc.returncode
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
