@@ -124,3 +124,15 @@ def test_set_only_setup_prints_the_admins_lines(tmp_path: Path) -> None:
         assert proc.returncode == 0 and "?SECTION NEW" in proc.stdout
         assert cli(pair.server, "remove", config=str(config)).returncode == 0
         assert pair.exec(pair.server, ["ipset", "list", "-n"]).stdout.strip() == ""
+
+
+def test_docs_show_the_lines_setup_prints() -> None:
+    """docs/firewall.md quotes the set-only lines exactly, so it cannot drift from them."""
+    from rblguard.firewall.base import FirewallOptions
+    from rblguard.firewall.cli import admin_lines
+
+    doc = (Path(ROOT) / "docs" / "firewall.md").read_text()
+    lines = [ln for ln in admin_lines(FirewallOptions(backend="ipset", mode="set-only"))
+             if not ln.startswith("#")]
+    assert lines and all(ln in doc for ln in lines)
+    assert "rblguard firewall" in doc and "--ctstate NEW" in doc
