@@ -150,43 +150,53 @@ class NftablesBackend(Backend):
     def ban(self, entries: Sequence[Entry]) -> BatchResult:
         """Add or refresh in batches; ``expires`` resets the clock of an existing element."""
         result = BatchResult()
-        items: list[tuple[str, str, Entry]] = []
+        texts: dict[str, list[str]] = {name: [] for name in SETS}
+        targets: dict[str, list[str]] = {name: [] for name in SETS}
+        suffixes: dict[int, str] = {}
+        plain_ipv4 = _PLAIN_IPV4.fullmatch
         for entry in entries:
-            try:
-                set_name, element = _set_for(entry.target)
-            except ValueError as exc:
-                result.failed.append((entry.target, f"not an address or network: {exc}"))
-                continue
+            target = entry.target
+            if plain_ipv4(target):
+                set_name, element = "v4", target
+            else:
+                try:
+                    set_name, element = _set_for(target)
+                except ValueError as exc:
+                    result.failed.append((target, f"not an address or network: {exc}"))
+                    continue
             timeout = max(1, min(int(entry.timeout), MAX_TIMEOUT))
-            items.append((set_name, f"{element} timeout {timeout}s expires {timeout}s", entry))
-        for start in range(0, len(items), BATCH):
-            self._ban_batch(items[start:start + BATCH], result)
+            suffix = suffixes.get(timeout)
+            if suffix is None:
+                suffix = suffixes[timeout] = f" timeout {timeout}s expires {timeout}s"
+            texts[set_name].append(element + suffix)
+            targets[set_name].append(target)
+        for name in SETS:
+            for start in range(0, len(texts[name]), BATCH):
+                self._ban_batch(name, texts[name][start:start + BATCH],
+                                targets[name][start:start + BATCH], result)
         return result
 
-    def _ban_batch(self, items: Sequence[tuple[str, str, Entry]], result: BatchResult) -> None:
-        by_set: dict[str, list[str]] = {}
-        for set_name, text, _entry in items:
-            by_set.setdefault(set_name, []).append(text)
-        command = "".join(f"add element {self.table} {s} {{ {', '.join(texts)} }}\n"
-                          for s, texts in by_set.items())
+    def _ban_batch(self, set_name: str, texts: list[str], targets: list[str],
+                   result: BatchResult) -> None:
         try:
-            self._run(command)
-            result.done += len(items)
+            self._run(f"add element {self.table} {set_name} {{ {', '.join(texts)} }}\n")
+            result.done += len(texts)
         except FirewallError as exc:
-            if len(items) == 1:
-                result.failed.append((items[0][2].target, str(exc)))
+            if len(texts) == 1:
+                result.failed.append((targets[0], str(exc)))
                 return
-            half = len(items) // 2  # isolate the entries the kernel refuses
-            self._ban_batch(items[:half], result)
-            self._ban_batch(items[half:], result)
+            half = len(texts) // 2  # isolate the entries the kernel refuses
+            self._ban_batch(set_name, texts[:half], targets[:half], result)
+            self._ban_batch(set_name, texts[half:], targets[half:], result)
 
     def unban(self, targets: Sequence[str]) -> BatchResult:
         """Remove each target; an absent one is first added with a 1 s timeout and then
         deleted in the same transaction, so it cannot fail the batch (nft 1.0.6 has no
         ``destroy``)."""
         result = BatchResult()
-        for start in range(0, len(targets), BATCH):
-            self._unban_batch(list(targets[start:start + BATCH]), result)
+        unique = list(dict.fromkeys(targets))  # a target twice would fail its batch
+        for start in range(0, len(unique), BATCH):
+            self._unban_batch(unique[start:start + BATCH], result)
         return result
 
     def _unban_batch(self, targets: list[str], result: BatchResult) -> None:
@@ -218,6 +228,8 @@ class NftablesBackend(Backend):
             self._unban_batch(targets[half:], result)
 
     def list(self) -> list[Listed]:
+        """Every element with its remaining seconds.  A dump of a large set that the
+        kernel is changing (or expiring) may repeat elements: each is listed once."""
         listed: list[Listed] = []
         for item in self._table_json():
             nset = item.get("set")
@@ -237,7 +249,7 @@ class NftablesBackend(Backend):
                         listed.append(Listed(str(net), float(expires)))
                     continue
                 listed.append(Listed(str(value), float(expires)))
-        return listed
+        return list({item.target: item for item in listed}.values())
 
     def counters(self) -> dict[int, Counters]:
         values: dict[str, int] = {}
