@@ -363,8 +363,10 @@ class Daemon:
             log.info("rule files or tcprules changed: reloading")
             self.reload()
 
-    def reload(self) -> dict[str, Any]:
-        """Re-read rules and allowlists; a bad edit keeps the old ones."""
+    def reload(self, *, raise_errors: bool = False) -> dict[str, Any]:
+        """Re-read rules and allowlists; a bad edit keeps the old ones (and is raised
+        only for `rblguard reload`, whose caller shows it; a signal or a file change
+        just logs it)."""
         from rblguard import sdnotify
         from rblguard.allowlist import Allowlist
 
@@ -376,7 +378,9 @@ class Daemon:
             log.error("reload failed, keeping the %d rules in use: %s",
                       len(self.ruleset.rules), exc)
             sdnotify.ready()
-            raise
+            if raise_errors:
+                raise
+            return {"rules": len(self.ruleset.rules), "changed": [], "error": str(exc)}
         old = {r.name for r in self.ruleset.rules}
         self.ruleset = ruleset
         self.scanner = Scanner(ruleset)

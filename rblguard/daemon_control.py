@@ -111,7 +111,7 @@ def _flush(d: Daemon, _body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _reload(d: Daemon, _body: dict[str, Any]) -> dict[str, Any]:
-    return d.reload()
+    return d.reload(raise_errors=True)
 
 
 HANDLERS = {"status": _status, "list": _list, "ban": _ban, "unban": _unban,

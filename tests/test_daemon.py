@@ -114,8 +114,10 @@ def test_control_ban_unban_list_flush_and_allowlist(harness, tmp_path: Path) -> 
 
     harness.cli("unban", "203.0.113.5")
     assert "203.0.113.5" not in harness.kernel_elements()
-    harness.cli("ban", "2001:db8:1:2::7")
-    assert "2001:db8:1:2::/64" in harness.kernel_elements()
+    harness.cli("ban", "2001:db8:1:2::7")  # an admin's ban is exactly what was asked
+    assert "2001:db8:1:2::7" in harness.kernel_elements()
+    harness.cli("ban", "2001:db8:9::/48")
+    assert "2001:db8:9::/48" in harness.kernel_elements()
     harness.cli("flush")
     assert harness.kernel_elements() == set()
     assert harness.cli("list", "--json")["bans"] == []
