@@ -33,9 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rblguard.state import State
-
 from rblguard.model import Ban
+from rblguard.state import State
 from tests.daemon_harness import Multilog, daemon_namespace, reject_message
 from tests.netns import run
 
