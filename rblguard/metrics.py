@@ -1,105 +1,191 @@
 """Prometheus metrics: what rblguard reads, bans, blocks, and saves in DNSBL queries.
 
 Exposed on the ``metrics`` address (default 127.0.0.1:9731), all in one registry of the
-daemon's own:
+``Metrics`` object's own (never prometheus_client's global one, so tests can make many):
 
-==============================================  =========================================
-rblguard_build_info{version}                    1
-rblguard_lines_read_total{source}               complete log lines read
-rblguard_matches_total{rule}                    RBL rejects recognised
-rblguard_ignored_lines_total{rule,reason}       matches an ignore vetoed (never a ban)
-rblguard_parse_errors_total{rule}               reject lines whose address did not parse
-rblguard_rbl_lookup_errors_total                ``temporary RBL lookup error`` lines
-rblguard_dnsbl_error_replies_total{zone,kind}   DNSBL error replies: the DNSBL refuses us
-rblguard_smtp_connections_total                 tcpserver ``pid N from`` lines
-rblguard_bans_total{rule,family}                bans (and refreshes) sent to the kernel
-rblguard_bans_refused_total{reason}             allowlist, storm_active, storm_rate, set_full
-rblguard_active_bans{family}                    bans in force
-rblguard_blocked_connections_total{family}      new connections the kernel dropped
-rblguard_blocked_packets_total{family}          their packets (SYN retransmits included)
-rblguard_dnsbl_queries_avoided_total            blocked connections x zones asked
-rblguard_ban_latency_seconds                    log line time -> kernel commit (histogram)
-rblguard_source_lag_bytes{source}               bytes written but not yet read
-rblguard_firewall_errors_total{operation}       kernel refusals and repairs
-rblguard_firewall_healthy                       1 when every firewall object is intact
-rblguard_rule_reloads_total{result}             success / failure
-rblguard_rule_reload_last_success_timestamp_seconds
-rblguard_dnsbl_{queries,connections}_per_day_{estimate,limit}
-==============================================  =========================================
+=====================================================  ====================================
+rblguard_build_info{version}                           1
+rblguard_lines_read_total{source}                      complete log lines read
+rblguard_matches_total{rule}                           RBL rejects recognised
+rblguard_ignored_lines_total{rule,reason}              matches an ignore vetoed (never bans)
+rblguard_parse_errors_total{rule}                      reject lines whose address is bad
+rblguard_rbl_lookup_errors_total                       ``temporary RBL lookup error`` lines
+rblguard_dnsbl_error_replies_total{zone,kind}          DNSBL error replies: it refuses us
+rblguard_smtp_connections_total                        tcpserver ``pid N from`` lines
+rblguard_bans_total{rule,family}                       bans (and refreshes) sent to the kernel
+rblguard_bans_refused_total{reason}                    allowlist, storm_active, storm_rate,
+                                                       set_full, firewall, invalid
+rblguard_active_bans{family}                           bans in force
+rblguard_blocked_connections_total{family}             new connections the kernel dropped
+rblguard_blocked_packets_total{family}                 their packets (SYN retransmits too)
+rblguard_dnsbl_queries_avoided_total                   blocked connections x zones
+rblguard_dnsbl_zones                                   zones rblsmtpd asks (config)
+rblguard_ban_latency_seconds                           log line time -> kernel commit
+rblguard_source_lag_bytes{source}                      bytes written but not yet read
+rblguard_firewall_errors_total{operation}              kernel refusals and repairs
+rblguard_firewall_healthy                              1 when every firewall object is intact
+rblguard_rule_reloads_total{result}                    success / failure
+rblguard_rule_reload_last_success_timestamp_seconds    last good rule load
+rblguard_rule_reload_last_failure_timestamp_seconds    last rejected rule load (0: never)
+rblguard_housekeeping_last_run_timestamp_seconds       the main loop's heartbeat
+rblguard_dnsbl_{queries,connections}_per_day_estimate  recent rate, scaled to a day
+rblguard_dnsbl_{queries,connections}_per_day_limit     the DNSBL's free-use limits
+=====================================================  ====================================
 
-The DNSBL budget: connections seen in the last hour (or since start, if shorter) scaled
-to a day, times the zones rblsmtpd asks, is the most the DNSBLs can be asked per day: an
-upper bound, as rblsmtpd stops at the first zone that lists a client.
+Label sets the alerts watch (refusal reasons, reload results, firewall operations) exist
+from the start at 0: a counter that appears already at 1 shows no ``increase()``, and
+its first occurrence, often the one that matters, would never alert.
+
+The DNSBL budget: SMTP connections seen in the last hour (or since start, if shorter,
+but at least a minute) scaled to a day.  Every connection that reaches rblsmtpd costs one
+query per zone until a zone lists the client, so connections x zones is an upper bound
+on queries and connections the lower one; the estimate gauge shows the upper bound.
+Connections the kernel drops never reach tcpserver, so they are not in either figure.
 """
 
 from __future__ import annotations
 
+import errno
+import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PCounter
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from rblguard import __version__
 from rblguard.firewall.base import Counters
 from rblguard.model import ChunkResult, Connection, Ignored, Match, ParseError
 
 FAMILIES = {4: "ipv4", 6: "ipv6"}
+REFUSAL_REASONS = ("allowlist", "storm_active", "storm_rate", "set_full", "firewall",
+                   "invalid")
+FIREWALL_OPERATIONS = ("ban", "health", "counters")
 WINDOW = 3600.0  # s of history behind the per-day estimates
-LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
-                   5, 10)
+MIN_SPAN = 60.0  # s: right after start, a burst is not scaled up from a few seconds
+SAMPLE_EVERY = 10.0  # s between budget samples: at most WINDOW / SAMPLE_EVERY kept
+DAY = 86400.0
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0)
+
+
+class MetricsAddressError(OSError):
+    """The metrics endpoint cannot listen where the config says (port taken, bad host)."""
+
+
+def parse_address(address: object) -> tuple[str, int]:
+    """``127.0.0.1:9731``, ``[::1]:9731``, ``:9731`` (every interface), or a config
+    ListenAddress (``.host``/``.port``) -> (host for bind, port)."""
+    if hasattr(address, "host") and hasattr(address, "port"):
+        host, port = str(address.host), int(address.port)
+    else:
+        text = str(address).strip()
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not port_text.isdigit():
+            raise MetricsAddressError(f"metrics address {text!r} must be host:port")
+        port = int(port_text)
+    host = host.strip("[]")
+    return host or "::", port
 
 
 class _KernelCounters:
-    """The kernel's drop counters as Prometheus counters: monotonic across the resets
-    that recreating the firewall objects causes (the old total is carried over)."""
+    """The kernel's drop counters as Prometheus counters, and the budget's estimates.
 
-    def __init__(self, zones: int) -> None:
-        self.zones = zones
+    Collected on the HTTP thread while the main loop updates them, hence the lock.
+    Recreating the firewall objects restarts the kernel's counting at 0: a value below
+    the last one read means that, and the last total is carried over, so the exposed
+    counters never go down (a reset that already counted past the old value between
+    two reads is missed; at most one read interval of drops is lost then).
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.lock = threading.Lock()
         self.base: dict[tuple[int, str], int] = {}
         self.last: dict[tuple[int, str], int] = {}
 
     def update(self, counters: dict[int, Counters]) -> None:
-        for family, c in counters.items():
-            for kind, value in (("packets", c.packets), ("connections", c.connections)):
-                key = (family, kind)
-                if value < self.last.get(key, 0):  # objects recreated: counting restarted
-                    self.base[key] = self.base.get(key, 0) + self.last[key]
-                self.last[key] = value
+        with self.lock:
+            for family, c in counters.items():
+                for kind, value in (("packets", c.packets), ("connections", c.connections)):
+                    key = (family, kind)
+                    previous = self.last.get(key, 0)
+                    if value < previous:
+                        self.base[key] = self.base.get(key, 0) + previous
+                    self.last[key] = value
 
     def total(self, family: int, kind: str) -> int:
-        return self.base.get((family, kind), 0) + self.last.get((family, kind), 0)
+        with self.lock:
+            return self.base.get((family, kind), 0) + self.last.get((family, kind), 0)
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def avoided(self) -> int:
+        return self.metrics.zones * sum(self.total(f, "connections") for f in FAMILIES)
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         conns = CounterMetricFamily("rblguard_blocked_connections",
-                                    "New SMTP connections the kernel dropped", labels=["family"])
+                                    "New SMTP connections the kernel dropped",
+                                    labels=["family"])
         packets = CounterMetricFamily("rblguard_blocked_packets",
-                                      "Packets of blocked connections (SYN retransmits too)",
+                                      "Packets the kernel dropped (SYN retransmits too)",
                                       labels=["family"])
         for family, name in FAMILIES.items():
             conns.add_metric([name], self.total(family, "connections"))
             packets.add_metric([name], self.total(family, "packets"))
-        avoided = CounterMetricFamily("rblguard_dnsbl_queries_avoided",
-                                      "DNSBL queries saved: blocked connections x zones asked")
+        avoided = CounterMetricFamily(
+            "rblguard_dnsbl_queries_avoided",
+            "DNSBL queries saved: blocked connections x zones (an upper bound)")
         avoided.add_metric([], self.avoided())
         yield conns
         yield packets
         yield avoided
+        budget = self.metrics.budget()
+        for what, help_text in (("queries", "DNSBL queries a day at the last hour's rate "
+                                 "(upper bound: connections x zones)"),
+                                ("connections", "SMTP connections a day at the last "
+                                 "hour's rate")):
+            estimate = GaugeMetricFamily(f"rblguard_dnsbl_{what}_per_day_estimate", help_text)
+            estimate.add_metric([], budget[f"{what}_per_day_estimate"])
+            yield estimate
 
-    def avoided(self) -> int:
-        return self.zones * sum(self.total(f, "connections") for f in FAMILIES)
+
+class _RateWindow:
+    """Connection totals sampled every SAMPLE_EVERY s over the last WINDOW s."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.samples: deque[tuple[float, int]] = deque([(clock(), 0)])
+
+    def per_day(self, total: int) -> float:
+        now = self.clock()
+        with self.lock:
+            if now - self.samples[-1][0] >= SAMPLE_EVERY:
+                self.samples.append((now, total))
+            while len(self.samples) > 2 and now - self.samples[1][0] >= WINDOW:
+                self.samples.popleft()
+            t0, c0 = self.samples[0]
+        return (total - c0) / max(MIN_SPAN, now - t0) * DAY
 
 
 class Metrics:
-    """Every metric of one daemon, and the small methods the daemon records through."""
+    """Every metric of one daemon, and the small methods the daemon records through.
+
+    ``clock`` (monotonic) drives the budget's window and ``wall_clock`` the timestamps;
+    tests pass their own.
+    """
 
     def __init__(self, zones: int = 2, connections_per_day: int = 100_000,
-                 queries_per_day: int = 300_000) -> None:
+                 queries_per_day: int = 300_000, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.registry = r = CollectorRegistry()
         self.zones = zones
         self.limits = (connections_per_day, queries_per_day)
+        self.wall_clock = wall_clock
+        self.server: Any = None
         Gauge("rblguard_build_info", "rblguard version", ["version"], registry=r).labels(
             __version__).set(1)
         self.lines = PCounter("rblguard_lines_read", "Complete log lines read", ["source"],
@@ -112,7 +198,8 @@ class Metrics:
                                      "Reject lines whose address did not parse", ["rule"],
                                      registry=r)
         self.lookup_errors = PCounter("rblguard_rbl_lookup_errors",
-                                      "temporary RBL lookup error lines", registry=r)
+                                      "temporary RBL lookup error lines (DNS failed)",
+                                      registry=r)
         self.dnsbl_errors = PCounter("rblguard_dnsbl_error_replies",
                                      "DNSBL error replies: the DNSBL refuses our queries",
                                      ["zone", "kind"], registry=r)
@@ -127,47 +214,90 @@ class Metrics:
         self.latency = Histogram("rblguard_ban_latency_seconds",
                                  "Log line time to kernel commit", buckets=LATENCY_BUCKETS,
                                  registry=r)
-        self.lag = Gauge("rblguard_source_lag_bytes", "Bytes not yet read", ["source"],
-                         registry=r)
+        self.lag = Gauge("rblguard_source_lag_bytes", "Bytes written but not yet read",
+                         ["source"], registry=r)
         self.fw_errors = PCounter("rblguard_firewall_errors", "Firewall refusals and repairs",
                                   ["operation"], registry=r)
-        self.fw_healthy = Gauge("rblguard_firewall_healthy", "1 when the firewall objects "
-                                "are intact", registry=r)
-        self.reloads = PCounter("rblguard_rule_reloads", "Rule reloads", ["result"],
+        self.fw_healthy = Gauge("rblguard_firewall_healthy",
+                                "1 when the firewall objects are intact", registry=r)
+        self.reloads = PCounter("rblguard_rule_reloads", "Rule loads", ["result"],
                                 registry=r)
         self.reload_ok = Gauge("rblguard_rule_reload_last_success_timestamp_seconds",
                                "Time of the last good rule load", registry=r)
-        self.q_est = Gauge("rblguard_dnsbl_queries_per_day_estimate",
-                           "DNSBL queries a day at the recent rate (upper bound)", registry=r)
-        self.c_est = Gauge("rblguard_dnsbl_connections_per_day_estimate",
-                           "SMTP connections a day at the recent rate", registry=r)
+        self.reload_failed = Gauge("rblguard_rule_reload_last_failure_timestamp_seconds",
+                                   "Time of the last rejected rule load (0: none)",
+                                   registry=r)
+        self.heartbeat = Gauge("rblguard_housekeeping_last_run_timestamp_seconds",
+                               "When the main loop last did its housekeeping", registry=r)
+        Gauge("rblguard_dnsbl_zones", "DNSBL zones rblsmtpd asks per connection",
+              registry=r).set(zones)
         Gauge("rblguard_dnsbl_queries_per_day_limit", "DNSBL free-use query limit",
               registry=r).set(queries_per_day)
         Gauge("rblguard_dnsbl_connections_per_day_limit", "DNSBL free-use connection limit",
               registry=r).set(connections_per_day)
-        self.kernel = _KernelCounters(zones)
+        self.kernel = _KernelCounters(self)
         r.register(self.kernel)
+        self.window = _RateWindow(clock)
         self.fw_healthy.set(1)
+        self.heartbeat.set(wall_clock())
         for family in FAMILIES.values():
             self.active.labels(family).set(0)
+        for reason in REFUSAL_REASONS:
+            self.refusals.labels(reason)
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
+        for operation in FIREWALL_OPERATIONS:
+            self.fw_errors.labels(operation)
         self.connection_total = 0
         self.match_total: Counter[str] = Counter()
-        self.samples: deque[tuple[float, int]] = deque([(time.time(), 0)])
+
+    # -- serving ----------------------------------------------------------------------
 
     def serve(self, address: object) -> None:
-        """Listen on ``host:port`` (``[::1]:9731``, ``:9731``; a config ListenAddress)."""
+        """Serve /metrics on ``host:port`` in a thread of its own.
+
+        ``:9731`` listens on every interface (IPv6 and IPv4 where the kernel allows
+        both on one socket).  A taken port raises MetricsAddressError naming it.
+        """
         from prometheus_client import start_http_server
 
-        host, port = (address.host, address.port) if hasattr(address, "port") else \
-            str(address).rsplit(":", 1)
-        host = str(host).strip("[]") or "0.0.0.0"
-        start_http_server(int(port), addr=host, registry=self.registry)
+        host, port = parse_address(address)
+        try:
+            started = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            if host == "::" and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                return self.serve(f"0.0.0.0:{port}")  # IPv6 disabled in this kernel
+            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            why = ("the port is taken (another rblguard or exporter?)"
+                   if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc))
+            raise MetricsAddressError(exc.errno, f"cannot serve metrics on {shown}: {why}; "
+                                      "change 'metrics' in the config") from exc
+        # prometheus_client >= 0.17 returns (server, thread); 0.16 returns None
+        self.server = started[0] if isinstance(started, tuple) else None
+
+    def close(self) -> None:
+        """Stop serving (where prometheus_client lets us: 0.17 and later)."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    # -- what the daemon records --------------------------------------------------------
 
     def observe_chunk(self, source: str, result: ChunkResult) -> None:
-        """Count what the scanner found in one chunk (one pass, then one inc per label)."""
-        self.lines.labels(source).inc(result.lines)
+        """Count what the scanner found in one chunk: one pass of local counting, then
+        one ``inc`` per label set (a chunk may hold thousands of events)."""
+        if result.lines:
+            self.lines.labels(source).inc(result.lines)
         matches: Counter[str] = Counter()
+        ignored: Counter[tuple[str, str]] = Counter()
+        dnsbl_errors: Counter[tuple[str, str]] = Counter()
+        parse_errors: Counter[str] = Counter()
+        lookup_errors = 0
         connections = result.connection_count
+        if result.match_counts:
+            for (rule, _address), n in result.match_counts.items():
+                matches[rule] += n
         for event in result.events:
             kind = type(event)
             if kind is Match:
@@ -175,15 +305,23 @@ class Metrics:
             elif kind is Connection:
                 connections += 1
             elif kind is Ignored:
-                self.ignored.labels(event.rule, event.reason).inc()
+                ignored[event.rule, event.reason] += 1
                 if event.kind == "dnsbl-error":
-                    self.dnsbl_errors.labels(event.zone or "unknown", event.reason).inc()
+                    dnsbl_errors[event.zone or "unknown", event.reason] += 1
                 elif event.kind == "lookup-error":
-                    self.lookup_errors.inc()
+                    lookup_errors += 1
             elif kind is ParseError:
-                self.parse_errors.labels(event.rule).inc()
+                parse_errors[event.rule] += 1
         for rule, n in matches.items():
             self.matches.labels(rule).inc(n)
+        for (rule, reason), n in ignored.items():
+            self.ignored.labels(rule, reason).inc(n)
+        for (zone, reason), n in dnsbl_errors.items():
+            self.dnsbl_errors.labels(zone, reason).inc(n)
+        for rule, n in parse_errors.items():
+            self.parse_errors.labels(rule).inc(n)
+        if lookup_errors:
+            self.lookup_errors.inc(lookup_errors)
         self.match_total.update(matches)
         if connections:
             self.connections.inc(connections)
@@ -199,18 +337,16 @@ class Metrics:
         self.refusals.labels(reason).inc()
 
     def set_active(self, counts: dict[int, int]) -> None:
+        """Bans in force per family.  The daemon's housekeeping calls this every round,
+        so it also beats the heartbeat that the "main loop stuck" alert watches."""
         for family, n in counts.items():
             self.active.labels(FAMILIES[family]).set(n)
+        self.heartbeat.set(self.wall_clock())
 
     def set_kernel_counters(self, counters: dict[int, Counters]) -> None:
+        """Absolute drop counters as read from the kernel, keyed by family 4/6."""
         self.kernel.update(counters)
-        now = time.time()
-        self.samples.append((now, self.connection_total))
-        while len(self.samples) > 2 and now - self.samples[1][0] > WINDOW:
-            self.samples.popleft()
-        budget = self.budget()
-        self.c_est.set(budget["connections_per_day_estimate"])
-        self.q_est.set(budget["queries_per_day_estimate"])
+        self.budget()  # takes a sample: the window keeps moving between scrapes
 
     def ban_latency(self, seconds: float) -> None:
         self.latency.observe(seconds)
@@ -226,14 +362,11 @@ class Metrics:
 
     def reload(self, ok: bool) -> None:
         self.reloads.labels("success" if ok else "failure").inc()
-        if ok:
-            self.reload_ok.set(time.time())
+        (self.reload_ok if ok else self.reload_failed).set(self.wall_clock())
 
     def budget(self) -> dict[str, float | int]:
-        """Per-day estimates against the limits, for metrics and ``rblguard status``."""
-        (t0, c0), now = self.samples[0], time.time()
-        span = max(60.0, now - t0)  # at least a minute: no wild figures right after start
-        per_day = (self.connection_total - c0) / span * 86400
+        """Per-day estimates against the limits, for the gauges and ``rblguard status``."""
+        per_day = self.window.per_day(self.connection_total)
         return {
             "zones": self.zones,
             "connections_per_day_estimate": round(per_day),
