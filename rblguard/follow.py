@@ -407,7 +407,12 @@ class Follower:
         entries = _rotated(layout.directory) if layout.directory is not None else []
         floor = entries[-1][0] if entries else ""
         entries.append((LIVE_KEY, layout.live))
-        by_identity = [(label, path) for label, path in entries
+        candidates = list(entries)
+        if layout.directory is not None:
+            # Mid-rotation the file may be named `previous` (not yet linked to its label):
+            # it is newer than every rotated file, so it resumes like the live file.
+            candidates.append((LIVE_KEY, os.path.join(layout.directory, PREVIOUS_NAME)))
+        by_identity = [(label, path) for label, path in candidates
                        if _identity(path) == (pos.dev, pos.inode)]
         by_content = [] if _fingerprint_length(pos.fingerprint) < FINGERPRINT_BYTES else [
             (label, path) for label, path in entries if (label, path) not in by_identity]
