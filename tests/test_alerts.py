@@ -66,3 +66,9 @@ def test_dnsbl_error_replies_are_critical_and_storm_refusals_warn() -> None:
     assert "for" not in by_name["RblguardDnsblRefusingQueries"]  # at once, on the first
     assert by_name["RblguardBansRefused"]["labels"]["severity"] == "warning"
     assert by_name["RblguardAllowlistedClientRejected"]["labels"]["severity"] == "info"
+
+
+def test_docs_say_what_to_do_for_every_alert() -> None:
+    docs = (GRAFANA.parent / "docs" / "operations.md").read_text()
+    undocumented = [r["alert"] for r in alert_rules() if f"`{r['alert']}`" not in docs]
+    assert not undocumented

@@ -101,3 +101,20 @@ def test_a_real_prometheus_answers_every_panel(tmp_path: Path) -> None:
             assert active == {"ipv4": "42", "ipv6": "7"}
     finally:
         m.close()
+
+
+def test_every_metric_is_documented() -> None:
+    """docs/operations.md and the metrics module's docstring list each metric family."""
+    import rblguard.metrics
+
+    docs = (GRAFANA.parent / "docs" / "operations.md").read_text()
+    families = {family.name for family in busy_metrics().registry.collect()}
+    counters = {f.name for f in busy_metrics().registry.collect() if f.type == "counter"}
+    names = {f"{n}_total" if n in counters else n for n in families}
+    assert len(names) >= 25
+    assert [n for n in names if f"`{n}" not in docs] == []
+    docstring = rblguard.metrics.__doc__ or ""
+    shorthand = {"rblguard_dnsbl_queries_per_day_estimate", "rblguard_dnsbl_queries_per_day_limit",
+                 "rblguard_dnsbl_connections_per_day_estimate",
+                 "rblguard_dnsbl_connections_per_day_limit"}  # one line there: {a,b}_{c,d}
+    assert [n for n in names - shorthand if n not in docstring] == []
