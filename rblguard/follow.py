@@ -37,6 +37,7 @@ LIVE_NAME = "current"
 PREVIOUS_NAME = "previous"  # multilog's name for a full `current` before it gets a label
 FINGERPRINT_BYTES = 1024
 LIVE_KEY = "~"  # sorts after every lowercase hex TAI64N label: the live file is newest
+PREVIOUS_KEY = "}"  # between the labels and LIVE_KEY: `previous`, not yet labelled
 _ROTATED_NAME = re.compile(r"@([0-9a-fA-F]{24})\.[su]\Z")
 _LONG_LINE_STEP = 1 << 20
 
@@ -156,9 +157,21 @@ class _Open:
     inode: int
     offset: int
     fingerprint: str
-    key: str  # TAI64N label of a rotated file, LIVE_KEY while it was the live file
+    key: str  # TAI64N label of a rotated file, LIVE_KEY or PREVIOUS_KEY when unlabelled
     floor: str  # newest rotated label that existed when it was opened (all older)
+    older: tuple[int, int] | None = None  # an older file still unlabelled at that time
     finished: bool = False  # no longer the live file: read to its end, then move on
+
+
+@dataclass(slots=True)
+class _Seen:
+    """One file of a source as a snapshot found it (see Follower._snapshot)."""
+
+    key: str  # its label, or PREVIOUS_KEY / LIVE_KEY
+    path: str
+    identity: tuple[int, int]
+    opened: tuple[int, os.stat_result] | None = None  # already open: the live file, previous
+    was_live: bool = False  # the file `current` named when the snapshot began
 
 
 def _open(path: str) -> tuple[int, os.stat_result] | None:
@@ -242,7 +255,7 @@ class Follower:
         lag = max(0, os.fstat(f.fd).st_size - f.offset)
         if not f.finished and not self._replaced(f):
             return lag
-        after = f.key if f.key != LIVE_KEY else f.floor
+        after = f.key if f.key not in (LIVE_KEY, PREVIOUS_KEY) else f.floor
         if self._layout.directory is not None:
             for label, path in _rotated(self._layout.directory):
                 if label > after and _identity(path) != (f.dev, f.inode):
@@ -337,105 +350,126 @@ class Follower:
         """``f`` is read to its end: go on with the next newer file, if it can be known.
 
         multilog rotates in two steps: it renames ``current`` to ``previous``, creates a
-        new ``current``, then links ``previous`` to ``@<tai64n>.s`` and unlinks it.  In
-        between, the finished file has no label yet, and guessing one could make a later
-        step take that file for a newer one and read it twice; so wait for the link.
+        new ``current``, then links ``previous`` to ``@<tai64n>.s`` and unlinks it.  While
+        the finished file is still ``previous`` it has no label, and guessing one could
+        make a later step take that file for a newer one and read it twice; so wait for
+        the link.  ``previous`` is looked at before the labels are listed: multilog links
+        before it unlinks, so a file moving between the two names is seen under one.
         """
         after = f.key
         directory = self._layout.directory
-        if after == LIVE_KEY:
+        if after in (LIVE_KEY, PREVIOUS_KEY):
             after = f.floor
             if directory is not None:
-                for label, path in reversed(_rotated(directory)):
-                    if _identity(path) == (f.dev, f.inode):
+                if _identity(os.path.join(directory, PREVIOUS_NAME)) == (f.dev, f.inode):
+                    return False
+                for label, path in _rotated(directory):
+                    identity = _identity(path)
+                    if identity == (f.dev, f.inode):
                         after = label
                         break
-                else:
-                    if _identity(os.path.join(directory, PREVIOUS_NAME)) == (f.dev, f.inode):
-                        return False
+                    if identity == f.older:  # it was unlabelled when f was opened
+                        after = max(after, label)
+                # not found: multilog deleted it (its n), and every older file before it
         self._advance(after)
         return True
 
-    def _advance(self, after: str | None) -> None:
-        """Open the oldest rotated file newer than ``after``, else the live file.
+    def _snapshot(self) -> list[_Seen]:
+        """Every file of the source now, oldest first, each once.
 
-        ``after=None`` opens the live file, skipping the rotated files there now.  The
-        live file is opened before the directory is listed, so a rotation in between
-        shows up as a rotated file with the inode we hold, never as a skipped file.
+        Opened and listed in the order multilog moves a file (``current``, then
+        ``previous``, then its label; it links before it unlinks), so that a file in
+        the middle of a rotation is seen under one of its names, never under none.  A
+        file found under a label and also open as live or ``previous`` (it moved while
+        we looked) is taken under its label, with the descriptor already open.
+        """
+        layout = self._layout
+        live = _open(layout.live)
+        previous_path = (os.path.join(layout.directory, PREVIOUS_NAME)
+                         if layout.directory is not None else None)
+        previous = _open(previous_path) if previous_path is not None else None
+        files: dict[tuple[int, int], _Seen] = {}
+        for label, path in (_rotated(layout.directory) if layout.directory else []):
+            identity = _identity(path)
+            if identity is not None:
+                files.setdefault(identity, _Seen(label, path, identity))
+        for key, path, opened in ((PREVIOUS_KEY, previous_path, previous),
+                                  (LIVE_KEY, layout.live, live)):
+            if opened is None or path is None:
+                continue
+            identity = (opened[1].st_dev, opened[1].st_ino)
+            seen = files.get(identity)
+            if seen is None:
+                seen = files[identity] = _Seen(key, path, identity, opened)
+            elif seen.opened is None:
+                seen.opened = opened
+            else:  # `current` became `previous` between the two opens: one file
+                os.close(opened[0])
+            seen.was_live = seen.was_live or key == LIVE_KEY
+        return sorted(files.values(), key=lambda s: s.key)
+
+    def _take(self, snapshot: list[_Seen], index: int, offset: int,
+              stored_fingerprint: str | None) -> bool:
+        """Open ``snapshot[index]`` as the file being read and close every other
+        descriptor the snapshot holds; False (closing only its own) if it vanished or,
+        given ``stored_fingerprint``, holds other content."""
+        seen = snapshot[index]
+        opened = seen.opened or _open(seen.path)
+        seen.opened = None
+        if opened is None:
+            return False
+        fd, st = opened
+        if stored_fingerprint is not None and not _fingerprint_matches(fd, stored_fingerprint):
+            os.close(fd)
+            return False
+        _close_all(snapshot)
+        older = snapshot[:index]
+        floor = max((s.key for s in older if s.key not in (LIVE_KEY, PREVIOUS_KEY)), default="")
+        unlabelled = next((s.identity for s in older if s.key == PREVIOUS_KEY), None)
+        if st.st_size < offset:
+            log.warning("%s is shorter than the saved position %d: reading it from its "
+                        "start", seen.path, offset)
+            offset = 0
+        self._file = _Open(fd, seen.path, st.st_dev, st.st_ino, offset,
+                           stored_fingerprint or _fingerprint_fd(fd), key=seen.key,
+                           floor=floor, older=unlabelled, finished=seen.key != LIVE_KEY)
+        return True
+
+    def _advance(self, after: str | None) -> None:
+        """Open the oldest file newer than ``after``, else remember ``after`` for later.
+
+        ``after=None`` (a new source) opens the live file, skipping the older ones.
         """
         self.close()
-        layout = self._layout = _layout(self.source)
-        live = _open(layout.live)
-        entries: list[tuple[str, str]] = []
-        live_key = LIVE_KEY
-        if layout.directory is not None:
-            entries = _rotated(layout.directory)
-            if live is not None:
-                for label, path in reversed(entries):
-                    if _identity(path) == (live[1].st_dev, live[1].st_ino):
-                        live_key = label
-                        break
-        floor = max((label for label, _ in entries if label != live_key), default="")
-        if live is not None and live_key == LIVE_KEY:
-            entries.append((LIVE_KEY, layout.live))
+        self._layout = _layout(self.source)
+        snapshot = self._snapshot()
         if after is None:
-            after = floor
-        for label, path in entries:
-            if label <= after:
-                continue
-            if label == live_key and live is not None:
-                fd, st = live
-                live = None
+            live = next((i for i, s in enumerate(snapshot) if s.was_live), None)
+            if live is None:  # no live file: all there is now is old
+                after = snapshot[-1].key if snapshot else ""
             else:
-                opened = _open(path)
-                if opened is None:
-                    log.warning("%s was deleted before it could be read: its lines are "
-                                "lost (raise multilog's n, or keep rblguard running)", path)
-                    continue
-                fd, st = opened
-            self._file = _Open(fd, path, st.st_dev, st.st_ino, 0, _fingerprint_fd(fd),
-                               key=label, floor=floor, finished=label != LIVE_KEY)
-            break
-        else:
-            self._after = after
-        if live is not None:
-            os.close(live[0])
+                after = snapshot[live - 1].key if live > 0 else ""
+        for index, seen in enumerate(snapshot):
+            if seen.key <= after:
+                continue
+            if self._take(snapshot, index, 0, None):
+                return
+            log.warning("%s was deleted before it could be read: its lines are lost "
+                        "(raise multilog's n, or keep rblguard running)", seen.path)
+            after = seen.key
+        _close_all(snapshot)
+        self._after = after
 
     def _resume(self, pos: SourcePosition) -> None:
         """Continue where a previous run stopped (see docs/following.md for each case)."""
-        layout = self._layout
-        entries = _rotated(layout.directory) if layout.directory is not None else []
-        floor = entries[-1][0] if entries else ""
-        entries.append((LIVE_KEY, layout.live))
-        candidates = list(entries)
-        if layout.directory is not None:
-            # Mid-rotation the file may be named `previous` (not yet linked to its label):
-            # it is newer than every rotated file, so it resumes like the live file.
-            candidates.append((LIVE_KEY, os.path.join(layout.directory, PREVIOUS_NAME)))
-        by_identity = [(label, path) for label, path in candidates
-                       if _identity(path) == (pos.dev, pos.inode)]
+        snapshot = self._snapshot()
+        by_identity = [i for i, s in enumerate(snapshot) if s.identity == (pos.dev, pos.inode)]
         by_content = [] if _fingerprint_length(pos.fingerprint) < FINGERPRINT_BYTES else [
-            (label, path) for label, path in entries if (label, path) not in by_identity]
-        for label, path in by_identity + by_content:
-            opened = _open(path)
-            if opened is None:
-                continue
-            fd, st = opened
-            if not _fingerprint_matches(fd, pos.fingerprint):
-                os.close(fd)
-                continue
-            offset = pos.offset
-            if st.st_size < offset:
-                log.warning("%s is shorter than the saved position %d: reading it from its "
-                            "start", path, offset)
-                offset = 0
-            if label == LIVE_KEY:
-                floor = max((lb for lb, p in entries[:-1] if _identity(p) != (st.st_dev,
-                                                                            st.st_ino)),
-                            default="")
-            self._file = _Open(fd, path, st.st_dev, st.st_ino, offset, pos.fingerprint,
-                               key=label, floor=floor, finished=label != LIVE_KEY)
-            return
+            i for i in range(len(snapshot)) if i not in by_identity]
+        for index in by_identity + by_content:
+            if self._take(snapshot, index, pos.offset, pos.fingerprint):
+                return
+        _close_all(snapshot)
         # The file we were reading is gone.  A rotated name tells where it stood; for a
         # vanished `current`, multilog deletes oldest first, so every file left is newer.
         m = _ROTATED_NAME.match(os.path.basename(pos.file))
@@ -445,6 +479,13 @@ class Follower:
                         "files newer than it; lines after byte %d of it may have been lost",
                         pos.file, pos.dev, pos.inode, pos.offset)
         self._advance(after)
+
+
+def _close_all(snapshot: list[_Seen]) -> None:
+    for seen in snapshot:
+        if seen.opened is not None:
+            os.close(seen.opened[0])
+            seen.opened = None
 
 
 def _size(path: str) -> int:

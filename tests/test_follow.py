@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from rblguard.follow import Chunk, Follower, SourceWatcher, fingerprint, list_files
+from rblguard.model import SourcePosition
 from tests.netns import IN_CI
 
 
@@ -93,7 +94,9 @@ def test_fingerprint_records_how_many_bytes_it_covers() -> None:
 
 
 def test_concurrent_reader_gets_every_line_once_across_many_rotations(tmp_path: Path) -> None:
-    log = Multilog(tmp_path / "log")
+    """A reader racing multilog's renames.  multilog keeps every file here (n500), so a
+    line missing or repeated is the follower's fault, never multilog's deletion."""
+    log = Multilog(tmp_path / "log", keep=500)
     follower = Follower(str(tmp_path / "log"), None)
     got: list[Chunk] = []
     done = threading.Event()
@@ -117,6 +120,31 @@ def test_concurrent_reader_gets_every_line_once_across_many_rotations(tmp_path: 
     switches = sum(a.inode != b.inode for a, b in itertools.pairwise(got))
     assert switches > 20, "multilog should have rotated often"
     assert follower.lag_bytes() == 0
+
+
+def test_a_file_caught_as_previous_is_read_before_the_new_current(tmp_path: Path) -> None:
+    """multilog's rotation caught half-way, by hand: while the follower finishes an
+    older file, `current` becomes `previous` (no label yet) and a new `current` starts.
+    The unlabelled file must be read next, once, and its label later not read again."""
+    log = tmp_path / "log"
+    log.mkdir()
+    first = log / "@400000006b0f0c0218e396f4.s"
+    first.write_bytes(b"".join(b"line %d\n" % i for i in range(10)))
+    (log / "current").write_bytes(b"".join(b"line %d\n" % i for i in range(10, 20)))
+    st = first.stat()
+    resume = SourcePosition(str(log), str(first), st.st_dev, st.st_ino, 0,
+                            fingerprint(first.read_bytes()))
+    follower = Follower(str(log), resume)
+    assert follower.current_file == str(first)
+    os.rename(log / "current", log / "previous")
+    (log / "current").write_bytes(b"".join(b"line %d\n" % i for i in range(20, 30)))
+    got = follower.read()
+    assert numbers(got) == list(range(20))  # waits for the label before going on
+    os.link(log / "previous", log / "@400000006b0f0c0218f179a4.s")
+    os.unlink(log / "previous")
+    got += follower.read()
+    assert numbers(got) == list(range(30))
+    assert follower.read() == []
 
 
 def test_restarts_from_saved_positions_lose_and_repeat_nothing(tmp_path: Path) -> None:
