@@ -47,11 +47,13 @@ def test_sigkill_at_random_points_loses_no_ban(harness, tmp_path: Path) -> None:
     log = Multilog(tmp_path / "log", size=4096)
     harness.start()
     expected: set[str] = set()
+    written: dict[str, float] = {}  # address -> when its one reject line was written
     try:
         for round_ in range(6):
             for i in range(150):
                 address = f"198.18.{round_}.{i}"
                 expected.add(address)
+                written[address] = time.time()
                 log.write(reject_message(address, pid=i))
                 log.write(rng.choice(NOISE))
             time.sleep(rng.uniform(0.0, 0.3))
@@ -61,6 +63,7 @@ def test_sigkill_at_random_points_loses_no_ban(harness, tmp_path: Path) -> None:
                     for i in range(150, 180):
                         address = f"198.18.{round_}.{i}"
                         expected.add(address)
+                        written[address] = time.time()
                         log.write(reject_message(address, pid=i))
                 harness.start()
         wait_for(lambda: harness.kernel_elements() >= expected, 20, "every ban in the kernel")
@@ -72,6 +75,18 @@ def test_sigkill_at_random_points_loses_no_ban(harness, tmp_path: Path) -> None:
     assert harness.kernel_elements() == expected
     assert harness.state_bans() == expected
     assert not any("192.0.2." in e for e in harness.kernel_elements())
+    # No line counted twice: a line re-read after a kill only refreshes its own ban (the
+    # same end), while a second count would be a repeat offence with a 2 h ban.
+    from rblguard.state import State
+
+    with State(harness.config["state_dir"]) as state:
+        history = {o.target: o.bans for o in state.load_history()}
+        lengths = {b.target: b.until - t for b in state.load_bans(time.time())
+                   if (t := written.get(b.target)) is not None}
+    assert {history[a] for a in expected} == {1}
+    assert len(lengths) == len(expected)
+    assert all(3599 <= length <= 3601 for length in lengths.values()), \
+        sorted(lengths.values())[-3:]
 
 
 def test_repeat_lines_after_restart_are_not_counted_twice(harness, tmp_path: Path) -> None:
