@@ -10,7 +10,8 @@ rblguard_matches_total{rule}                           RBL rejects recognised
 rblguard_ignored_lines_total{rule,reason}              matches an ignore vetoed (never bans)
 rblguard_parse_errors_total{rule}                      reject lines whose address is bad
 rblguard_rbl_lookup_errors_total                       ``temporary RBL lookup error`` lines
-rblguard_dnsbl_error_replies_total{zone,kind}          DNSBL error replies: it refuses us
+rblguard_dnsbl_error_replies_total{zone,kind}          DNSBL error replies: it refuses us;
+                                                       kind open-resolver, volume, typo, other
 rblguard_smtp_connections_total                        tcpserver ``pid N from`` lines
 rblguard_bans_total{rule,family}                       bans (and refreshes) sent to the kernel
 rblguard_bans_refused_total{reason}                    allowlist, storm_active, storm_rate,
@@ -32,6 +33,14 @@ rblguard_dnsbl_{queries,connections}_per_day_estimate  recent rate, scaled to a 
 rblguard_dnsbl_{queries,connections}_per_day_limit     the DNSBL's free-use limits
 =====================================================  ====================================
 
+``kind`` of a DNSBL error reply is one of DNSBL_ERROR_KINDS, read from the reply's text
+(rblsmtpd logs the DNSBL's TXT record): Spamhaus answers 127.255.255.254 with
+``Error: open resolver; https://check.spamhaus.org/returnc/pub/IP/`` (``open-resolver``:
+queries via a public or open resolver), 127.255.255.255 with a ``/returnc/vol/`` text
+about an excessive number of queries (``volume``: the free-use cut-off) and
+127.255.255.252 with a ``/returnc/typo/`` text (``typo`` in the zone name); anything
+else is ``other``.  A fixed set, so the reply's text can never create series.
+
 Label sets the alerts watch (refusal reasons, reload results, firewall operations) exist
 from the start at 0: a counter that appears already at 1 shows no ``increase()``, and
 its first occurrence, often the one that matters, would never alert.
@@ -46,6 +55,7 @@ Connections the kernel drops never reach tcpserver, so they are not in either fi
 from __future__ import annotations
 
 import errno
+import re
 import threading
 import time
 from collections import Counter, deque
@@ -64,12 +74,29 @@ FAMILIES = {4: "ipv4", 6: "ipv6"}
 REFUSAL_REASONS = ("allowlist", "storm_active", "storm_rate", "set_full", "firewall",
                    "invalid")
 FIREWALL_OPERATIONS = ("ban", "health", "counters")
+DNSBL_ERROR_KINDS = ("open-resolver", "volume", "typo", "other")
+# Searched in this order in a DNSBL error reply's text; the return-code URLs first.
+_DNSBL_ERROR_PATTERNS = (
+    ("open-resolver", re.compile(r"/returnc/pub\b|open resolver|public resolver",
+                                 re.IGNORECASE)),
+    ("volume", re.compile(r"/returnc/vol\b|excessive number of queries|query volume|"
+                          r"too many queries|excess(?:ive)? volume", re.IGNORECASE)),
+    ("typo", re.compile(r"/returnc/typo\b|\btypo\b|typing error", re.IGNORECASE)),
+)
 WINDOW = 3600.0  # s of history behind the per-day estimates
 MIN_SPAN = 60.0  # s: right after start, a burst is not scaled up from a few seconds
 SAMPLE_EVERY = 10.0  # s between budget samples: at most WINDOW / SAMPLE_EVERY kept
 DAY = 86400.0
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0)
+
+
+def dnsbl_error_kind(text: str) -> str:
+    """What a DNSBL error reply says went wrong: one of DNSBL_ERROR_KINDS."""
+    for kind, pattern in _DNSBL_ERROR_PATTERNS:
+        if pattern.search(text):
+            return kind
+    return "other"
 
 
 class MetricsAddressError(OSError):
@@ -307,7 +334,7 @@ class Metrics:
             elif kind is Ignored:
                 ignored[event.rule, event.reason] += 1
                 if event.kind == "dnsbl-error":
-                    dnsbl_errors[event.zone or "unknown", event.reason] += 1
+                    dnsbl_errors[event.zone or "unknown", dnsbl_error_kind(event.line)] += 1
                 elif event.kind == "lookup-error":
                     lookup_errors += 1
             elif kind is ParseError:
@@ -316,8 +343,8 @@ class Metrics:
             self.matches.labels(rule).inc(n)
         for (rule, reason), n in ignored.items():
             self.ignored.labels(rule, reason).inc(n)
-        for (zone, reason), n in dnsbl_errors.items():
-            self.dnsbl_errors.labels(zone, reason).inc(n)
+        for (zone, kind), n in dnsbl_errors.items():
+            self.dnsbl_errors.labels(zone, kind).inc(n)
         for rule, n in parse_errors.items():
             self.parse_errors.labels(rule).inc(n)
         if lookup_errors:

@@ -58,6 +58,18 @@ def test_dashboard_is_importable_with_a_datasource_input() -> None:
         assert needed in text, needed
 
 
+def test_dnsbl_error_replies_are_shown_by_kind() -> None:
+    """The reply's kind says what to fix; the panel keeps it apart and explains each."""
+    [panel] = [p for p in DASHBOARD["panels"]
+               if any("rblguard_dnsbl_error_replies_total" in t["expr"]
+                      and "by (zone, kind)" in t["expr"] for t in p["targets"])]
+    assert "{{kind}}" in json.dumps(panel["targets"])
+    from rblguard.metrics import DNSBL_ERROR_KINDS
+
+    for kind in DNSBL_ERROR_KINDS:
+        assert f"{kind}:" in panel["description"], kind
+
+
 def test_every_query_is_valid_promql(tmp_path: Path) -> None:
     """promtool parses each query as a recording rule: a typo fails here, not in Grafana."""
     require_root_tools("promtool")

@@ -52,9 +52,17 @@ class FakeClock:
         return self.t
 
 
-def ignored(rule: str, reason: str, kind: str, zone: str | None = None) -> Ignored:
+def ignored(rule: str, reason: str, kind: str, zone: str | None = None,
+            line: str = "...") -> Ignored:
     return Ignored(rule=rule, reason=reason, kind=kind, zone=zone, address="198.18.0.9",
-                   time=None, line="...", offset=0)
+                   time=None, line=line, offset=0)
+
+
+OPEN_RESOLVER = ("rblsmtpd: 203.0.113.77 pid 7120: 451 Error: open resolver; "
+                 "https://check.spamhaus.org/returnc/pub/203.0.113.53/")
+VOLUME = ("rblsmtpd: 203.0.113.78 pid 7121: 451 Error: excessive number of queries; "
+          "https://check.spamhaus.org/returnc/vol/203.0.113.53/")
+TYPO = "rblsmtpd: 203.0.113.79 pid 7122: 451 https://check.spamhaus.org/returnc/typo/zen.rog"
 
 
 # -- counting ---------------------------------------------------------------------------
@@ -68,9 +76,9 @@ def test_observe_chunk_counts_every_event_kind() -> None:
         Match("spamcop", "2001:db8::17", None, "l", 30),
         Connection("198.18.5.124", None, 40),
         Connection("198.18.5.126", None, 50),
-        ignored("spamhaus", "dnsbl-error", "dnsbl-error", "zen.spamhaus.org"),
-        ignored("spamhaus", "dnsbl-error", "dnsbl-error", "zen.spamhaus.org"),
-        ignored("spamcop", "returnc", "dnsbl-error", None),
+        ignored("spamhaus", "dnsbl-error", "dnsbl-error", "spamhaus.org", OPEN_RESOLVER),
+        ignored("spamhaus", "dnsbl-error", "dnsbl-error", "spamhaus.org", OPEN_RESOLVER),
+        ignored("spamcop", "returnc", "dnsbl-error", None, "rblsmtpd: 1.2.3.4 pid 1: 451 x"),
         ignored("spamhaus", "lookup-error", "lookup-error"),
         ignored("spamhaus", "greetdelay", "other"),
         ParseError("spamhaus", "rblsmtpd: 999.1.1.1 pid 1: 451 x", None, 60),
@@ -81,15 +89,42 @@ def test_observe_chunk_counts_every_event_kind() -> None:
     assert sample(m, "rblguard_matches_total", rule="spamhaus") == 2
     assert sample(m, "rblguard_matches_total", rule="spamcop") == 1
     assert sample(m, "rblguard_smtp_connections_total") == 2
-    assert sample(m, "rblguard_dnsbl_error_replies_total", zone="zen.spamhaus.org",
-                  kind="dnsbl-error") == 2
-    assert sample(m, "rblguard_dnsbl_error_replies_total", zone="unknown", kind="returnc") == 1
+    assert sample(m, "rblguard_dnsbl_error_replies_total", zone="spamhaus.org",
+                  kind="open-resolver") == 2
+    assert sample(m, "rblguard_dnsbl_error_replies_total", zone="unknown", kind="other") == 1
     assert sample(m, "rblguard_rbl_lookup_errors_total") == 1
     assert sample(m, "rblguard_ignored_lines_total", rule="spamhaus", reason="dnsbl-error") == 2
     assert sample(m, "rblguard_ignored_lines_total", rule="spamhaus", reason="greetdelay") == 1
     assert sample(m, "rblguard_parse_errors_total", rule="spamhaus") == 1
     assert m.matches_by_rule() == {"spamhaus": 2, "spamcop": 1}
     assert m.budget()["connections_seen_total"] == 2
+
+
+@pytest.mark.parametrize(("text", "kind"), [
+    (OPEN_RESOLVER, "open-resolver"),  # 127.255.255.254: query via a public/open resolver
+    ("rblsmtpd: 203.0.113.77 pid 7120: 451 https://www.spamhaus.org/returnc/pub/198.51.100.9",
+     "open-resolver"),
+    (VOLUME, "volume"),  # 127.255.255.255: too many queries, the free-use cut-off
+    ("rblsmtpd: 203.0.113.78 pid 7121: 553 Error: query volume too high; "
+     "https://www.spamhaus.org/returnc/vol/", "volume"),
+    (TYPO, "typo"),  # 127.255.255.252: a typo in the zone name
+    ("rblsmtpd: 203.0.113.79 pid 7122: 451 Error: typing error in DNSBL name", "typo"),
+    ("rblsmtpd: 203.0.113.80 pid 7123: 451 Error: something new; https://x.example/returnc/",
+     "other"),
+    ("rblsmtpd: 203.0.113.81 pid 7124: 451 Error: " + "z" * 5000, "other"),
+])
+def test_dnsbl_error_kind_says_what_happened(text: str, kind: str) -> None:
+    from rblguard.metrics import DNSBL_ERROR_KINDS, dnsbl_error_kind
+
+    assert dnsbl_error_kind(text) == kind
+    m = Metrics()
+    m.observe_chunk("s", ChunkResult(lines=1, events=[
+        ignored("rblsmtpd", "dnsbl-error", "dnsbl-error", "spamhaus.org", text)]))
+    assert sample(m, "rblguard_dnsbl_error_replies_total", zone="spamhaus.org",
+                  kind=kind) == 1
+    kinds = {s.labels["kind"] for f in m.registry.collect() for s in f.samples
+             if s.name == "rblguard_dnsbl_error_replies_total"}
+    assert kinds == {kind} and kinds <= set(DNSBL_ERROR_KINDS)  # a bounded label
 
 
 def test_observe_chunk_counts_tally_results() -> None:
@@ -261,7 +296,7 @@ def busy_metrics() -> Metrics:
     m.observe_chunk("/var/log/qmail/smtpd/current", ChunkResult(lines=9, events=[
         Match("spamhaus", "198.18.5.124", None, "l", 1),
         Connection("198.18.5.124", None, 2),
-        ignored("spamhaus", "dnsbl-error", "dnsbl-error", "zen.spamhaus.org"),
+        ignored("spamhaus", "dnsbl-error", "dnsbl-error", "spamhaus.org", OPEN_RESOLVER),
         ignored("spamhaus", "lookup-error", "lookup-error"),
         ParseError("spamhaus", "x", None, 3)]))
     m.ban("spamhaus", 4)
