@@ -9,7 +9,6 @@ executable this machine has; everything else in the copy is the shipped unit.
 
 from __future__ import annotations
 
-import configparser
 import re
 import shutil
 import subprocess
@@ -39,10 +38,23 @@ def analyze(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def unit_settings() -> dict[str, dict[str, str]]:
-    parser = configparser.ConfigParser(strict=True, interpolation=None)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys are cased
-    parser.read_string(UNIT.read_text())
-    return {section: dict(parser[section]) for section in parser.sections()}
+    """Each section's settings; a key given more than once (ExecStartPre=) keeps every
+    value, one a line, in order (configparser's strict mode refuses repeats)."""
+    sections: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    for line in UNIT.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            assert line[1:-1] not in sections, f"section {line} twice"
+            current = sections[line[1:-1]] = {}
+            continue
+        key, sep, value = line.partition("=")
+        assert sep and current is not None, line
+        key, value = key.strip(), value.strip()
+        current[key] = f"{current[key]}\n{value}" if key in current else value
+    return sections
 
 
 def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
@@ -78,6 +90,9 @@ def test_the_settings_the_daemon_relies_on() -> None:
     assert service["Type"] == "notify"  # rblguard.sdnotify sends READY=1
     assert service["NotifyAccess"] == "main"
     assert service["ExecStart"] == f"{INSTALLED} run"
+    assert service["ExecStartPre"].splitlines() == [
+        f"{INSTALLED} run --check", "+/usr/bin/touch /run/xtables.lock"]
+    assert service["ReadWritePaths"] == "-/run/xtables.lock"
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert service["WatchdogSec"] == "30"  # the daemon beats at half of WATCHDOG_USEC
     assert service["Restart"] == "on-failure"
@@ -125,3 +140,51 @@ def test_rblguard_runs_without_writable_executable_memory() -> None:
             pytest.fail("kernel lacks PR_SET_MDWE (Linux 6.3+): CI cannot check this")
         pytest.skip("kernel lacks PR_SET_MDWE (Linux 6.3+)")
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+
+# In a mount and network namespace of its own: a fresh tmpfs on /run (the host's /run is
+# never touched), then what systemd does for the unit: the privileged ("+") ExecStartPre
+# commands first, outside the sandbox; then ExecStart's sandbox: ReadWritePaths= that
+# exist bind-mounted writable ("-": skipped when missing), /run read-only as with
+# ProtectSystem=strict; then the commands the ipset backend runs in rules mode.
+SANDBOX = r"""
+set -e
+mount --make-rprivate /
+mount -t tmpfs tmpfs /run
+for cmd in "$@"; do [ -n "$cmd" ] && sh -c "$cmd"; done
+for path in $RW; do
+    path=${path#-}
+    if [ -e "$path" ]; then mount --bind "$path" "$path"; fi
+done
+mount -o remount,bind,ro /run
+iptables-legacy -w -N RBLGUARD
+printf '*filter\n-A RBLGUARD -p tcp -j DROP\nCOMMIT\n' | iptables-legacy-restore -w --noflush
+iptables-legacy -w -S RBLGUARD
+"""
+
+
+def _sandboxed(privileged: list[str], read_write: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["unshare", "--mount", "--net", "sh", "-c", SANDBOX, "sh",
+                           *privileged], env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                                              "RW": read_write},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_iptables_legacy_takes_its_lock_under_protect_system_strict() -> None:
+    """ProtectSystem=strict makes /run read-only, and iptables-legacy -w opens
+    /run/xtables.lock with O_CREAT: without the unit's two settings it fails; with
+    them it works, also when the lock file did not exist before the start."""
+    require_root_tools("iptables-legacy", "iptables-legacy-restore", "unshare")
+    service = unit_settings()["Service"]
+    assert service["ProtectSystem"] == "strict"
+    privileged = [cmd[1:] for cmd in service["ExecStartPre"].splitlines()
+                  if cmd.startswith("+")]
+    proc = _sandboxed(privileged, service.get("ReadWritePaths", ""))
+    assert proc.returncode == 0, proc.stderr
+    assert "-A RBLGUARD -p tcp -j DROP" in proc.stdout
+    # the same sandbox without them: the failure the unit had; and ReadWritePaths=
+    # alone is not enough when the file does not exist yet
+    for read_write in ("", service["ReadWritePaths"]):
+        bare = _sandboxed([], read_write)
+        assert bare.returncode != 0
+        assert "can't open lock file /run/xtables.lock" in bare.stderr
