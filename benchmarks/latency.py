@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -35,33 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rblguard.model import Ban
 from rblguard.state import State
-from tests.daemon_harness import Multilog, daemon_namespace, reject_message
+from tests.daemon_harness import ElementMonitor, Multilog, daemon_namespace, reject_message
 from tests.netns import run
-
-ELEMENT = re.compile(r"add element inet rblguard \S+ \{ ([0-9a-f:.]+)")
-
-
-class Monitor:
-    """``nft monitor`` in the namespace; records when each element appeared."""
-
-    def __init__(self, ns: str) -> None:
-        self.seen: dict[str, float] = {}
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "monitor", "elements"],
-                                     stdout=subprocess.PIPE, text=True, bufsize=1)
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-        time.sleep(0.3)
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            now = time.time()
-            for m in ELEMENT.finditer(line):
-                self.seen.setdefault(m.group(1), now)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(5)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -70,7 +42,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def measure_latency(harness, log: Multilog, steady_rate: int, seconds: float) -> list[float]:
-    monitor = Monitor(harness.ns)
+    monitor = ElementMonitor(harness.ns)
     written: dict[str, float] = {}
     counter = 0
 

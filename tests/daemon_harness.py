@@ -11,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -74,14 +77,16 @@ class DaemonHarness:
         self.config = config
         self.config_path.write_text(yaml.safe_dump(config))
 
-    def start(self, wait: bool = True, timeout: float = 20) -> None:
+    def start(self, wait: bool = True, timeout: float = 20,
+              env: dict[str, str] | None = None) -> None:
         self.starts += 1
         self.stderr_path = self.workdir / f"daemon-{self.starts}.log"
         err = open(self.stderr_path, "wb")  # noqa: SIM115 - the daemon keeps it open
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", self.ns, sys.executable, "-m", "rblguard", "run",
              "--config", str(self.config_path)],
-            stdout=err, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=err, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **(env or {})})
         if wait:
             self.wait_ready(timeout)
 
@@ -143,6 +148,69 @@ class DaemonHarness:
             close = getattr(state, "close", None)
             if close:
                 close()
+
+
+class ElementMonitor:
+    """``nft monitor`` in a namespace: when each element first appeared in the kernel.
+
+    The way to time a ban without polling: the kernel announces every element added to
+    rblguard's sets, and the monitor's thread stamps each announcement as it arrives.
+    """
+
+    PATTERN = re.compile(r"add element inet (\S+) (\S+) \{ ([^}]*)\}")
+
+    def __init__(self, ns: str, table: str = "rblguard") -> None:
+        self.table = table
+        self.seen: dict[str, float] = {}
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "monitor", "elements"],
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+        time.sleep(0.3)  # let it subscribe before the first ban
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            now = time.time()
+            for m in self.PATTERN.finditer(line):
+                if m.group(1) != self.table or m.group(2).startswith("seen"):
+                    continue  # another table, or the connection-counting sets
+                for element in m.group(3).split(","):
+                    self.seen.setdefault(element.split()[0], now)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(5)
+
+
+class NotifyListener:
+    """A systemd-style ``NOTIFY_SOCKET``: records when the daemon says READY=1."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[tuple[float, str]] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"NOTIFY_SOCKET": str(self.path)}
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except OSError:
+                return
+            self.messages.append((time.time(), data.decode(errors="replace")))
+
+    def ready_times(self) -> list[float]:
+        return [t for t, m in self.messages if "READY=1" in m.splitlines()]
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 @contextlib.contextmanager

@@ -72,6 +72,17 @@ class NetnsPair:
         run(["ip", "-n", self.client, "-batch", "-"], input="\n".join(lines) + "\n")
         self.client_extra.extend(addresses)
 
+    def route_to_client(self, networks: Sequence[str]) -> None:
+        """Send the server's replies for ``networks`` through the client's veth address.
+
+        With a route via one gateway the server keeps one neighbour entry, however many
+        client addresses there are; on-link, thousands of them would overflow its
+        neighbour table (gc_thresh3 is 1024) and drop packets of their own accord.
+        """
+        lines = [f"route add {net} via {self.client6 if ':' in net else self.client4}"
+                 for net in networks]
+        run(["ip", "-n", self.server, "-batch", "-"], input="\n".join(lines) + "\n")
+
 
 @contextlib.contextmanager
 def netns_pair(prefix: str = "rg") -> Iterator[NetnsPair]:

@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("plan", help="JSON: {server, port, t0, connections: [...]}")
     parser.add_argument("results", help="where to write the outcomes (JSON)")
     args = parser.parse_args(argv)
-    spec = json.loads(open(args.plan).read())
+    with open(args.plan) as f:
+        spec = json.load(f)
     plan = [Planned(**c) for c in spec["connections"]]
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
