@@ -8,11 +8,14 @@ and a blocked connection is counted once however often its SYN is retransmitted.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+import uuid
+from pathlib import Path
 
-from tests.netns import NetnsPair
+from tests.netns import NetnsPair, require_root_tools, run
 from tests.test_firewall_ipset import (
     BANNED4,
     BANNED6,
@@ -124,3 +127,72 @@ def test_every_port_scope(pair: NetnsPair) -> None:
     ops(pair, [["ensure", None], ["ban", [[BANNED4, 60]]]], ports=None)
     assert probe(pair, [(BANNED4, pair.server4, 8025), (OTHER4, pair.server4, 8025)]) == \
         ["timeout", "ok"]
+
+
+# Runs in a namespace of its own: 200,000 bans, then how long health() and counters()
+# take (each several times) against one full listing, and what health() says after
+# damage.  Prints JSON.
+SCALE = r"""
+import json, subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+from rblguard.firewall.base import Entry, FirewallOptions
+from rblguard.firewall.nftables import NftablesBackend
+b = NftablesBackend(FirewallOptions())
+b.ensure()
+n = int(sys.argv[2])
+entries = [Entry(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 3600) for i in range(n // 2)]
+entries += [Entry(f"2001:db8:{i >> 16:x}:{i & 0xffff:x}::1", 3600) for i in range(n // 2)]
+assert b.ban(entries).done == n
+def timed(fn):
+    times = []
+    for _ in range(5):
+        t = time.perf_counter(); value = fn(); times.append(time.perf_counter() - t)
+    return max(times), value
+health_s, health = timed(b.health)
+counters_s, counters = timed(b.counters)
+t = time.perf_counter(); listed = len(b.list()); list_s = time.perf_counter() - t
+def nft(*args):
+    subprocess.run(["nft", *args], check=True)
+nft("flush", "chain", "inet", "rblguard", "ban6")
+t = time.perf_counter(); lost_rules = b.health(); lost_rules_s = time.perf_counter() - t
+nft("flush", "chain", "inet", "rblguard", "input")  # a set in use cannot be deleted
+nft("delete", "set", "inet", "rblguard", "v6")
+t = time.perf_counter(); lost_set = b.health(); lost_set_s = time.perf_counter() - t
+nft("flush", "ruleset")
+flushed = b.health()
+print(json.dumps({
+    "health_s": health_s, "counters_s": counters_s, "list_s": list_s, "listed": listed,
+    "health": [health.ok, health.problems],
+    "counters": {f: [c.packets, c.connections] for f, c in counters.items()},
+    "lost_rules": lost_rules.problems, "lost_rules_s": lost_rules_s,
+    "lost_set": lost_set.problems, "lost_set_s": lost_set_s,
+    "flushed": flushed.problems, "flushed_counters":
+        {f: [c.packets, c.connections] for f, c in b.counters().items()}}))
+"""
+
+
+def test_health_and_counters_do_not_read_200000_elements() -> None:
+    """The daemon asks for health and counters every 5 s: with 200,000 bans each answer
+    takes a few milliseconds (a full listing takes seconds), and still sees damage."""
+    require_root_tools("nft")
+    ns = f"rgn-{uuid.uuid4().hex[:6]}"
+    run(["ip", "netns", "add", ns])
+    try:
+        proc = run(["ip", "netns", "exec", ns, sys.executable, "-c", SCALE,
+                    str(Path(__file__).resolve().parents[1]), "200000"], timeout=300)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    r = json.loads(proc.stdout)
+    print(f"200,000 elements: health {r['health_s'] * 1000:.1f} ms, counters "
+          f"{r['counters_s'] * 1000:.1f} ms, full list {r['list_s']:.2f} s")
+    assert r["listed"] == 200_000
+    assert r["health"] == [True, []]
+    assert r["counters"] == {"4": [0, 0], "6": [0, 0]}
+    assert r["health_s"] < 0.25 and r["counters_s"] < 0.25  # the slowest of five each
+    assert r["list_s"] > 5 * max(r["health_s"], r["counters_s"])
+    assert r["lost_rules"] == ["chain ban6 has 0 rules, expected 3"]
+    assert "set v6 is missing" in r["lost_set"]
+    assert "chain input has 0 rules, expected 4" in r["lost_set"]
+    assert max(r["lost_rules_s"], r["lost_set_s"]) < 0.25
+    assert r["flushed"] == ["table inet rblguard is missing"]
+    assert r["flushed_counters"] == {"4": [0, 0], "6": [0, 0]}

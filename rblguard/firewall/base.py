@@ -113,11 +113,24 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def counters(self) -> dict[int, Counters]:
-        """Drop counters per family: {4: Counters(...), 6: Counters(...)}."""
+        """Drop counters per family: {4: Counters(...), 6: Counters(...)}.
+
+        The daemon reads them every few seconds: the cost must not grow with the number
+        of elements in the sets."""
 
     @abc.abstractmethod
     def health(self) -> Health:
-        """Whether all objects are intact (tables, sets, chains, rules)."""
+        """Whether all objects are intact (tables, sets, chains, rules).
+
+        Called every few seconds by the daemon: must not read the sets' elements."""
+
+    def entry_counts(self) -> dict[int, int]:
+        """Elements per family, {4: n, 6: m}, for ``rblguard firewall status``.  This
+        default lists every element; a backend whose kernel keeps a count reads that."""
+        counts = {4: 0, 6: 0}
+        for item in self.list():
+            counts[6 if ":" in item.target else 4] += 1
+        return counts
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release handles (netlink sockets, contexts)."""

@@ -74,7 +74,7 @@ class NftablesBackend(Backend):
 
     # -- plumbing ------------------------------------------------------------------
 
-    def _run(self, command: str, *, json_output: bool = False) -> str:
+    def _run(self, command: str, *, json_output: bool = False, terse: bool = False) -> str:
         """Run nft commands.  Reads (JSON) go through a fresh context: libnftables keeps
         what a listing fetched in its context's cache and searches it linearly on every
         later change, which made unbanning 10,000 after listing 100,000 take 30 s."""
@@ -82,6 +82,7 @@ class NftablesBackend(Backend):
         if json_output:
             nft = self._nftables.Nftables()
             nft.set_json_output(True)
+            nft.set_terse_output(terse)
         rc, out, err = nft.cmd(command)
         if rc != 0:
             first = command.strip().splitlines()[0][:200]
@@ -89,11 +90,32 @@ class NftablesBackend(Backend):
         return out
 
     def _table_json(self) -> list[dict]:
+        """The whole table, every set element included: ~0.6 s per 100,000 elements.
+        Only list() needs it; never call it from the daemon's loop."""
         try:
             out = self._run(f"list table {self.table}", json_output=True)
         except FirewallError:
             return []
         return json.loads(out).get("nftables", [])
+
+    def _declarations(self) -> list[dict]:
+        """The table's objects (table, sets without their elements, counters with their
+        values, chains, rules), in about a millisecond however many elements the sets
+        hold.  Of nft 1.0.6's listings only ``list ruleset`` with terse output skips the
+        elements in the kernel dump; ``list table``, ``list counters`` and ``list chain``
+        fetch every element into the cache even when terse output does not print them
+        (1.2 s with 200,000 elements)."""
+        out = self._run("list ruleset inet", json_output=True, terse=True)
+        name = self.options.table
+        found = []
+        for item in json.loads(out).get("nftables", []):
+            for kind, obj in item.items():
+                if kind == "metainfo" or not isinstance(obj, dict):
+                    continue
+                owner = obj.get("name") if kind == "table" else obj.get("table")
+                if owner == name and obj.get("family") == "inet":
+                    found.append(item)
+        return found
 
     # -- objects -------------------------------------------------------------------
 
@@ -139,7 +161,7 @@ class NftablesBackend(Backend):
         self._run(self._ruleset())
 
     def remove(self) -> None:
-        if self._table_json():
+        if self._declarations():
             self._run(f"delete table {self.table}")
 
     def flush(self) -> None:
@@ -251,9 +273,23 @@ class NftablesBackend(Backend):
                 listed.append(Listed(str(value), float(expires)))
         return list({item.target: item for item in listed}.values())
 
+    def entry_counts(self) -> dict[int, int]:
+        """Elements per family, for ``rblguard firewall status`` only: nftables tells no
+        set's size without dumping its elements, so this reads them all, as text (about
+        half the cost of JSON).  The daemon never calls it; it knows its own bans."""
+        counts = {4: 0, 6: 0}
+        for name in SETS:
+            out = self._run(f"list set {self.table} {name}")
+            _, sep, body = out.partition("elements = {")
+            body = body.split("}", 1)[0] if sep else ""
+            if body.strip():
+                counts[6 if name.startswith("v6") else 4] += body.count(",") + 1
+        return counts
+
     def counters(self) -> dict[int, Counters]:
+        """The named counters' values, from the element-free listing."""
         values: dict[str, int] = {}
-        for item in self._table_json():
+        for item in self._declarations():
             counter = item.get("counter")
             if counter:
                 values[counter["name"]] = int(counter.get("packets", 0))
@@ -264,14 +300,23 @@ class NftablesBackend(Backend):
         return out
 
     def health(self) -> Health:
-        items = self._table_json()
-        if not items:
+        """Table, sets, counters, chains and their rule counts, from the element-free
+        listing: a millisecond with 1,000,000 bans (the daemon asks every 5 s)."""
+        try:
+            items = self._declarations()
+        except FirewallError as exc:
+            return Health(False, [str(exc)])
+        if not any("table" in i for i in items):
             return Health(False, [f"table {self.table} is missing"])
         problems = []
         sets = {i["set"]["name"] for i in items if "set" in i}
         for name in (*SETS, "seen4", "seen6"):
             if name not in sets:
                 problems.append(f"set {name} is missing")
+        counters = {i["counter"]["name"] for i in items if "counter" in i}
+        for name in ("conn4", "retx4", "conn6", "retx6"):
+            if name not in counters:
+                problems.append(f"counter {name} is missing")
         rules: dict[str, int] = {}
         chains = set()
         for item in items:
