@@ -10,6 +10,7 @@ ban must keep working.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -172,8 +173,12 @@ def test_rules_mode_drops_new_connections_of_banned_sources_only(pair: NetnsPair
         assert [ln for ln in rule_lines(pair, tool, "INPUT") if "RBLGUARD" in ln] == \
             ["-A INPUT -j RBLGUARD"]
         rules = [ln for ln in rule_lines(pair, tool, "RBLGUARD") if ln.startswith("-A")]
-        assert len(rules) == 1 and "--dports 25,465,587" in rules[0]
-        assert "--ctstate NEW" in rules[0]
+        assert len(rules) == 3  # retransmit drop, remember, connection drop
+        assert all("--dports 25,465,587" in r and "--ctstate NEW" in r for r in rules)
+        family = "6" if tool == "ip6tables" else "4"
+        assert f"--match-set rblguard{family}-seen src,src -j DROP" in rules[0]
+        assert rules[1].endswith(f"-j SET --add-set rblguard{family}-seen src,src")
+        assert rules[2].endswith(f"--match-set rblguard{family} src -j DROP")
     held = pair.popen(pair.client, [sys.executable, "-c", HELD, BANNED4, pair.server4],
                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -198,8 +203,10 @@ def test_rules_mode_drops_new_connections_of_banned_sources_only(pair: NetnsPair
     [counters, unban, listed] = backend_ops(
         pair, [["counters", None], ["unban", [BANNED4, "198.18.77.7", "2001:db8:0:1::/64"]],
                ["list", None]])
-    assert counters["4"][0] >= 2 and counters["6"][0] >= 2  # v4: BANNED4 and the /24
-    assert counters["4"][0] == counters["4"][1]
+    # connections: v4 BANNED4 and the /24's, v6 BANNED6 and the /64's; each probe waited
+    # 1.5 s, long enough for one retransmitted SYN, which is a packet, not a connection
+    assert counters["4"][1] == 2 and counters["6"][1] == 2
+    assert counters["4"][0] >= 4 and counters["6"][0] >= 4
     assert unban == {"done": 3, "failed": []}
     assert sorted(listed) == sorted([BANNED6, "198.18.2.0/24"])
     assert probe(pair, [(BANNED4, pair.server4, 25), (NET6_IN, pair.server6, 25)]) == \
@@ -254,18 +261,20 @@ def test_health_notices_damage_and_ensure_repairs_it(pair: NetnsPair) -> None:
     backend_ops(pair, [["ensure", None], ["ban", [[BANNED4, 60]]]])
     pair.exec(pair.server, ["ip6tables", "-F", "RBLGUARD"])  # flushed chain
     pair.exec(pair.server, ["ipset", "destroy", "rblguard6"])  # deleted set
+    pair.exec(pair.server, ["ipset", "destroy", "rblguard6-seen"])  # and its seen set
     pair.exec(pair.server, ["iptables", "-D", "INPUT", "-j", "RBLGUARD"])  # lost jump
     [health] = backend_ops(pair, [["health", None]])
     assert not health["ok"]
     text = "\n".join(health["problems"])
     assert "rblguard6 is missing" in text and "ip6tables: rule missing in RBLGUARD" in text
+    assert "ipset rblguard6-seen is missing" in text
     assert "iptables: INPUT does not jump to RBLGUARD" in text
     assert "rblguard4" not in text and "iptables: rule missing" not in text
     [_, health, listed] = backend_ops(pair, [["ensure", None], ["health", None],
                                              ["list", None]])
     assert health == {"ok": True, "problems": []}
     assert list(listed) == [BANNED4]  # repair kept the elements that were there
-    assert len([x for x in rule_lines(pair, "iptables", "RBLGUARD") if "-A" in x]) == 1
+    assert len([x for x in rule_lines(pair, "iptables", "RBLGUARD") if "-A" in x]) == 3
     backend_ops(pair, [["remove", None], ["remove", None]])
     for tool in ("iptables", "ip6tables"):
         dump = pair.exec(pair.server, [f"{tool}-save"]).stdout
@@ -295,3 +304,72 @@ def test_every_port_and_set_only_mode(pair: NetnsPair) -> None:
     assert got == ["timeout", "timeout", "ok", "ok"]
     [removed] = backend_ops(pair, [["remove", None]], mode="set-only")
     assert "references it" in removed["error"]  # the admin's rule still uses the set
+
+
+def test_rules_mode_counts_each_connection_once_not_each_retransmitted_syn(
+        pair: NetnsPair) -> None:
+    """N connects from a banned client: N connections counted; their SYN retransmits
+    (after 1 s and 3 s within a 3.5 s connect) are packets, not connections."""
+    backend_ops(pair, [["ensure", None], ["ban", [[BANNED4, 60], [BANNED6, 60]]]])
+    got = probe(pair, [(BANNED4, pair.server4, 25)] * 3 + [(BANNED6, pair.server6, 25)] * 2
+                + [(BANNED4, pair.server4, 587)], timeout=3.5)
+    assert got == ["timeout"] * 6
+    [counters] = backend_ops(pair, [["counters", None]])
+    assert counters["4"][1] == 4 and counters["6"][1] == 2  # connections
+    assert counters["4"][0] >= 3 * 4 and counters["6"][0] >= 3 * 2  # SYN + 2 retransmits
+    # each connect's (source, port) is in the seen set with the 130 s timeout
+    seen = pair.exec(pair.server, ["ipset", "list", "rblguard4-seen"]).stdout
+    assert seen.count(f"{BANNED4},tcp:") == 4
+    assert re.search(r"Header: family inet .*timeout 130\b", seen)
+    assert all(120 < int(t) <= 130 for t in re.findall(r",tcp:\d+ timeout (\d+)", seen))
+    assert "Type: hash:ip,port" in seen
+    # a later connect (a new source port) is a new connection
+    assert probe(pair, [(BANNED4, pair.server4, 25)], timeout=0.5) == ["timeout"]
+    [counters, health] = backend_ops(pair, [["counters", None], ["health", None]])
+    assert counters["4"][1] == 5 and health == {"ok": True, "problems": []}
+
+
+def test_health_counters_and_counts_read_headers_not_200000_elements(pair: NetnsPair
+                                                                      ) -> None:
+    """The daemon asks every 5 s: the cost must not grow with the bans in the sets."""
+    lines = [f"add rblguard4 10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255} timeout 3600"
+             for i in range(100_000)]
+    lines += [f"add rblguard6 2001:db8:{i >> 16:x}:{i & 0xffff:x}::1 timeout 3600"
+              for i in range(100_000)]
+    backend_ops(pair, [["ensure", None]])
+    pair.exec(pair.server, ["ipset", "-exist", "restore"], input="\n".join(lines) + "\n",
+              timeout=120)
+    proc = pair.exec(pair.server, [sys.executable, "-c", TIMED, ROOT])
+    r = json.loads(proc.stdout)
+    print(f"ipset, 200,000 elements: health {r['health'] * 1000:.1f} ms, counters "
+          f"{r['counters'] * 1000:.1f} ms, counts {r['entry_counts'] * 1000:.1f} ms, "
+          f"full list {r['list']:.2f} s")
+    assert r["values"]["entry_counts"] == {"4": 100_000, "6": 100_000}
+    assert r["values"]["health"] == [True, []]
+    assert r["listed"] == 200_000
+    for op in ("health", "counters", "entry_counts"):
+        assert r[op] < 0.25, (op, r[op])
+        assert r["list"] > 3 * r[op], (op, r)
+
+
+# Runs in the server namespace: the slowest of three calls of each read, and one list().
+TIMED = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from rblguard.firewall.base import FirewallOptions
+from rblguard.firewall.ipset import IpsetBackend
+b = IpsetBackend(FirewallOptions(backend="ipset"))
+out = {"values": {}}
+for op in ("health", "counters", "entry_counts"):
+    times = []
+    for _ in range(3):
+        t = time.perf_counter(); value = getattr(b, op)(); times.append(time.perf_counter() - t)
+    out[op] = max(times)
+    if op == "health":
+        value = [value.ok, value.problems]
+    elif op == "counters":
+        value = {f: [c.packets, c.connections] for f, c in value.items()}
+    out["values"][op] = value
+t = time.perf_counter(); out["listed"] = len(b.list()); out["list"] = time.perf_counter() - t
+print(json.dumps(out))
+"""

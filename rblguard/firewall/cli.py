@@ -59,10 +59,10 @@ def _status(backend: Backend) -> dict:
                 "ipv6": {"packets": 0, "connections": 0}}
     problems = list(health.problems)
     try:
-        for item in backend.list():
-            entries["ipv6" if ":" in item.target else "ipv4"] += 1
+        for family, n in backend.entry_counts().items():
+            entries[f"ipv{family}"] = n
     except FirewallError as exc:
-        problems.append(f"cannot list the sets: {exc}")
+        problems.append(f"cannot count the entries: {exc}")
     try:
         for family, c in backend.counters().items():
             counters[f"ipv{family}"] = {"packets": c.packets, "connections": c.connections}
@@ -84,9 +84,8 @@ def _print_status(report: dict, options: FirewallOptions) -> None:
         c = report["counters"][fam]
         print(f"{fam}: {report['entries'][fam]} entries, {c['packets']} packets and "
               f"{c['connections']} connections dropped")
-    if report["backend"] == "ipset":
-        print("(ipset counts dropped SYN packets, retransmits included: "
-              "connections = packets)")
+    if report["backend"] == "ipset" and options.mode == "set-only":
+        print("(set-only: the drops happen in your own rules; these counters stay 0)")
 
 
 def _set_only(options: FirewallOptions) -> bool:

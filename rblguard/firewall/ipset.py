@@ -12,6 +12,17 @@ backend's life, which costs no process at all.  ``-exist`` (or a non-exclusive n
 request) makes a re-ban refresh the timeout and an unban of an absent address harmless.
 
 iptables is touched at setup time only (``ensure``/``remove``), never per ban.
+
+Counting connections once (rules mode): a dropped SYN is retransmitted 1, 3, 7, ... s
+later, and each retransmit is a NEW packet again (the first one's conntrack entry was
+never confirmed), so a plain DROP rule counts packets.  Like the nftables backend's seen
+set, a third set per family, ``hash:ip,port`` with a 130 s timeout, remembers the
+(source, source port) of each dropped SYN: a packet already in it is a retransmit and
+is dropped by a rule of its own; any other one is added (``-j SET --add-set``) and then
+dropped by the rule whose counter counts connections.
+
+Health, counters and element counts read set headers (``ipset list -t``) and rule
+counters only: their cost does not grow with the number of bans.
 """
 
 from __future__ import annotations
@@ -38,6 +49,10 @@ NETLINK_MAX = 20  # batches up to this size use netlink; bigger ones one restore
 MULTIPORT_MAX = 15  # iptables' multiport match takes at most 15 ports
 IPSET_ERR_HASH_FULL = 4352  # IPSET_ERR_TYPE_SPECIFIC: "Hash is full" for hash:* sets
 FULL_TEXT = "set is full"
+SEEN_TIMEOUT = 130  # s: a SYN's retransmits (1, 3, 7, 15, 31, 63 s) stay one connection
+SEEN_MAXELEM = 262_144
+SEEN_SUFFIX = "-seen"
+IPSET_NAME_MAX = 31
 _LINE_ERROR = re.compile(r"Error in line (\d+): (.*)")
 _TOOLS = {4: "iptables", 6: "ip6tables"}
 
@@ -79,32 +94,55 @@ class IpsetBackend(Backend):
     def __init__(self, options: FirewallOptions) -> None:
         self.options = options
         self.sets = {4: options.set_v4, 6: options.set_v6}
+        # (source, source port) of dropped SYNs, rules mode only: connections counted once
+        self.seen = {f: name[:IPSET_NAME_MAX - len(SEEN_SUFFIX)] + SEEN_SUFFIX
+                     for f, name in self.sets.items()}
         self._nl = None  # pyroute2 IPSet socket, opened on first use
 
     # ----------------------------------------------------------------- set-up
     def rule_specs(self, family: int) -> list[list[str]]:
-        """The DROP rule(s) of our chain, as iptables arguments after ``-A CHAIN``.
+        """The rules of our chain, as iptables arguments after ``-A CHAIN``.
 
         NEW connections only: dropping packets of a session already running would leave
-        rblsmtpd waiting on a dead peer and holding one of tcpserver's few slots.
+        rblsmtpd waiting on a dead peer and holding one of tcpserver's few slots.  Per
+        port chunk three rules: a retransmitted SYN (its source and port in the seen
+        set) is dropped; any other is remembered in the seen set, then dropped by the
+        rule whose packet counter therefore counts connections.  A full seen set still
+        drops; such a connection's retransmits are then counted as connections too.
         """
         match = ["-m", "conntrack", "--ctstate", "NEW",
-                 "-m", "set", "--match-set", self.sets[family], "src", "-j", "DROP"]
+                 "-m", "set", "--match-set", self.sets[family], "src"]
+        seen = self.seen[family]
         ports = self.options.ports
         if ports is None:
-            return [["-p", "tcp", *match]]
-        chunks = [ports[i:i + MULTIPORT_MAX] for i in range(0, len(ports), MULTIPORT_MAX)]
-        return [["-p", "tcp", "-m", "multiport", "--dports", ",".join(map(str, c)), *match]
-                for c in chunks]
+            scopes = [["-p", "tcp"]]
+        else:
+            scopes = [["-p", "tcp", "-m", "multiport", "--dports", ",".join(map(str, c))]
+                      for c in (ports[i:i + MULTIPORT_MAX]
+                                for i in range(0, len(ports), MULTIPORT_MAX))]
+        specs = []
+        for scope in scopes:
+            specs += [
+                [*scope, *match, "-m", "set", "--match-set", seen, "src,src", "-j", "DROP"],
+                [*scope, *match, "-j", "SET", "--add-set", seen, "src,src"],
+                [*scope, *match, "-j", "DROP"],
+            ]
+        return specs
 
     def ensure(self) -> None:
         """Create the sets (kept if present) and, in rules mode, chain, rule and jump."""
         lines = [f"create {self.sets[f]} hash:net family {fam} timeout 0 "
                  f"maxelem {self.options.maxelem}\n" for f, fam in ((4, "inet"), (6, "inet6"))]
+        names = [self.sets[4], self.sets[6]]
+        if self.options.mode == "rules":
+            lines += [f"create {self.seen[f]} hash:ip,port family {fam} "
+                      f"timeout {SEEN_TIMEOUT} maxelem {SEEN_MAXELEM}\n"
+                      for f, fam in ((4, "inet"), (6, "inet6"))]
+            names += [self.seen[4], self.seen[6]]
         proc = _sh(["ipset", "-exist", "restore"], input="".join(lines), check=False)
         if proc.returncode != 0:
             raise FirewallError(
-                f"cannot create the ipsets {self.sets[4]}/{self.sets[6]}: {proc.stderr.strip()}"
+                f"cannot create the ipsets {'/'.join(names)}: {proc.stderr.strip()}"
                 " (a set of that name with other settings exists? `rblguard firewall remove`"
                 " first)")
         if self.options.mode == "rules":
@@ -141,7 +179,7 @@ class IpsetBackend(Backend):
                 _sh([tool, "-w", "-F", chain])
                 _sh([tool, "-w", "-X", chain])
         self.close()
-        for name in self.sets.values():
+        for name in (*self.seen.values(), *self.sets.values()):
             if name in self._set_names():
                 proc = _sh(["ipset", "destroy", name], check=False)
                 if proc.returncode != 0:
@@ -291,6 +329,23 @@ class IpsetBackend(Backend):
     def _set_names(self) -> set[str]:
         return set(_sh(["ipset", "list", "-n"]).stdout.split())
 
+    @staticmethod
+    def _headers() -> dict[str, dict[str, str]]:
+        """Every set's header (``ipset list -t``: no elements, the kernel's own count):
+        name -> {"Type": "hash:net", "Header": "family inet ...", "Number of entries":
+        "12", ...}."""
+        headers: dict[str, dict[str, str]] = {}
+        current: dict[str, str] = {}
+        for line in _sh(["ipset", "list", "-t"]).stdout.splitlines():
+            key, sep, value = line.partition(":")
+            if not sep:
+                continue
+            if key == "Name":
+                current = headers.setdefault(value.strip(), {})
+            else:
+                current[key] = value.strip()
+        return headers
+
     def _list_set(self, name: str) -> Iterable[Listed]:
         proc = _sh(["ipset", "list", "-o", "save", name])
         for line in proc.stdout.splitlines():
@@ -306,29 +361,54 @@ class IpsetBackend(Backend):
     def list(self) -> list[Listed]:
         return [x for name in self.sets.values() for x in self._list_set(name)]
 
+    def entry_counts(self) -> dict[int, int]:
+        """Elements per family from the set headers (the kernel's count; entries that
+        timed out but are not yet garbage-collected are still in it)."""
+        headers = self._headers()
+        return {f: int(headers.get(name, {}).get("Number of entries", 0) or 0)
+                for f, name in self.sets.items()}
+
     def counters(self) -> dict[int, Counters]:
-        """SYN packets dropped by our rules, retransmits included (one per SYN, not per
-        connection: iptables counts packets).  ``connections`` repeats the figure."""
+        """Drops by our rules (rules mode): ``connections`` is the counter of the rule
+        that drops a SYN not seen before, ``packets`` adds the retransmits' rule.  A
+        chain of an older rblguard (one plain DROP rule) counts every SYN as a
+        connection until ``ensure`` refills it."""
         result = {}
         for family, tool in _TOOLS.items():
-            packets = 0
+            packets = connections = 0
+            seen = self.seen[family]
             proc = _sh([tool, "-w", "-L", self.options.chain, "-v", "-x", "-n"], check=False)
             for line in proc.stdout.splitlines():
                 parts = line.split()
                 if len(parts) > 2 and parts[2] == "DROP" and "match-set" in parts:
-                    packets += int(parts[0])
-            result[family] = Counters(packets=packets, connections=packets)
+                    n = int(parts[0])
+                    packets += n
+                    if seen not in parts:
+                        connections += n
+            result[family] = Counters(packets=packets, connections=connections)
         return result
 
     def health(self) -> Health:
+        """Sets (present, of the right type and family) from their headers, and in rules
+        mode the chain, its rules and the jump: no element is read."""
         problems: list[str] = []
         try:
-            names = self._set_names()
+            headers = self._headers()
         except FirewallError as exc:
             return Health(False, [str(exc)])
-        for name in self.sets.values():
-            if name not in names:
+        wanted = [(self.sets[f], "hash:net", fam) for f, fam in ((4, "inet"), (6, "inet6"))]
+        if self.options.mode == "rules":
+            wanted += [(self.seen[f], "hash:ip,port", fam)
+                       for f, fam in ((4, "inet"), (6, "inet6"))]
+        for name, kind, fam in wanted:
+            header = headers.get(name)
+            if header is None:
                 problems.append(f"ipset {name} is missing")
+            elif (header.get("Type") != kind
+                  or f"family {fam} " not in header.get("Header", "") + " "):
+                problems.append(f"ipset {name} is {header.get('Type')} "
+                                f"({header.get('Header', '').split(' hashsize')[0]}), "
+                                f"expected {kind} family {fam}")
         if self.options.mode == "rules":
             chain = self.options.chain
             for family, tool in _TOOLS.items():
