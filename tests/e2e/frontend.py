@@ -195,6 +195,7 @@ class Frontend:
     # -- start --------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
         pair = self.pair
         pair.add_client_addresses([*self.population.legit, *self.population.spam])
         pair.route_to_client([*LEGIT_NETS, SPAM_NET])

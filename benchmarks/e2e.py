@@ -1,0 +1,135 @@
+"""DNSBL queries saved on a real qmail front end: no banner vs rblguard, same load.
+
+Run as root:  python benchmarks/e2e.py [--seconds 70] [--seed 1]
+
+The front end of tests/e2e/frontend.py (dnsmasq as the DNSBL, tcpserver + rblsmtpd + an
+SMTP stand-in, multilog; in two network namespaces it makes and deletes) gets the same
+seeded load twice: once with no banner at all (the in-run reference: what the DNSBLs are
+asked today), once with ``rblguard run`` (nftables).  About 200 connections a second for
+over a minute: legitimate senders at a steady rate, and listed spammers that arrive all
+along and retry 2-9 times each, 0.5-5 s apart.
+
+Then ``rblguard simulate --ban-time 1h`` on the *baseline's* log (a log written with no
+banning, as an admin's log is before rblguard) predicts the rblguard run's queries.
+
+Prints a Markdown table, then, last, JSON with baseline_queries, rblguard_queries,
+ideal_queries, reduction_pct, excess_over_ideal, excess_over_ideal_pct_of_baseline,
+legit_failed, reject_to_ban_p95_ms, rblguard_cpu_s, simulate_predicted_queries,
+simulate_error_pct.  Exit status 1 if a target is missed: excess over the ideal above
+0.1% of the baseline's queries, or a legitimate connection failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.e2e.frontend import ZONES, Frontend, Measured, Population, frontend
+from tests.e2e.load import Planned, legit_connections, ordered, spammer_connections
+
+
+def plan_for(population: Population, seconds: float, seed: int) -> list[Planned]:
+    rng = random.Random(seed)
+    return ordered(legit_connections(rng, population.legit, 60, seconds)
+                   + spammer_connections(rng, list(population.spam), 0, seconds - 15, (2, 9),
+                                         (0.5, 5.0)))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a running process, from /proc (it must not have exited)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def one_run(population: Population, plan: list[Planned], backend: str | None,
+            workdir: Path) -> tuple[Measured, float | None, dict | None]:
+    """(measured, rblguard's CPU seconds, simulate's answer on this run's log)."""
+    with frontend(workdir, population, backend=backend, log_size=99999) as fe:
+        outcomes = fe.play(plan, lead=2.0)
+        m = fe.measure(plan, outcomes)
+        cpu = None
+        if fe.daemon is not None and fe.daemon.proc is not None:
+            cpu = cpu_seconds(fe.daemon.proc.pid)
+        predicted = simulate(fe) if backend is None else None
+    return m, cpu, predicted
+
+
+def simulate(fe: Frontend) -> dict:
+    out = subprocess.run([sys.executable, "-m", "rblguard", "simulate", "--ban-time", "1h",
+                          "--zones", ",".join(ZONES), "--json", str(fe.logdir)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=70.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--legit", type=int, default=300, help="legitimate senders")
+    parser.add_argument("--spam", type=int, default=1500, help="listed spammers")
+    args = parser.parse_args()
+    population = Population.make(args.seed, legit=args.legit, spam=args.spam)
+    plan = plan_for(population, args.seconds, args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        base, _, predicted = one_run(population, plan, None, Path(tmp) / "baseline")
+        guarded, cpu, _ = one_run(population, plan, "nftables", Path(tmp) / "rblguard")
+    assert predicted is not None
+    lat = guarded.latencies_ms()
+    p95 = lat[int(0.95 * len(lat))] if lat else None
+    excess = guarded.dns_queries - guarded.ideal_queries
+    predicted_queries = predicted["policies"][0]["queries"]
+    spam_connections = sum(1 for p in plan if p.kind == "spam")
+    result = {
+        "seconds": args.seconds,
+        "connections": len(plan),
+        "connections_per_s": round(len(plan) / args.seconds, 1),
+        "spammer_connections": spam_connections,
+        "baseline_queries": base.dns_queries,
+        "rblguard_queries": guarded.dns_queries,
+        "ideal_queries": guarded.ideal_queries,
+        "reduction_pct": round(100 * (base.dns_queries - guarded.dns_queries)
+                               / base.dns_queries, 2),
+        "excess_over_ideal": excess,
+        "excess_over_ideal_pct_of_baseline": round(100 * excess / base.dns_queries, 3),
+        "legit_failed": len(guarded.legit_failed) + len(base.legit_failed),
+        "legit_banned": len(guarded.legit_banned),
+        "blocked_connections": guarded.blocked_connections,
+        "reject_to_ban_p50_ms": round(lat[len(lat) // 2], 2) if lat else None,
+        "reject_to_ban_p95_ms": round(p95, 2) if p95 is not None else None,
+        "reject_to_ban_max_ms": round(lat[-1], 2) if lat else None,
+        "rblguard_cpu_s": round(cpu, 2) if cpu is not None else None,
+        "max_sessions_in_use_baseline": base.max_in_use,
+        "max_sessions_in_use_rblguard": guarded.max_in_use,
+        "simulate_predicted_queries": predicted_queries,
+        "simulate_error_pct": round(100 * (predicted_queries - guarded.dns_queries)
+                                    / guarded.dns_queries, 2),
+    }
+    print(f"{len(plan)} connections in {args.seconds:.0f} s "
+          f"({result['connections_per_s']}/s; {spam_connections} from "
+          f"{len(population.spam)} listed spammers), 2 DNSBL zones\n")
+    print("| run | DNSBL queries | vs no banner | legitimate failed |")
+    print("|---|---:|---:|---:|")
+    print(f"| no banner | {base.dns_queries} | - | {len(base.legit_failed)} |")
+    print(f"| rblguard (nftables) | {guarded.dns_queries} | -{result['reduction_pct']}% | "
+          f"{len(guarded.legit_failed)} |")
+    print(f"| ideal (instant ban) | {guarded.ideal_queries} | "
+          f"-{100 * (base.dns_queries - guarded.ideal_queries) / base.dns_queries:.2f}% | - |")
+    print(f"| simulate's prediction (from the no-banner log) | {predicted_queries} | "
+          f"-{100 * (base.dns_queries - predicted_queries) / base.dns_queries:.2f}% | - |")
+    print(f"\nreject to ban: p50 {result['reject_to_ban_p50_ms']} ms, p95 {p95 and round(p95, 2)}"
+          f" ms; rblguard CPU {result['rblguard_cpu_s']} s")
+    print(json.dumps(result))
+    ok = excess <= 0.001 * base.dns_queries and result["legit_failed"] == 0
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
