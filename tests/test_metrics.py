@@ -13,6 +13,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -42,6 +43,23 @@ def free_port(host: str = "127.0.0.1") -> int:
 def fetch(url: str, timeout: float = 5) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return resp.read().decode()
+
+
+_FETCH = ("import sys, urllib.request\n"
+          "with urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])) as r:\n"
+          "    sys.stdout.write(r.read().decode())\n")
+
+
+def netns_fetch(ns: str) -> Callable[..., str]:
+    """fetch() from inside network namespace ``ns`` (a loopback there is its own)."""
+    def fetch_in(url: str, timeout: float = 5) -> str:
+        proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", _FETCH, url,
+                               str(timeout)], capture_output=True, text=True,
+                              timeout=timeout + 10)
+        if proc.returncode != 0:
+            raise OSError(f"GET {url} in {ns}: {proc.stderr.strip()[-300:]}")
+        return proc.stdout
+    return fetch_in
 
 
 class FakeClock:
@@ -319,10 +337,11 @@ class PrometheusServer:
 
     url: str
     process: subprocess.Popen[bytes]
+    fetch: Callable[..., str] = fetch
 
     def query(self, expr: str) -> list[dict]:
         qs = urllib.parse.urlencode({"query": expr})
-        body = json.loads(fetch(f"{self.url}/api/v1/query?{qs}"))
+        body = json.loads(self.fetch(f"{self.url}/api/v1/query?{qs}"))
         assert body["status"] == "success", body
         return body["data"]["result"]
 
@@ -342,9 +361,13 @@ class PrometheusServer:
 
 @contextlib.contextmanager
 def prometheus_server(targets: list[str], workdir: Path, job: str = "rblguard",
-                      rule_files: list[Path] | None = None) -> Iterator[PrometheusServer]:
+                      rule_files: list[Path] | None = None,
+                      netns: str | None = None) -> Iterator[PrometheusServer]:
     """Start /usr/bin/prometheus scraping ``targets`` (host:port) every second, on a
-    free loopback port with temporary storage; stopped (and waited for) on exit."""
+    free loopback port with temporary storage; stopped (and waited for) on exit.
+
+    With ``netns`` it runs inside that network namespace (to scrape a daemon listening
+    on the namespace's loopback), and its API is asked from inside it too."""
     binary = shutil.which("prometheus") or "/usr/bin/prometheus"
     config = workdir / "prometheus.yml"
     config.write_text(json.dumps({  # JSON is YAML: no templating of a config by hand
@@ -352,18 +375,20 @@ def prometheus_server(targets: list[str], workdir: Path, job: str = "rblguard",
         "rule_files": [str(p) for p in rule_files or []],
         "scrape_configs": [{"job_name": job, "static_configs": [{"targets": targets}]}],
     }))
-    port = free_port()
+    port = free_port() if netns is None else 19090  # a new namespace has every port free
     log = (workdir / "prometheus.log").open("wb")
+    wrap = ["ip", "netns", "exec", netns] if netns else []
     process = subprocess.Popen(
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
+        [*wrap, binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
          f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
         stdout=log, stderr=subprocess.STDOUT)
-    server = PrometheusServer(f"http://127.0.0.1:{port}", process)
+    server = PrometheusServer(f"http://127.0.0.1:{port}", process,
+                              netns_fetch(netns) if netns else fetch)
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                if "Ready" in fetch(f"{server.url}/-/ready", timeout=1):
+                if "Ready" in server.fetch(f"{server.url}/-/ready", timeout=1):
                     break
             except OSError:
                 pass
