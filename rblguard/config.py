@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -154,12 +155,20 @@ class _Reader:
             raise self.err(key, f"must be between {low} and {high}, not {value}")
         return value
 
-    def number(self, key: str, value: Any, low: float) -> float:
+    def number(self, key: str, value: Any, low: float, high: float) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.err(key, f"must be a number, not {value!r}")
-        if value < low:
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise self.err(key, f"must be a finite number, not {value!r}")
+        if number < low:
             raise self.err(key, f"must be at least {low}, not {value}")
-        return float(value)
+        if number > high:
+            raise self.err(key, f"must be at most {high:g}, not {value}")
+        return number
 
     def duration(self, key: str, value: Any) -> float:
         try:
@@ -268,7 +277,7 @@ def _repeat(r: _Reader, value: Any) -> RepeatSettings | None:
     spec = r.mapping("repeat", value, ("factor", "max", "forget_after"))
     d = RepeatSettings()
     return RepeatSettings(
-        factor=r.number("repeat.factor", spec.get("factor", d.factor), 1.0),
+        factor=r.number("repeat.factor", spec.get("factor", d.factor), 1.0, 1000.0),
         max=r.duration("repeat.max", spec["max"]) if "max" in spec else d.max,
         forget_after=(r.duration("repeat.forget_after", spec["forget_after"])
                       if "forget_after" in spec else d.forget_after),
@@ -294,7 +303,8 @@ def _storm(r: _Reader, value: Any) -> StormSettings:
         max_active=r.integer("storm.max_active", spec.get("max_active", d.max_active),
                              1, 100_000_000),
         max_per_second=r.number("storm.max_per_second",
-                                spec.get("max_per_second", d.max_per_second), 0.001),
+                                spec.get("max_per_second", d.max_per_second), 0.001,
+                                10_000_000.0),
     )
 
 
