@@ -42,6 +42,27 @@ def _to_network(net: Network | str) -> Network:
     return net if isinstance(net, Network) else ipaddress.ip_network(net, strict=False)
 
 
+def span(target: str) -> tuple[int, int, int] | None:
+    """``(version, first, last)`` of a canonical address or CIDR network as integers,
+    or None if it does not parse.  Fast (no ipaddress objects): the daemon asks it for
+    every active ban when it checks them all against a new allowlist."""
+    addr, _, plen_text = target.partition("/")
+    try:
+        if ":" in addr:
+            version, bits, value = 6, 128, int.from_bytes(
+                socket.inet_pton(socket.AF_INET6, addr), "big")
+        else:
+            version, bits, value = 4, 32, int.from_bytes(
+                socket.inet_pton(socket.AF_INET, addr), "big")
+        plen = int(plen_text) if plen_text else bits
+    except (OSError, ValueError):
+        return None
+    if not 0 <= plen <= bits:
+        return None
+    host = (1 << (bits - plen)) - 1
+    return version, value & ~host, value | host
+
+
 class Allowlist:
     """Networks never to ban, with fast membership and overlap tests."""
 
@@ -110,6 +131,20 @@ class Allowlist:
         lo, hi = int(net.network_address), int(net.broadcast_address)
         i = bisect.bisect_right(self._starts[net.version], hi) - 1
         return i >= 0 and self._ends[net.version][i] >= lo
+
+    def overlapping(self, targets: Iterable[str]) -> list[str]:
+        """The targets (addresses or networks) that hold an allowlisted address."""
+        found = []
+        starts, ends = self._starts, self._ends
+        for target in targets:
+            s = span(target)
+            if s is None:
+                continue
+            version, lo, hi = s
+            i = bisect.bisect_right(starts[version], hi) - 1
+            if i >= 0 and ends[version][i] >= lo:
+                found.append(target)
+        return found
 
     def reason(self, target: str) -> str | None:
         """Which entry allowlists ``target`` (an address or network), or None."""

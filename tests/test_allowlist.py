@@ -12,7 +12,7 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rblguard.allowlist import Allowlist, Entry, host_addresses, parse_tcprules
+from rblguard.allowlist import Allowlist, Entry, host_addresses, parse_tcprules, span
 from rblguard.config import parse_config
 from tests.netns import require_root_tools, run
 
@@ -91,6 +91,19 @@ def test_overlaps(tmp_path: Path) -> None:
     assert not allow.overlaps("198.51.100.0/30")
 
 
+def test_overlapping_picks_the_bans_an_allowlist_holds(tmp_path: Path) -> None:
+    allow, _ = _allowlist(tmp_path)
+    targets = ["198.51.100.7", "198.51.100.0/24", "198.51.100.0/30", "198.18.0.1",
+               "2001:db8::/32", "2001:db8:5::/64", "not an address", "198.51.100.0/33"]
+    assert allow.overlapping(targets) == ["198.51.100.7", "198.51.100.0/24",
+                                          "2001:db8::/32"]
+    assert allow.overlapping(iter(targets)) == allow.overlapping(targets)  # any iterable
+    assert span("198.51.100.0/24") == (4, int(ipaddress.IPv4Address("198.51.100.0")),
+                                       int(ipaddress.IPv4Address("198.51.100.255")))
+    one = int(ipaddress.IPv6Address("2001:db8::1"))
+    assert span("2001:db8::1") == (6, one, one)
+
+
 def test_from_config_adds_loopback_host_and_tcprules(tmp_path: Path) -> None:
     (tmp_path / "tcp.smtp").write_text("192.0.2.10:allow,RELAYCLIENT=\"\"\n")
     cfg = parse_config(f"allowlist: [198.18.7.0/24, '2001:db8:aa::1']\n"
@@ -127,6 +140,8 @@ def test_membership_agrees_with_ipaddress(nets: list[tuple[int, int]],
         assert allow.contains(str(addr)) == any(addr in n for n in networks)
         probe = ipaddress.IPv4Network((value, 28), strict=False)
         assert allow.overlaps(probe) == any(probe.overlaps(n) for n in networks)
+        assert bool(allow.overlapping([str(probe)])) == allow.overlaps(probe)
+        assert bool(allow.overlapping([str(addr)])) == allow.contains(str(addr))
 
 
 def test_host_addresses_in_a_namespace() -> None:
