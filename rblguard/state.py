@@ -91,12 +91,22 @@ class State:
                 self.db.executescript(f"BEGIN;{_SCHEMA}"
                                       f"PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
             self.db.execute("SELECT count(*) FROM positions").fetchone()
+            self._history_index()
         except sqlite3.Error as exc:
             self.close()
             raise self._error("cannot open", exc) from None
         except StateError:
             self.close()
             raise
+
+    def _history_index(self) -> None:
+        """An index on ``history.last_ban``, so that the daemon's prune of forgotten
+        offenders (every few seconds) reads only what it deletes.  Older files get it
+        here; a file we may only read works without it."""
+        assert self.db is not None
+        with contextlib.suppress(sqlite3.OperationalError):
+            self.db.execute("CREATE INDEX IF NOT EXISTS history_last_ban "
+                            "ON history(last_ban)")
 
     def _error(self, what: str, exc: BaseException) -> StateError:
         text = str(exc)
@@ -201,7 +211,8 @@ class State:
         self._write("cannot flush bans", "DELETE FROM bans", ())
 
     def prune(self, now: float, forget_before: float | None = None) -> None:
-        """Drop bans expired at ``now``, and history last banned before ``forget_before``."""
+        """Drop bans expired at ``now``, and history last banned before ``forget_before``
+        (the daemon passes now - repeat.forget_after, so the table stays bounded)."""
         self._write("cannot prune expired bans", "DELETE FROM bans WHERE until <= ?", (now,))
         if forget_before is not None:
             self._write("cannot prune offender history",

@@ -134,3 +134,20 @@ def test_full_disk(tmp_path: Path) -> None:
                                        "x" * 200) for j in range(100)])
         assert str(mnt / "state.db") in str(info.value)
         assert "full" in str(info.value)
+
+
+def test_history_prune_uses_an_index_and_old_files_get_it(tmp_path: Path) -> None:
+    """The daemon prunes forgotten offenders every few seconds: an index keeps that cheap,
+    and a file written before the index existed gets it when opened."""
+    with State(tmp_path) as state:
+        assert state.db is not None
+        state.db.execute("DROP INDEX history_last_ban")
+    with State(tmp_path) as state:
+        assert state.db is not None
+        plan = " ".join(str(row) for row in state.db.execute(
+            "EXPLAIN QUERY PLAN DELETE FROM history WHERE last_ban < 1"))
+        assert "history_last_ban" in plan
+        state.commit(history=[Offender(f"198.18.0.{i}", 1, NOW - i * 86400)
+                              for i in range(60)])
+        state.prune(NOW, forget_before=NOW - 30 * 86400)
+        assert len(state.load_history()) == 31
