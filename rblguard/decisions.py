@@ -7,7 +7,10 @@ match times only for rules that ask for more than one match.
 
 Time comes from the LOG (``match.time``), so catching up on a backlog bans until the
 line's time + ban time and skips bans that would already be over.  The storm guard's
-rate uses the wall clock ``now``: it protects the kernel and the host, which live now.
+rate runs on log time too, one bucket per source: it refuses a flood as the log wrote
+it (more new offenders in a second of log than storm.max_per_second), while a backlog
+read after downtime is spread over the hours it covers and is banned in full.  Lines
+without a stamp have no log time: the wall clock ``now`` stands in.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from rblguard.allowlist import span
 from rblguard.durations import parse_duration
 from rblguard.model import Ban, Match
 from rblguard.rules import BanPolicy  # one definition: the rules carry it per rule
@@ -29,6 +33,8 @@ if TYPE_CHECKING:
 __all__ = ["BanPolicy", "Decider", "DecisionSettings", "Verdict"]
 
 RECENT_LIMIT = 200_000  # (rule, target) pairs waiting to reach their rule's count
+BUCKET_LIMIT = 1024  # storm-rate buckets (one per source); more are never configured
+DEFAULT_FORGET_AFTER = 30 * 86400.0  # history kept with `repeat: off` (it is unused then)
 _COUNT_BITS = 8  # history packs last_ban (whole seconds) << 8 | min(bans, 255)
 _COUNT_MASK = (1 << _COUNT_BITS) - 1
 
@@ -80,10 +86,14 @@ class Decider:
         self._recent: dict[tuple[str, str], list[float]] = {}
         self._subnet_singles: dict[str, int] = {}  # "198.18.5.0/24" -> active singles in it
         self._earliest = float("inf")  # no active ban ends before this: expire() is cheap
-        storm = settings.storm
-        self._bucket = storm.max_per_second if storm else 0.0
-        self._bucket_time: float | None = None
+        self._buckets: dict[str, list[float]] = {}  # source -> [tokens, its log clock]
         self.refusals: dict[str, int] = {}
+
+    @property
+    def forget_after(self) -> float:
+        """How long an offender's history is kept without a ban."""
+        repeat = self.settings.repeat
+        return repeat.forget_after if repeat is not None else DEFAULT_FORGET_AFTER
 
     # -- start-up, reload ----------------------------------------------------------
 
@@ -99,8 +109,13 @@ class Decider:
 
     # -- the log's matches -----------------------------------------------------------
 
-    def on_match(self, match: Match, policy: BanPolicy, now: float) -> Verdict:
-        """Decide what one RBL reject means.  Never raises for an odd address."""
+    def on_match(self, match: Match, policy: BanPolicy, now: float,
+                 source: str = "") -> Verdict:
+        """Decide what one RBL reject means.  Never raises for an odd address.
+
+        ``source`` names the log the match came from: each has its own storm-rate
+        bucket, filled by the advance of that log's own time.
+        """
         address = match.address
         when = match.time if match.time is not None else now
         if self.allowlist.contains(address):
@@ -123,13 +138,14 @@ class Decider:
                 return Verdict()  # the kernel already holds it at least this long
             self._set_active(target, until)
             return Verdict(bans=[Ban(target, until, match.rule, match.line)], refreshed=True)
-        refusal = self._storm_check(now, 1)
+        refusal = self._storm_check(source, when, 1)
         if refusal:
             return refusal
         self._set_active(target, until)
         self._remember_ban(target, when)
         bans = [Ban(target, until, match.rule, match.line)]
-        subnet_ban = self._subnet_escalation(target, until, match.rule, match.line, now)
+        subnet_ban = self._subnet_escalation(target, until, match.rule, match.line, source,
+                                             when)
         if subnet_ban is not None:
             bans.append(subnet_ban)
         return Verdict(bans=bans)
@@ -174,8 +190,7 @@ class Decider:
         packed = self._history.get(target)
         if packed is None:
             return 0
-        repeat = self.settings.repeat
-        if repeat is not None and when - (packed >> _COUNT_BITS) > repeat.forget_after:
+        if when - (packed >> _COUNT_BITS) > self.forget_after:
             del self._history[target]
             return 0
         return packed & _COUNT_MASK
@@ -186,7 +201,11 @@ class Decider:
         if repeat is None or previous == 0:
             return base
         cap = max(repeat.max, base)  # a rule's own longer duration is never cut
-        return min(base * repeat.factor ** min(previous, 64), cap)
+        try:
+            longer = base * repeat.factor ** min(previous, 64)
+        except OverflowError:
+            return cap
+        return min(longer, cap)
 
     def _remember_ban(self, target: str, when: float) -> None:
         packed = self._history.get(target, 0)
@@ -194,7 +213,7 @@ class Decider:
         self._history[target] = int(when) << _COUNT_BITS | count
 
     def _subnet_escalation(self, target: str, until: float, rule: str, line: str,
-                           now: float) -> Ban | None:
+                           source: str, when: float) -> Ban | None:
         """Ban the IPv4 subnet once ``after`` of its addresses are banned (singles stay)."""
         sub = self.settings.ipv4_subnet
         if sub is None or "/" in target or ":" in target:
@@ -204,30 +223,38 @@ class Decider:
         count = self._subnet_singles.get(key, 0)  # already counts target (_set_active)
         if count < sub.after or key in self._active or self.allowlist.overlaps(net):
             return None
-        if self._storm_check(now, 1) is not None:
+        if self._storm_check(source, when, 1) is not None:
             return None
         self._set_active(key, until)
         return Ban(key, until, rule, f"{count} addresses of {key} banned; last: {line}")
 
     # -- storm guard -----------------------------------------------------------------
 
-    def _storm_check(self, now: float, n: int) -> Verdict | None:
-        """Refuse new bans past max_active, or faster than max_per_second (token bucket)."""
+    def _storm_check(self, source: str, when: float, n: int) -> Verdict | None:
+        """Refuse new bans past max_active, or faster than max_per_second (a token
+        bucket per source, refilled by the advance of that source's log time ``when``).
+
+        Log time going backwards (a bogus stamp, then good ones) only moves the clock
+        back without refilling: one bad stamp can never stop banning.
+        """
         storm = self.settings.storm
         if storm is None:
             return None
         if len(self._active) + n > storm.max_active:
             return self._refuse("storm_active", f"{len(self._active)} active bans reached "
                                 f"storm.max_active ({storm.max_active})")
-        if self._bucket_time is not None:
-            elapsed = max(0.0, now - self._bucket_time)
-            self._bucket = min(storm.max_per_second,
-                               self._bucket + elapsed * storm.max_per_second)
-        self._bucket_time = now
-        if self._bucket < n:
+        bucket = self._buckets.get(source)
+        if bucket is None:
+            if len(self._buckets) >= BUCKET_LIMIT:
+                self._buckets.clear()
+            bucket = self._buckets[source] = [storm.max_per_second, when]
+        elapsed = max(0.0, when - bucket[1])
+        bucket[0] = min(storm.max_per_second, bucket[0] + elapsed * storm.max_per_second)
+        bucket[1] = when
+        if bucket[0] < n:
             return self._refuse("storm_rate", "more than storm.max_per_second "
-                                f"({storm.max_per_second:g}) new bans a second")
-        self._bucket -= n
+                                f"({storm.max_per_second:g}) new bans in a second of log")
+        bucket[0] -= n
         return None
 
     def _refuse(self, reason: str, message: str) -> Verdict:
@@ -263,6 +290,13 @@ class Decider:
         self._set_active(canonical, until)
         return Verdict(bans=[Ban(canonical, until, "manual", reason)], refreshed=refreshed)
 
+    def restore(self, target: str, until: float | None) -> None:
+        """Put back what ``target`` had before a ban the kernel refused (None: none)."""
+        if until is None:
+            self.unban(target)
+        else:
+            self._set_active(target, until)
+
     def unban(self, target: str) -> bool:
         """Forget an active ban; False if there was none.  Its history stays."""
         until = self._active.pop(target, None)
@@ -270,6 +304,27 @@ class Decider:
             return False
         self._single_gone(target)
         return True
+
+    def overlapping(self, target: str) -> list[str]:
+        """Every active ban that would still block some of ``target``: for an address,
+        each ban covering it (itself, its /24, its IPv6 /64, an admin's /48); for a
+        network, also each ban inside it."""
+        net = ipaddress.ip_network(target, strict=False)
+        found = []
+        for plen in range(net.prefixlen, -1, -1):  # target itself and every supernet
+            sup = net if plen == net.prefixlen else net.supernet(new_prefix=plen)
+            text = (str(sup.network_address) if sup.prefixlen == sup.max_prefixlen
+                    else str(sup))
+            if text in self._active:
+                found.append(text)
+        if net.prefixlen < net.max_prefixlen:  # bans inside the network
+            lo, hi = int(net.network_address), int(net.broadcast_address)
+            for other in self._active:
+                s = span(other)
+                if (s is not None and s[0] == net.version and lo <= s[1] and s[2] <= hi
+                        and other not in found):
+                    found.append(other)
+        return found
 
     def flush(self) -> None:
         self._active.clear()
@@ -287,12 +342,11 @@ class Decider:
             del self._active[target]
             self._single_gone(target)
         self._earliest = min(self._active.values(), default=float("inf"))
-        repeat = self.settings.repeat
-        if repeat is not None:  # history past forget_after, checked at the same pace
-            horizon = int(now - repeat.forget_after)
-            old = [t for t, p in self._history.items() if (p >> _COUNT_BITS) < horizon]
-            for target in old:
-                del self._history[target]
+        # history past forget_after, checked at the same pace
+        horizon = int(now - self.forget_after)
+        old = [t for t, p in self._history.items() if (p >> _COUNT_BITS) < horizon]
+        for target in old:
+            del self._history[target]
         return gone
 
     def history_updates(self, bans: Iterable[Ban]) -> list[Offender]:

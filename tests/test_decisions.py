@@ -155,13 +155,43 @@ def test_storm_guard_rate_and_active() -> None:
     outcomes = [d.on_match(_m(f"198.18.3.{i}"), ONE, T0) for i in range(150)]
     assert sum(1 for v in outcomes if v.bans) == 100
     assert {v.refused for v in outcomes if not v.bans} == {"storm_rate"}
-    assert d.on_match(_m("198.18.4.1"), ONE, T0 + 0.5).bans  # the bucket refills
+    assert d.on_match(_m("198.18.4.1", T0 + 0.5), ONE, T0 + 0.5).bans  # it refills
     small = _decider(storm=StormSettings(max_active=3, max_per_second=1000))
     results = [small.on_match(_m(f"198.18.5.{i}"), ONE, T0) for i in range(5)]
     assert [v.refused for v in results] == [None, None, None, "storm_active", "storm_active"]
     assert small.refusals == {"storm_active": 2} and len(small) == 3
     # refreshing a ban already there is not a new ban: allowed at the limit
     assert small.on_match(_m("198.18.5.0", T0 + 5), ONE, T0 + 5).refreshed
+
+
+def test_storm_rate_runs_on_log_time_so_a_backlog_is_banned_in_full() -> None:
+    """After downtime, an hour of log with 20 new offenders a second is read in one go:
+    every one of them is banned (the old wall-clock bucket refused all but 100)."""
+    d = _decider(storm=StormSettings(max_active=1_000_000, max_per_second=100))
+    now = T0 + 3600  # the wall clock: everything below is read at this one instant
+    results = [d.on_match(_m(f"198.18.{i >> 8}.{i & 255}", T0 + i / 20), ONE, now, "log")
+               for i in range(20 * 3000)]
+    assert all(v.bans for v in results if not v.stale)
+    assert sum(1 for v in results if v.bans) > 50_000 and "storm_rate" not in d.refusals
+    # a flood in log time (1,000 new offenders within one second of log) is still refused
+    flood = [d.on_match(_m(f"198.19.{i >> 8}.{i & 255}", now + i / 1000), ONE, now, "log")
+             for i in range(1000)]
+    assert sum(1 for v in flood if v.bans) < 250
+    assert {v.refused for v in flood if not v.bans} == {"storm_rate"}
+
+
+def test_storm_rate_bucket_per_source_and_a_bogus_stamp_does_not_stop_banning() -> None:
+    d = _decider(storm=StormSettings(max_active=1_000_000, max_per_second=10))
+    # a stamp far in the future, then the real time again: banning goes on
+    assert d.on_match(_m("198.18.8.1", T0 + 10**9), ONE, T0, "a").bans
+    got = [d.on_match(_m(f"198.18.9.{i}", T0 + i), ONE, T0, "a").bans for i in range(30)]
+    assert all(got)
+    # one source catching up on old lines does not eat another's budget, nor the reverse
+    live = [d.on_match(_m(f"198.18.10.{i}", T0 + 100 + i / 10), ONE, T0 + 100, "b")
+            for i in range(10)]
+    old = [d.on_match(_m(f"198.18.11.{i}", T0 + 50 + i / 10), ONE, T0 + 100, "c")
+           for i in range(10)]
+    assert all(v.bans for v in live + old)
 
 
 def test_defaults_let_a_wave_of_1000_bans_a_second_through() -> None:
@@ -219,3 +249,51 @@ def test_active_bans_never_shorten_and_match_the_kernel_view(
             kernel[ban.target] = ban.until
         assert dict(d.active_items()) == kernel
         assert len(kernel) <= 30
+
+
+def test_overlapping_finds_every_ban_that_blocks_an_address_or_network() -> None:
+    d = _decider(ipv4_subnet=SubnetSettings(after=2))
+    d.on_match(_m("2001:db8:1:2::7"), ONE, T0)  # banned as its /64
+    d.on_manual("2001:db8:1::/48", "1h", "", False, T0)
+    d.on_manual("2001:db8:1:2::7", "1h", "", False, T0)
+    assert sorted(d.overlapping("2001:db8:1:2::7")) == [
+        "2001:db8:1:2::/64", "2001:db8:1:2::7", "2001:db8:1::/48"]
+    assert d.overlapping("2001:db8:1:3::1") == ["2001:db8:1::/48"]
+    d.on_match(_m("198.51.100.1"), ONE, T0)
+    d.on_match(_m("198.51.100.2"), ONE, T0)  # and the /24 with it
+    assert sorted(d.overlapping("198.51.100.2")) == ["198.51.100.0/24", "198.51.100.2"]
+    assert d.overlapping("198.51.100.3") == ["198.51.100.0/24"]
+    # a network: the bans covering it and the bans inside it
+    assert sorted(d.overlapping("198.51.100.0/25")) == [
+        "198.51.100.0/24", "198.51.100.1", "198.51.100.2"]
+    assert d.overlapping("192.0.2.1") == []
+
+
+def test_restore_puts_back_what_a_refused_manual_ban_replaced() -> None:
+    d = _decider()
+    d.on_manual("198.18.1.1", "1h", "", False, T0)
+    d.on_manual("198.18.1.1", "5m", "", False, T0)
+    d.restore("198.18.1.1", T0 + H)
+    assert d.until("198.18.1.1") == T0 + H
+    d.on_manual("198.18.1.2", "5m", "", False, T0)
+    d.restore("198.18.1.2", None)
+    assert d.until("198.18.1.2") is None and len(d) == 1
+
+
+def test_durations_are_finite_everywhere() -> None:
+    d = _decider()
+    for bad in (float("inf"), float("nan"), 1e300, -1, 0, "400d"):
+        v = d.on_manual("198.18.2.1", bad, "", False, T0)  # type: ignore[arg-type]
+        assert v.refused == "invalid" and not v.bans, bad
+    # an escalation that would overflow a float is cut at repeat.max, never raises
+    huge = _decider(repeat=RepeatSettings(factor=1e200, max=7 * 86400, forget_after=1e6))
+    huge.load([], [Offender("198.18.2.2", 200, T0 - 10)])
+    assert huge.on_match(_m("198.18.2.2"), ONE, T0).bans[0].until == T0 + 7 * 86400
+
+
+def test_history_is_forgotten_with_repeat_off_too() -> None:
+    d = _decider(repeat=None)
+    d.load([], [Offender("198.18.3.1", 2, T0 - 40 * 86400)])
+    d.on_match(_m("198.18.3.2"), ONE, T0)
+    d.expire(T0 + H)
+    assert d.history_of("198.18.3.1") == 0 and d.history_of("198.18.3.2") == 1
