@@ -96,8 +96,13 @@ def check_request(body: Any) -> dict[str, Any]:
             checked["target"] = normalise_target(checked["target"])
         except ValueError as exc:
             raise ControlError(str(exc)) from None
-    if checked.get("duration") is not None and checked["duration"] <= 0:
-        raise ControlError(f"{cmd}: duration must be greater than zero")
+    if checked.get("duration") is not None:
+        from rblguard.durations import parse_duration
+
+        try:
+            checked["duration"] = parse_duration(checked["duration"])
+        except ValueError as exc:  # NaN, Infinity, 0, negative, past MAX_DURATION
+            raise ControlError(f"{cmd}: field 'duration': {exc}") from None
     return checked
 
 
@@ -158,23 +163,39 @@ class ControlServer:
         self.server: _Server | None = None
 
     def start(self) -> None:
+        """Listen; ControlError (one line, naming the path) if that is impossible:
+        another rblguard answers there, or the path or its directory cannot be made."""
+        try:
+            server = self._listen()
+        except OSError as exc:
+            raise ControlError(f"cannot create the control socket {self.path}: "
+                               f"{exc.strerror or exc}; check control_socket in the "
+                               "config") from None
+        self.server = server
+        threading.Thread(target=server.serve_forever, name="control", daemon=True).start()
+
+    def _listen(self) -> _Server:
         parent = Path(self.path).parent
         parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if os.path.exists(self.path):
             if not stat.S_ISSOCK(os.stat(self.path).st_mode):
                 raise ControlError(f"{self.path} exists and is not a socket")
-            with contextlib.suppress(ControlError):
-                request(self.path, {"cmd": "status"}, timeout=2)
-                raise ControlError(f"another rblguard answers on {self.path}")
+            if _listening(self.path):
+                raise ControlError(f"another rblguard answers on {self.path} "
+                                   "(stop it first, or give this one its own "
+                                   "control_socket)")
             os.unlink(self.path)  # stale: its daemon is gone
         old = os.umask(0o177)  # no window where the socket is open to others
         try:
-            self.server = _Server(self.path, self.handler)
+            server = _Server(self.path, self.handler)
         finally:
             os.umask(old)
-        os.chmod(self.path, 0o600)
-        threading.Thread(target=self.server.serve_forever, name="control",
-                         daemon=True).start()
+        try:
+            os.chmod(self.path, 0o600)
+        except OSError:
+            server.server_close()
+            raise
+        return server
 
     def stop(self) -> None:
         if self.server is not None:
@@ -183,6 +204,22 @@ class ControlServer:
             self.server = None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+
+
+def _listening(path: str) -> bool:
+    """Whether some process accepts connections on the socket ``path`` (a daemon still
+    starting up may not answer yet, but it listens: its socket is not stale)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(2)
+    try:
+        sock.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True  # e.g. a full backlog: someone is there
+    finally:
+        sock.close()
+    return True
 
 
 def request(path: str, body: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
