@@ -36,7 +36,10 @@ def _build_request(args: argparse.Namespace) -> dict[str, Any]:
     if args.command in ("ban", "unban"):
         body["target"] = normalise_target(args.target)
     if args.command == "ban":
-        body["duration"] = parse_duration(args.duration) if args.duration else None
+        try:
+            body["duration"] = parse_duration(args.duration) if args.duration else None
+        except ValueError as exc:
+            raise ValueError(f"--for: {exc}") from None
         body["reason"] = args.reason
         body["force"] = args.force
     return body
@@ -109,10 +112,18 @@ def main(args: argparse.Namespace) -> int:
         refresh = " (refreshed)" if result.get("refreshed") else ""
         print(f"banned {result.get('target')} until {_when(result.get('until'))}{refresh}")
     elif args.command == "unban":
-        print(f"unbanned {result.get('target')}" if result.get("removed")
-              else f"{result.get('target')} was not banned (removed from the kernel anyway)")
+        lifted = result.get("lifted") or []
+        if result.get("removed"):
+            print(f"unbanned {result.get('target')}: lifted {', '.join(lifted)}"
+                  if lifted else f"unbanned {result.get('target')}")
+        else:
+            print(f"{result.get('target')} was not banned (removed from the kernel anyway)")
     elif args.command == "flush":
         print(f"lifted {result.get('removed', 0)} ban(s)")
     elif args.command == "reload":
-        print(f"reloaded: {result.get('rules')} rule(s)")
+        lifted = result.get("lifted") or []
+        shown = ", ".join(lifted[:10]) + (" ..." if len(lifted) > 10 else "")
+        print(f"reloaded: {result.get('rules')} rule(s)"
+              + (f"; lifted {len(lifted)} ban(s) on allowlisted targets: {shown}"
+                 if lifted else ""))
     return 0

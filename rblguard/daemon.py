@@ -15,6 +15,8 @@ ban, and at worst re-reads a few lines whose bans are idempotent.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -28,7 +30,9 @@ from typing import Any
 
 from rblguard import __version__
 from rblguard.addresses import family
-from rblguard.daemon_control import restore_entries
+from rblguard.config import ConfigError
+from rblguard.control import ControlError
+from rblguard.daemon_control import kernel_entry, restore_entries
 from rblguard.firewall.base import Backend, Entry, FirewallError
 from rblguard.model import Ban, ChunkResult, Match, SourcePosition
 from rblguard.rules import RuleError, RuleSet, load_rules, rule_files, shipped_rules_dir
@@ -40,6 +44,9 @@ log = logging.getLogger("rblguard")
 READ_BYTES = 4 << 20  # per source per wake-up: keeps a backlog from starving the socket
 TICK = 1.0  # seconds: safety-net re-read of every source, rule-file and tcprules check
 HOUSEKEEPING = 5.0  # seconds: firewall health (self-repair), counters, expiry
+RELOAD = object()  # the queue item SIGHUP sends (a str would be taken for a source)
+# Config keys a reload applies; the others (backend, sources, ...) need a restart.
+RELOADED_KEYS = ("allowlist", "tcprules", "rules_dirs", "shipped_rules")
 
 
 @dataclass
@@ -63,9 +70,10 @@ class _SourceState:
 class Daemon:
     """Everything ``rblguard run`` does, driven by run()."""
 
-    def __init__(self, config: Any, config_path: str) -> None:
+    def __init__(self, config: Any, config_path: str, config_explicit: bool = True) -> None:
         self.config = config
         self.config_path = config_path
+        self.config_explicit = config_explicit  # named with --config: it must exist
         self.wakeups: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.stopping = threading.Event()
         self.started = time.time()
@@ -76,10 +84,16 @@ class Daemon:
         self.rule_mtimes: dict[str, float] = {}
         self.tcprules_mtime: float | None = None
         self.latency_start: dict[str, float] = {}  # target -> its log line's time
+        self.manual: set[str] = set()  # active targets whose ban an admin made
+        self.lifted_allowlisted = 0  # bans lifted because their target became allowlisted
+        self.metrics: Any = None
+        self.watcher: Any = None
 
     # -- start-up --------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, serve_metrics: bool = False) -> None:
+        """Everything before the loop.  ``serve_metrics`` opens the metrics port first
+        of all, so a taken port stops start-up before the firewall or state is touched."""
         from rblguard.allowlist import Allowlist
         from rblguard.decisions import Decider, DecisionSettings
         from rblguard.firewall import make_backend
@@ -93,6 +107,8 @@ class Daemon:
                                connections_per_day=cfg.dnsbl.connections_per_day,
                                queries_per_day=cfg.dnsbl.queries_per_day)
         self.metrics.reload(True)
+        if serve_metrics and cfg.metrics:
+            self.metrics.serve(cfg.metrics)
         self.allowlist = Allowlist.from_config(cfg)
         self.decider = Decider(DecisionSettings.from_config(cfg), self.allowlist)
         self._open_state()
@@ -101,13 +117,17 @@ class Daemon:
         now = time.time()
         positions: dict[str, SourcePosition] = {}
         if self.state is not None:
+            self._state_call("prune", self.state.prune, now, now - self.decider.forget_after)
             bans = self._state_call("load bans", self.state.load_bans, now) or []
             history = self._state_call("load history", self.state.load_history) or []
             positions = self._state_call("load positions", self.state.load_positions) or {}
             self.decider.load(bans, history)
+            self.manual = {b.target for b in bans if b.rule == "manual"}
+            self._lift_allowlisted(None)  # the allowlist may have grown while we were down
             t0 = time.monotonic()
-            self._to_kernel([Entry(b.target, max(1, int(b.until - now))) for b in bans])
-            log.info("restored %d bans into the kernel in %.3f s", len(bans),
+            entries = restore_entries(self, now)
+            self._to_kernel(entries)
+            log.info("restored %d bans into the kernel in %.3f s", len(entries),
                      time.monotonic() - t0)
         self.sources = {
             src: _SourceState(Follower(src, positions.get(src)), position=positions.get(src))
@@ -116,9 +136,10 @@ class Daemon:
         self.dirty.update(self.sources)
         self._remember_rule_files()
 
-    def _load_rules(self) -> RuleSet:
-        dirs = ([shipped_rules_dir()] if self.config.shipped_rules else []) + [
-            d for d in self.config.rules_dirs if os.path.isdir(d)]
+    def _load_rules(self, config: Any = None) -> RuleSet:
+        config = config or self.config
+        dirs = ([shipped_rules_dir()] if config.shipped_rules else []) + [
+            d for d in config.rules_dirs if os.path.isdir(d)]
         return load_rules(dirs)
 
     def _open_state(self) -> None:
@@ -148,22 +169,26 @@ class Daemon:
         from rblguard.control import ControlServer
         from rblguard.follow import SourceWatcher
 
-        self.start()
-        self.watcher = SourceWatcher(list(self.sources), self._source_changed)
-        self.watcher.start()
+        # The socket first: a second rblguard on the same socket stops here, before it
+        # touches the firewall or the state of the one already running.  Requests wait
+        # in the queue until the loop below answers them.
         self.control = ControlServer(self.config.control_socket, self._control_request)
         self.control.start()
-        if self.config.metrics:
-            self.metrics.serve(self.config.metrics)
-        self._install_signals()
-        self._pump()  # the backlog up to now, before we call ourselves ready
-        sdnotify.ready()
-        sdnotify.status(f"following {len(self.sources)} source(s)")
-        log.info("rblguard %s ready: %d source(s), %d rule(s), backend %s", __version__,
-                 len(self.sources), len(self.ruleset.rules), self.backend.name)
-        watchdog = sdnotify.watchdog_interval()
-        next_tick = next_house = time.monotonic()
+        ready = False
         try:
+            self.start(serve_metrics=True)
+            self.watcher = SourceWatcher(list(self.sources), self._source_changed)
+            self.watcher.start()
+            self._install_signals()
+            self._pump()  # the backlog up to now, before we call ourselves ready
+            sdnotify.ready()
+            ready = True
+            sdnotify.status(f"following {len(self.sources)} source(s)")
+            assert self.backend is not None
+            log.info("rblguard %s ready: %d source(s), %d rule(s), backend %s", __version__,
+                     len(self.sources), len(self.ruleset.rules), self.backend.name)
+            watchdog = sdnotify.watchdog_interval()
+            next_tick = next_house = time.monotonic()
             while not self.stopping.is_set():
                 timeout = max(0.0, min(next_tick, next_house) - time.monotonic())
                 self._wait(timeout)
@@ -180,11 +205,15 @@ class Daemon:
                     sdnotify.watchdog()
         finally:
             sdnotify.stopping()
-            self.watcher.stop()
+            if self.watcher is not None:
+                self.watcher.stop()
             self.control.stop()
+            if self.metrics is not None:
+                self.metrics.close()
             if self.backend is not None:
                 self.backend.close()
-            log.info("rblguard stopped; bans stay in the kernel until they expire")
+            if ready:
+                log.info("rblguard stopped; bans stay in the kernel until they expire")
         return 0
 
     def _wait(self, timeout: float) -> None:
@@ -197,12 +226,12 @@ class Daemon:
         except queue.Empty:
             pass
         for item in items:
-            if isinstance(item, str):
+            if item is RELOAD:
+                self.reload()
+            elif isinstance(item, str):
                 self.dirty.add(item)
             elif isinstance(item, _Request):
                 self._answer(item)
-            elif item == "reload":
-                self.reload()
 
     def _source_changed(self, source: str) -> None:  # watchdog's thread
         self.wakeups.put(source)
@@ -214,7 +243,7 @@ class Daemon:
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGHUP, lambda _s, _f: self.wakeups.put("reload"))
+        signal.signal(signal.SIGHUP, lambda _s, _f: self.wakeups.put(RELOAD))
 
     # -- sources -> rules -> decisions -> kernel -------------------------------------
 
@@ -222,7 +251,9 @@ class Daemon:
         """Read every dirty source to its end, ban what it holds, then save positions."""
         while self.dirty:
             source = self.dirty.pop()
-            st = self.sources[source]
+            st = self.sources.get(source)
+            if st is None:  # not one of ours: never let a stray wake-up stop the loop
+                continue
             more = True
             while more and not self.stopping.is_set():
                 try:
@@ -252,7 +283,7 @@ class Daemon:
             if type(event) is not Match:
                 continue
             rule = self.ruleset.by_name(event.rule)
-            verdict = self.decider.on_match(event, rule.policy, now)
+            verdict = self.decider.on_match(event, rule.policy, now, source)
             if verdict.refused:
                 self.metrics.refused(verdict.refused)
                 self.limited_warning(f"refused {verdict.refused}",
@@ -265,37 +296,61 @@ class Daemon:
                     self.latency_start.setdefault(ban.target, event.time)
                 self.log_ban(ban, verdict.refreshed)
 
-    def _flush_bans(self, position: SourcePosition | None = None) -> None:
+    def _flush_bans(self, position: SourcePosition | None = None) -> dict[str, str] | None:
         """Send every pending ban to the kernel in one batch, then record them.
 
         The bans and the source position after the lines that caused them are written
         in one transaction, and only once the kernel has the bans: a crash before it
         re-reads those lines (bans are idempotent), a crash after it re-reads nothing.
+        Returns the targets that failed for good with why, or None if the kernel
+        refused the whole batch (it stays pending and is tried again).  A ban that
+        cannot be a kernel entry at all (its end is not a usable time) is dropped with
+        an error, never kept pending.
         """
         bans = self.pending
+        failed: dict[str, str] = {}
         if bans:
             now = time.time()
-            failed = self._to_kernel([Entry(b.target, max(1, int(b.until - now)))
-                                      for b in bans])
+            entries = []
+            for ban in bans:
+                entry = kernel_entry(ban.target, ban.until, now)
+                if entry is None:
+                    failed[ban.target] = f"its end {ban.until!r} is not a usable time"
+                    log.error("dropping the ban of %s (rule %s): its end %r is not a "
+                              "usable time", ban.target, ban.rule, ban.until)
+                    self.metrics.refused("invalid")
+                    self.decider.unban(ban.target)
+                else:
+                    entries.append(entry)
+            refused = self._to_kernel(entries)
             committed = time.time()
             for start in self.latency_start.values():
                 self.metrics.ban_latency(max(0.0, committed - start))
             self.latency_start = {}
-            if failed is None:
-                return  # the kernel refused the batch: keep them pending, retry later
+            if refused is None:  # the kernel refused the batch: keep them, retry later
+                self.pending = [b for b in bans if b.target not in failed]
+                return None
+            failed.update(refused)
             bans = [b for b in bans if b.target not in failed]
             self.pending = []
+            for ban in bans:  # mirror the state's rule column: who made the ban in force
+                if ban.rule == "manual":
+                    self.manual.add(ban.target)
+                else:
+                    self.manual.discard(ban.target)
         if position is not None:
             self.sources[position.source].position = position
         if self.state is not None and (bans or position is not None):
             self._state_call("save bans and position", self.state.commit, bans=bans,
                              history=self.decider.history_updates(bans),
                              positions=[position] if position is not None else [])
+        return failed
 
-    def _to_kernel(self, entries: list[Entry]) -> set[str] | None:
-        """Ban a batch; the targets that failed for good, or None to retry the batch."""
+    def _to_kernel(self, entries: list[Entry]) -> dict[str, str] | None:
+        """Ban a batch; the targets that failed for good (with the kernel's reason), or
+        None to retry the batch."""
         if not entries:
-            return set()
+            return {}
         assert self.backend is not None
         try:
             result = self.backend.ban(entries)
@@ -313,14 +368,63 @@ class Daemon:
             reason = "set_full" if "full" in error.lower() else "firewall"
             self.metrics.refused(reason)
             self.limited_warning(f"failed {reason}", "kernel refused %s: %s", target, error)
-        return {t for t, _ in result.failed}
+        return dict(result.failed)
+
+    def _unban_in_kernel(self, targets: list[str]) -> dict[str, str]:
+        """Lift bans in the kernel; the targets it refused to lift, with why."""
+        assert self.backend is not None
+        if not targets:
+            return {}
+        try:
+            result = self.backend.unban(targets)
+        except FirewallError as exc:
+            self.metrics.firewall_error("ban")
+            log.error("firewall refused to lift %d ban(s): %s", len(targets), exc)
+            return dict.fromkeys(targets, str(exc))
+        for target, error in result.failed:
+            log.error("firewall refused to lift %s: %s", target, error)
+        return dict(result.failed)
+
+    def forget_bans(self, targets: list[str],
+                    reason: str | Callable[[str], str]) -> dict[str, str]:
+        """Lift ``targets`` everywhere: memory, pending, kernel and state (one batch
+        each); log each one with its reason.  Returns those the kernel refused to lift."""
+        gone = set(targets)
+        for target in targets:
+            self.decider.unban(target)
+            self.manual.discard(target)
+            self.log_unban(target, reason if isinstance(reason, str) else reason(target))
+        self.pending = [b for b in self.pending if b.target not in gone]
+        refused = self._unban_in_kernel(targets)
+        if self.state is not None and targets:
+            self._state_call("save unban", self.state.commit, unbans=targets)
+        return refused
+
+    def _lift_allowlisted(self, old: Any) -> list[str]:
+        """Lift every active ban on a target the allowlist now holds (a network: one
+        holding an allowlisted address).  An admin's own ban (``rblguard ban``, maybe
+        ``--force``) is kept unless this reload allowlisted it (``old`` is the
+        allowlist before the reload; None at start-up, when nobody knows)."""
+        hits = self.allowlist.overlapping(t for t, _ in self.decider.active_items())
+        kept = [t for t in hits if t in self.manual
+                and (old is None or old.overlapping([t]))]
+        lifted = [t for t in hits if t not in set(kept)]
+        if kept:
+            log.warning("keeping %d admin ban(s) on allowlisted targets: %s; "
+                        "`rblguard unban TARGET` lifts one", len(kept),
+                        ", ".join(kept[:10]) + (" ..." if len(kept) > 10 else ""))
+        if lifted:
+            self.forget_bans(lifted, lambda t: f"allowlisted ({self.allowlist.reason(t)})")
+            self.lifted_allowlisted += len(lifted)
+            log.info("lifted %d ban(s) on allowlisted targets", len(lifted))
+        return lifted
 
     # -- housekeeping ----------------------------------------------------------------
 
     def _housekeeping(self) -> None:
         assert self.backend is not None
         now = time.time()
-        self.decider.expire(now)
+        self.manual.difference_update(self.decider.expire(now))
         health = self.backend.health()
         self.metrics.firewall_health(health.ok)
         if not health.ok:
@@ -341,7 +445,7 @@ class Daemon:
         for source, st in self.sources.items():
             self.metrics.source_lag(source, st.follower.lag_bytes())
         if self.state is not None:
-            self._state_call("prune", self.state.prune, now)
+            self._state_call("prune", self.state.prune, now, now - self.decider.forget_after)
 
     # -- reload ----------------------------------------------------------------------
 
@@ -363,36 +467,61 @@ class Daemon:
             log.info("rule files or tcprules changed: reloading")
             self.reload()
 
+    def _reread_config(self) -> Any:
+        """The config file again, with the keys a reload applies taken from it and the
+        rest kept as running (ConfigError if the file is bad: nothing changes)."""
+        from rblguard.config import load_config
+
+        must_exist = self.config_explicit or self.config.path is not None
+        fresh = load_config(self.config_path, must_exist=must_exist)
+        keys = {"backend" if k == "firewall" else k for k in fresh.changed(self.config)}
+        later = sorted(keys - set(RELOADED_KEYS))
+        if later:
+            log.warning("%s: %s changed; that takes a restart (a reload applies %s)",
+                        self.config_path, ", ".join(later), ", ".join(RELOADED_KEYS))
+        return dataclasses.replace(self.config, path=fresh.path or self.config.path,
+                                   **{k: getattr(fresh, k) for k in RELOADED_KEYS})
+
     def reload(self, *, raise_errors: bool = False) -> dict[str, Any]:
-        """Re-read rules and allowlists; a bad edit keeps the old ones (and is raised
-        only for `rblguard reload`, whose caller shows it; a signal or a file change
-        just logs it)."""
+        """Re-read the config file's allowlist, tcprules and rule directories, the rules
+        and the host's addresses, then lift the bans the new allowlist holds.  A bad
+        edit (config or rule) keeps everything as it was and is raised only for
+        `rblguard reload`, whose caller shows it; a signal or a file change just logs
+        it (file, line, problem)."""
         from rblguard import sdnotify
         from rblguard.allowlist import Allowlist
 
         sdnotify.reloading()
         try:
-            ruleset = self._load_rules()
-        except RuleError as exc:
+            config = self._reread_config()
+            ruleset = self._load_rules(config)
+        except (ConfigError, RuleError) as exc:
             self.metrics.reload(False)
-            log.error("reload failed, keeping the %d rules in use: %s",
+            log.error("reload failed, keeping the config and the %d rules in use: %s",
                       len(self.ruleset.rules), exc)
             sdnotify.ready()
             if raise_errors:
                 raise
-            return {"rules": len(self.ruleset.rules), "changed": [], "error": str(exc)}
+            return {"rules": len(self.ruleset.rules), "changed": [], "lifted": [],
+                    "error": str(exc)}
         old = {r.name for r in self.ruleset.rules}
+        self.config = config
         self.ruleset = ruleset
         self.scanner = Scanner(ruleset)
-        self.allowlist = Allowlist.from_config(self.config)
+        old_allowlist = self.allowlist
+        self.allowlist = Allowlist.from_config(config)
         self.decider.set_allowlist(self.allowlist)
+        lifted = self._lift_allowlisted(old_allowlist)
+        with contextlib.suppress(OSError):
+            self._remember_rule_files()  # the directories and tcprules may be new ones
         self.metrics.reload(True)
         new = {r.name for r in ruleset.rules}
         changed = sorted(old ^ new)
-        log.info("reloaded %d rule(s) from %d file(s)%s", len(ruleset.rules),
-                 len(ruleset.files), f"; changed: {', '.join(changed)}" if changed else "")
+        log.info("reloaded %d rule(s) from %d file(s)%s; allowlist of %d entries",
+                 len(ruleset.rules), len(ruleset.files),
+                 f"; changed: {', '.join(changed)}" if changed else "", len(self.allowlist))
         sdnotify.ready()
-        return {"rules": len(ruleset.rules), "changed": changed}
+        return {"rules": len(ruleset.rules), "changed": changed, "lifted": lifted}
 
     # -- control requests (answered on the main loop) --------------------------------
 
@@ -413,7 +542,7 @@ class Daemon:
 
         try:
             request.answer = handle(self, request.body)
-        except (ValueError, RuleError, FirewallError) as exc:
+        except (ValueError, RuleError, ConfigError, FirewallError) as exc:
             request.error = str(exc)
         except Exception as exc:  # never let a request kill the loop
             log.exception("control request %r failed", request.body)
@@ -425,8 +554,11 @@ class Daemon:
 
     @staticmethod
     def log_ban(ban: Ban, refreshed: bool) -> None:
-        log.info("ban %s until %s rule=%s%s reason=%s", ban.target,
-                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ban.until)),
+        try:
+            until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ban.until))
+        except (OverflowError, ValueError, OSError):
+            until = repr(ban.until)  # never let a log line stop the loop
+        log.info("ban %s until %s rule=%s%s reason=%s", ban.target, until,
                  ban.rule, " (refresh)" if refreshed else "", ban.reason)
 
     @staticmethod
@@ -450,7 +582,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"rblguard: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level)
-    daemon = Daemon(config, args.config)
+    daemon = Daemon(config, args.config, config_explicit=explicit)
     if args.check:
         try:
             ruleset = daemon._load_rules()
@@ -460,6 +592,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"config {args.config} OK; {len(ruleset.rules)} rule(s) from "
               f"{len(ruleset.files)} file(s)")
         return 0
+    from rblguard.metrics import MetricsAddressError
+
     try:
         return daemon.run()
     except RuleError as exc:
@@ -468,3 +602,10 @@ def main(args: argparse.Namespace) -> int:
     except FirewallError as exc:
         log.error("firewall: %s", exc)
         return 1
+    except (ControlError, MetricsAddressError) as exc:  # socket taken, port taken, ...
+        log.error("cannot start: %s", getattr(exc, "strerror", None) or exc)
+        return 2
+    except OSError as exc:  # a directory or file the daemon needs cannot be made
+        where = f" {exc.filename}" if exc.filename else ""
+        log.error("cannot start:%s %s", where, exc.strerror or exc)
+        return 2

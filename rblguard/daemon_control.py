@@ -7,13 +7,14 @@ why a ban from the CLI and a ban from the log can never race.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import TYPE_CHECKING, Any
 
 from rblguard import __version__
 from rblguard.addresses import family
-from rblguard.firewall.base import Entry
+from rblguard.firewall.base import Entry, FirewallError
 
 if TYPE_CHECKING:
     from rblguard.daemon import Daemon
@@ -54,6 +55,7 @@ def _status(d: Daemon, _body: dict[str, Any]) -> dict[str, Any]:
                      for f, c in counters.items()},
         "dnsbl": d.metrics.budget(),
         "state": d.config.state_dir if d.state is not None else None,
+        "allowlist_lifted": d.lifted_allowlisted,
     }
 
 
@@ -73,36 +75,58 @@ def _list(d: Daemon, _body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _ban(d: Daemon, body: dict[str, Any]) -> dict[str, Any]:
+    """Ban now; an error (and nothing banned) if the kernel refuses the entry."""
     now = time.time()
+    previous = d.decider.until(body["target"])
     verdict = d.decider.on_manual(body["target"], body.get("duration"),
                                   body.get("reason") or "", bool(body.get("force")), now)
     if verdict.refused:
         d.metrics.refused(verdict.refused)
         raise ValueError(verdict.message or f"refused: {verdict.refused}")
-    for ban in verdict.bans:
-        d.pending.append(ban)
-        d.metrics.ban(ban.rule, family(ban.target))
-    d._flush_bans()
     ban = verdict.bans[0]
+    d.pending.extend(verdict.bans)
+    failed = d._flush_bans()
+    if failed is None or ban.target in failed:
+        # Not in the kernel: take it back out of memory (and out of the retry queue),
+        # so that list, status and the state never show a ban that is not there.
+        d.pending = [b for b in d.pending if b is not ban]
+        d.decider.restore(ban.target, previous)
+        why = "it refused the whole batch" if failed is None else failed[ban.target]
+        outcome = ("nothing was banned" if previous is None
+                   else "the ban already in force is unchanged")
+        raise FirewallError(f"the kernel did not take the ban of {ban.target}: {why}; "
+                            f"{outcome}")
+    d.metrics.ban(ban.rule, family(ban.target))
     d.log_ban(ban, verdict.refreshed)
     return {"target": ban.target, "until": ban.until, "refreshed": verdict.refreshed}
 
 
 def _unban(d: Daemon, body: dict[str, Any]) -> dict[str, Any]:
+    """Free an address or network: lift every active ban that blocks any of it (for an
+    IPv6 client its /64, for an IPv4 one its subnet ban too), and say which."""
     assert d.backend is not None
     target = body["target"]
-    removed = d.decider.unban(target)
-    d.backend.unban([target])
-    if d.state is not None:
-        d._state_call("save unban", d.state.commit, unbans=[target])
-    d.log_unban(target, "manual")
-    return {"target": target, "removed": removed}
+    lifted = d.decider.overlapping(target)
+    kernel = list(dict.fromkeys([*lifted, target]))  # the target itself in any case
+    refused = d.forget_bans(lifted, "manual")
+    others = [t for t in kernel if t not in lifted]
+    refused.update(d._unban_in_kernel(others))
+    if d.state is not None and others:
+        d._state_call("save unban", d.state.commit, unbans=others)
+    if not lifted:
+        d.log_unban(target, "manual (no active ban)")
+    if refused:
+        raise FirewallError("the kernel refused to lift " + "; ".join(
+            f"{t}: {why}" for t, why in refused.items()))
+    return {"target": target, "removed": bool(lifted), "lifted": lifted}
 
 
 def _flush(d: Daemon, _body: dict[str, Any]) -> dict[str, Any]:
     assert d.backend is not None
     removed = sum(d.decider.active_counts().values())
     d.decider.flush()
+    d.pending = []
+    d.manual.clear()
     d.backend.flush()
     if d.state is not None:
         d._state_call("flush", d.state.flush)
@@ -122,6 +146,18 @@ def handle(d: Daemon, body: dict[str, Any]) -> dict[str, Any]:
     return HANDLERS[body["cmd"]](d, body)
 
 
+def kernel_entry(target: str, until: float, now: float) -> Entry | None:
+    """The kernel entry of a ban ending at ``until``, or None if that is not a time."""
+    try:
+        seconds = until - now
+        if not math.isfinite(seconds):
+            return None
+        return Entry(target, max(1, int(seconds)))
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 def restore_entries(d: Daemon, now: float) -> list[Entry]:
     """Every active ban as a kernel entry with its remaining time."""
-    return [Entry(t, max(1, int(u - now))) for t, u in d.decider.active_items()]
+    entries = [kernel_entry(t, u, now) for t, u in d.decider.active_items()]
+    return [e for e in entries if e is not None]
