@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,11 @@ def test_setup_twice_status_and_remove(backend: str) -> None:
                 assert dump.count("table inet rblguard") == 1
             code, report = status(pair.server, backend)
             assert (code, report["healthy"], report["backend"]) == (0, True, backend)
-            assert report["entries"] == {"ipv4": 0, "ipv6": 0}
+            # ipset: the set headers' own count; nftables keeps none, and status never
+            # reads every element (no daemon runs here to ask)
+            counted = backend == "ipset"
+            assert report["entries"] == ({"ipv4": 0, "ipv6": 0} if counted else None)
+            assert report["entries_from"] == ("kernel" if counted else None)
 
             ops = [["ban", [[BANNED4, 60], [BANNED6, 60], ["198.18.9.0/24", 60]]]]
             [ban] = backend_ops(pair, ops, backend=backend)
@@ -86,13 +91,15 @@ def test_setup_twice_status_and_remove(backend: str) -> None:
             assert probe(pair, [(BANNED4, pair.server4, 25), (BANNED6, pair.server6, 25),
                                 (OTHER4, pair.server4, 25)]) == ["timeout", "timeout", "ok"]
             code, report = status(pair.server, backend)
-            assert code == 0 and report["entries"] == {"ipv4": 2, "ipv6": 1}
+            assert code == 0
+            assert report["entries"] == ({"ipv4": 2, "ipv6": 1} if counted else None)
             # one connection each, its SYN retransmitted once in the probe's 1.5 s
             for family in ("ipv4", "ipv6"):
                 assert report["counters"][family]["connections"] == 1, report
                 assert report["counters"][family]["packets"] >= 2, report
             text = cli(pair.server, "status", "--backend", backend)
             assert text.returncode == 0 and "healthy" in text.stdout
+            assert ("ipv4: 2 entries" if counted else "entries not counted") in text.stdout
 
             proc = cli(pair.server, "remove", "--backend", backend)
             assert proc.returncode == 0, proc.stderr
@@ -138,3 +145,29 @@ def test_docs_show_the_lines_setup_prints() -> None:
              if not ln.startswith("#")]
     assert lines and all(ln in doc for ln in lines)
     assert "rblguard firewall" in doc and "--ctstate NEW" in doc
+
+
+def test_nftables_status_takes_entries_from_the_running_daemon(tmp_path: Path) -> None:
+    """With a daemon on the config's control socket, its count of active bans stands in
+    for the element count nftables does not keep."""
+    require_root_tools("nft", "multilog")
+    from tests.daemon_harness import Multilog, daemon_namespace, reject_message
+
+    with daemon_namespace(tmp_path) as harness:
+        harness.write_config()
+        log = Multilog(tmp_path / "log")
+        harness.start()
+        try:
+            log.write(reject_message("198.18.7.1") + reject_message("198.18.7.2")
+                      + reject_message("2001:db8:7::1"))
+            for _ in range(200):
+                if len(harness.kernel_elements()) == 3:
+                    break
+                time.sleep(0.05)
+            proc = cli(harness.ns, "status", "--json", config=str(harness.config_path))
+        finally:
+            log.close()
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 0, proc.stderr
+    assert report["entries"] == {"ipv4": 2, "ipv6": 1}
+    assert report["entries_from"] == "daemon"

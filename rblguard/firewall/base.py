@@ -124,13 +124,11 @@ class Backend(abc.ABC):
 
         Called every few seconds by the daemon: must not read the sets' elements."""
 
-    def entry_counts(self) -> dict[int, int]:
-        """Elements per family, {4: n, 6: m}, for ``rblguard firewall status``.  This
-        default lists every element; a backend whose kernel keeps a count reads that."""
-        counts = {4: 0, 6: 0}
-        for item in self.list():
-            counts[6 if ":" in item.target else 4] += 1
-        return counts
+    def entry_counts(self) -> dict[int, int] | None:
+        """Elements per family, {4: n, 6: m}, if the kernel keeps a count (ipset's set
+        headers do); None if only reading every element would tell (nftables: about a
+        minute for 1,000,000), which ``status`` never does."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release handles (netlink sockets, contexts)."""
