@@ -385,11 +385,14 @@ class Daemon:
             log.error("firewall refused to lift %s: %s", target, error)
         return dict(result.failed)
 
-    def forget_bans(self, targets: list[str],
-                    reason: str | Callable[[str], str]) -> dict[str, str]:
+    def forget_bans(self, targets: list[str], reason: str | Callable[[str], str],
+                    kind: str = "manual") -> dict[str, str]:
         """Lift ``targets`` everywhere: memory, pending, kernel and state (one batch
-        each); log each one with its reason.  Returns those the kernel refused to lift."""
+        each); log each one with its reason, count them by ``kind`` (a label of
+        rblguard_unbans_total).  Returns those the kernel refused to lift."""
         gone = set(targets)
+        if targets:
+            self.metrics.unbanned(kind, len(targets))
         for target in targets:
             self.decider.unban(target)
             self.manual.discard(target)
@@ -414,7 +417,8 @@ class Daemon:
                         "`rblguard unban TARGET` lifts one", len(kept),
                         ", ".join(kept[:10]) + (" ..." if len(kept) > 10 else ""))
         if lifted:
-            self.forget_bans(lifted, lambda t: f"allowlisted ({self.allowlist.reason(t)})")
+            self.forget_bans(lifted, lambda t: f"allowlisted ({self.allowlist.reason(t)})",
+                             "allowlisted")
             self.lifted_allowlisted += len(lifted)
             log.info("lifted %d ban(s) on allowlisted targets", len(lifted))
         return lifted

@@ -130,6 +130,7 @@ def _flush(d: Daemon, _body: dict[str, Any]) -> dict[str, Any]:
     d.backend.flush()
     if d.state is not None:
         d._state_call("flush", d.state.flush)
+    d.metrics.unbanned("flush", removed)
     d.log_unban("*", f"flush of {removed} bans")
     return {"removed": removed}
 

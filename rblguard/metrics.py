@@ -16,6 +16,8 @@ rblguard_smtp_connections_total                        tcpserver ``pid N from`` 
 rblguard_bans_total{rule,family}                       bans (and refreshes) sent to the kernel
 rblguard_bans_refused_total{reason}                    allowlist, storm_active, storm_rate,
                                                        set_full, firewall, invalid
+rblguard_unbans_total{reason}                          bans lifted before their end: manual,
+                                                       allowlisted, flush
 rblguard_active_bans{family}                           bans in force
 rblguard_blocked_connections_total{family}             new connections the kernel dropped
 rblguard_blocked_packets_total{family}                 their packets (SYN retransmits too)
@@ -87,6 +89,7 @@ WINDOW = 3600.0  # s of history behind the per-day estimates
 MIN_SPAN = 60.0  # s: right after start, a burst is not scaled up from a few seconds
 SAMPLE_EVERY = 10.0  # s between budget samples: at most WINDOW / SAMPLE_EVERY kept
 DAY = 86400.0
+UNBAN_REASONS = ("manual", "allowlisted", "flush")  # rblguard_unbans_total{reason}
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0)
 
@@ -237,6 +240,10 @@ class Metrics:
                              registry=r)
         self.refusals = PCounter("rblguard_bans_refused", "Bans refused", ["reason"],
                                  registry=r)
+        self.unbans = PCounter("rblguard_unbans", "Bans lifted before their end",
+                               ["reason"], registry=r)
+        for reason in UNBAN_REASONS:
+            self.unbans.labels(reason)
         self.active = Gauge("rblguard_active_bans", "Bans in force", ["family"], registry=r)
         self.latency = Histogram("rblguard_ban_latency_seconds",
                                  "Log line time to kernel commit", buckets=LATENCY_BUCKETS,
@@ -362,6 +369,10 @@ class Metrics:
 
     def refused(self, reason: str) -> None:
         self.refusals.labels(reason).inc()
+
+    def unbanned(self, reason: str, count: int = 1) -> None:
+        """``count`` bans lifted early; ``reason`` is one of UNBAN_REASONS."""
+        self.unbans.labels(reason).inc(count)
 
     def set_active(self, counts: dict[int, int]) -> None:
         """Bans in force per family.  The daemon's housekeeping calls this every round,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import random
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -111,7 +112,7 @@ def test_repeat_lines_after_restart_are_not_counted_twice(harness, tmp_path: Pat
 
 
 def test_control_ban_unban_list_flush_and_allowlist(harness, tmp_path: Path) -> None:
-    harness.write_config(allowlist=["198.51.100.0/24"])
+    harness.write_config(allowlist=["198.51.100.0/24"], metrics="127.0.0.1:19733")
     (tmp_path / "log").mkdir()
     harness.start()
     out = harness.cli("ban", "203.0.113.5", "--for", "10m", "--reason", "by hand")
@@ -136,6 +137,12 @@ def test_control_ban_unban_list_flush_and_allowlist(harness, tmp_path: Path) -> 
     harness.cli("flush")
     assert harness.kernel_elements() == set()
     assert harness.cli("list", "--json")["bans"] == []
+    from tests.test_metrics import netns_fetch
+
+    text = netns_fetch(harness.ns)("http://127.0.0.1:19733/metrics")
+    lifted = dict(re.findall(r'^rblguard_unbans_total\{reason="(\w+)"\} (\S+)$', text,
+                             re.MULTILINE))
+    assert lifted == {"manual": "1.0", "allowlisted": "0.0", "flush": "2.0"}
 
 
 def test_allowlisted_and_tcprules_addresses_are_never_banned(harness, tmp_path: Path) -> None:

@@ -199,6 +199,10 @@ def test_alert_watched_label_sets_start_at_zero() -> None:
     for reason in ("allowlist", "storm_active", "storm_rate", "set_full"):
         assert sample(m, "rblguard_bans_refused_total", reason=reason) == 0
     assert sample(m, "rblguard_rule_reloads_total", result="failure") == 0
+    for reason in ("manual", "allowlisted", "flush"):
+        assert sample(m, "rblguard_unbans_total", reason=reason) == 0
+    m.unbanned("flush", 3)
+    assert sample(m, "rblguard_unbans_total", reason="flush") == 3
     assert sample(m, "rblguard_firewall_errors_total", operation="ban") == 0
     assert sample(m, "rblguard_firewall_healthy") == 1
     assert sample(m, "rblguard_build_info", version=__import__("rblguard").__version__) == 1
