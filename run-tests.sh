@@ -22,11 +22,18 @@ for pkg in "${APT_PACKAGES[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
+    # Debian's prometheus and dnsmasq packages would start their services on install;
+    # the tests run their own, in namespaces.  policy-rc.d (exit 101: "not allowed")
+    # is Debian's way to keep a package from starting one; only ours is removed after.
+    policy=/usr/sbin/policy-rc.d
+    own_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy" && own_policy=1
+    fi
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    [ "$own_policy" = 1 ] && rm -f "$policy"
 fi
-# The Debian prometheus package may start a server on install; the tests run their own.
-pkill -x prometheus 2>/dev/null || true
 
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
