@@ -32,19 +32,46 @@ from benchmarks.parse import compare_counts, reference_command, scan_command, wr
 TARGET_MB = 150
 
 
-def run_measured(command: list[str]) -> tuple[float, float, dict]:
-    """Wall seconds, peak RSS in MB, and the JSON object the process printed last."""
+def tree_pss_kb(pid: int) -> int:
+    """Proportional resident KiB of ``pid`` and all its descendants (scan forks workers
+    for large files): each page shared copy-on-write counts once in all, split among
+    the processes sharing it, so the sum is the memory the whole scan really holds."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    return total
+
+
+def run_measured(command: list[str]) -> tuple[float, float, float, dict]:
+    """Wall seconds, peak memory of the whole process tree (PSS, sampled every 20 ms) and
+    of its largest process (ru_maxrss from wait4), in MB, and the JSON object the
+    process printed last.  The first is never taken below the second."""
     with tempfile.TemporaryFile() as out:
         start = time.perf_counter()
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
+        peak_tree = 0
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            peak_tree = max(peak_tree, tree_pss_kb(proc.pid))
+            time.sleep(0.02)
         seconds = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} exited with {proc.returncode}")
         out.seek(0)
         last = out.read().decode().strip().splitlines()[-1]
-    return seconds, usage.ru_maxrss / 1024, json.loads(last)  # ru_maxrss is in KiB
+    largest = usage.ru_maxrss / 1024  # KiB; wait4 gives the process's own, not its children's
+    return seconds, max(peak_tree / 1024, largest), largest, json.loads(last)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,15 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         truth = genlog.Truth(**json.loads(truth_file.read_text()))
         generated = time.perf_counter() - started
         script = write_reference(directory)
-        ref_seconds, ref_mb, ref_out = run_measured(reference_command(script, log))
-        scan_seconds, scan_mb, scan_out = run_measured(scan_command(log))
+        ref_seconds, ref_mb, _, ref_out = run_measured(reference_command(script, log))
+        scan_seconds, scan_mb, scan_largest_mb, scan_out = run_measured(scan_command(log))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
     problems = compare_counts(truth, ref_out, scan_out)
     print(f"log: {truth.bytes / 1e9:.2f} GB, {truth.lines} lines, generated in "
           f"{generated:.1f} s")
-    print(f"{'':<16}{'peak RSS MB':>12}{'seconds':>9}")
+    print(f"{'':<16}{'peak RSS MB':>12}{'seconds':>9}  (scan: all its processes together)")
     print(f"{'reference loop':<16}{ref_mb:>12.1f}{ref_seconds:>9.2f}")
     print(f"{'rblguard scan':<16}{scan_mb:>12.1f}{scan_seconds:>9.2f}")
     verdict = "meets" if scan_mb < TARGET_MB else "FALLS SHORT of"
@@ -87,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({
         "log_bytes": truth.bytes,
         "lines": truth.lines,
-        "scan_peak_rss_mb": round(scan_mb, 1),
+        "scan_peak_rss_mb": round(scan_mb, 1),  # all of scan's processes together
+        "scan_largest_process_rss_mb": round(scan_largest_mb, 1),
         "ref_peak_rss_mb": round(ref_mb, 1),
         "scan_seconds": round(scan_seconds, 2),
         "ref_seconds": round(ref_seconds, 2),
