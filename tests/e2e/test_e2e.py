@@ -19,7 +19,9 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -103,19 +105,27 @@ def simulate(fe: Frontend) -> dict:
     return json.loads(out.stdout)
 
 
-def test_nftables_steady_load_with_a_sigkill_mid_run(tmp_path: Path) -> None:
-    population = Population.make(seed=1, legit=150, spam=400)
-    plan = steady_plan(population, seed=1)
-
-    with frontend(tmp_path, population, backend="nftables") as fe:
+def steady_run_with_a_kill(tmp_path: Path, seed: int, backend: str,
+                           after: Callable[[Frontend], Any]) -> tuple[Measured, list[Planned],
+                                                                      Any]:
+    """The steady load, rblguard SIGKILLed at KILL_AT and restarted at once; ``after``
+    reads what else the test needs from the front end before it is torn down."""
+    population = Population.make(seed=seed, legit=150, spam=400)
+    plan = steady_plan(population, seed=seed)
+    with frontend(tmp_path, population, backend=backend) as fe:
         def kill_mid_run(t0: float) -> None:
             time.sleep(max(0.0, t0 + KILL_AT - time.time()))
             fe.kill_and_restart()
 
         outcomes = fe.play(plan, during=kill_mid_run)
         m = fe.measure(plan, outcomes)
-        predicted = simulate(fe)
+        extra = after(fe)
     print(json.dumps(m.summary()))
+    return m, plan, extra
+
+
+def test_nftables_steady_load_with_a_sigkill_mid_run(tmp_path: Path) -> None:
+    m, plan, predicted = steady_run_with_a_kill(tmp_path, 1, "nftables", simulate)
     assert_the_promise(m, plan)
     assert_back_at_once(m)
     latencies = m.latencies_ms()
@@ -132,18 +142,8 @@ def test_nftables_steady_load_with_a_sigkill_mid_run(tmp_path: Path) -> None:
 
 
 def test_ipset_with_iptables_steady_load_with_a_sigkill_mid_run(tmp_path: Path) -> None:
-    population = Population.make(seed=2, legit=150, spam=400)
-    plan = steady_plan(population, seed=2)
-
-    with frontend(tmp_path, population, backend="ipset") as fe:
-        def kill_mid_run(t0: float) -> None:
-            time.sleep(max(0.0, t0 + KILL_AT - time.time()))
-            fe.kill_and_restart()
-
-        outcomes = fe.play(plan, during=kill_mid_run)
-        m = fe.measure(plan, outcomes)
-        histogram = fe.ban_latency_histogram()
-    print(json.dumps(m.summary()))
+    m, plan, histogram = steady_run_with_a_kill(tmp_path, 2, "ipset",
+                                                Frontend.ban_latency_histogram)
     assert_the_promise(m, plan)
     assert m.down and any(m.while_down(a) for a in m.first_reject)
     # No nft monitor sees ipset: the latency is rblguard's own (log line time to kernel
