@@ -22,7 +22,7 @@ from pathlib import Path
 from rblguard.addresses import _bytes_cache as _BYTES_CACHE
 from rblguard.addresses import canonical_address, canonical_bytes
 from rblguard.model import ChunkResult, Connection, Event, Ignored, Match, ParseError
-from rblguard.rules import Rule, RuleSet
+from rblguard.rules import RESERVED_GROUP_PREFIX, Rule, RuleSet
 from rblguard.stamps import (
     TAI64_UNIX_OFFSET,
     TAI64N,
@@ -39,6 +39,7 @@ CONNECTION_REST = rb"\d+ from (?P<addr>[^\s,;]+)$"
 CONNECTION = re.compile(re.escape(CONNECTION_LITERAL) + CONNECTION_REST, re.MULTILINE)
 _STAMP_GROUP = re.compile(rb"(?<!\\)\((?!\?)")  # a capturing "(" in a stamp's pattern
 _URL_HOST = re.compile(rb"https?://([A-Za-z0-9.-]+)")
+_TAIL = RESERVED_GROUP_PREFIX + "tail"  # tally()'s group: the rest of a hit's line
 
 
 def _dnsbl_zone(text: bytes) -> str | None:
@@ -58,7 +59,12 @@ class Scanner:
         self._compiled: dict[str, list[tuple[Rule | None, re.Pattern[bytes]]]] = {}
 
     def scan(self, buf: bytes, base: int, fmt: StampFormat, ref_time: float) -> ChunkResult:
-        """Events of ``buf`` (complete lines, starting at byte ``base`` of its file)."""
+        """Events of ``buf`` (complete lines, starting at byte ``base`` of its file).
+
+        A last line without its newline is not complete: it is left out, here as in
+        every path, and ``end_offset`` stops before it.
+        """
+        buf = _complete(buf)
         result = ChunkResult(lines=buf.count(b"\n"), end_offset=base + len(buf))
         if not buf:
             return result
@@ -81,24 +87,27 @@ class Scanner:
         The pattern starts with the rule's fixed text, which the regex engine finds fast,
         and the look-behind then proves the hit stands right after its line's stamp:
         the anchor is checked inside the engine, and the stamp's groups give the time.
+        The rest of a rule's pattern cannot match a newline (rblguard.rules.within_line),
+        and the hit is checked to end within its line all the same.
         """
         if fmt.name in self._compiled:
             return self._compiled[fmt.name]
         stamp = fmt.prefix.pattern if fmt.prefix is not None else b""
-        sources: list[tuple[Rule | None, bytes, bytes]] = [
-            (r, r.literal, r.rest) for r in self.rules]
-        if self.connections:
-            sources.append((None, CONNECTION_LITERAL, CONNECTION_REST))
         try:
-            patterns = []
-            for rule, literal, rest in sources:
-                lit = re.escape(literal)
-                regex = lit + b"(?<=\n" + stamp + lit + b")" + rest
-                patterns.append((rule, re.compile(regex, re.MULTILINE)))
+            patterns = [(rule, re.compile(_anchored(literal, stamp, rest), re.MULTILINE))
+                        for rule, literal, rest in self._sources()]
         except re.error:  # "look-behind requires fixed-width pattern"
             patterns = None
         self._compiled[fmt.name] = patterns
         return patterns
+
+    def _sources(self) -> list[tuple[Rule | None, bytes, bytes]]:
+        """(rule, fixed text, rest of the pattern) of each rule, and of connections."""
+        sources: list[tuple[Rule | None, bytes, bytes]] = [
+            (r, r.literal, r.rest) for r in self.rules]
+        if self.connections:
+            sources.append((None, CONNECTION_LITERAL, CONNECTION_REST))
+        return sources
 
     def _scan_buffer(self, buf: bytes, base: int, fmt: StampFormat, ref: float,
                      result: ChunkResult) -> None:
@@ -129,11 +138,13 @@ class Scanner:
                         append(Connection(address, when, base + m.end() + 1))
                     continue
                 pos = m.start()
+                le = find(b"\n", pos)
+                if le < m.end():  # the hit runs past its line's end: never trusted
+                    continue
                 if several:
                     if pos in claimed:
                         continue
                     claimed.add(pos)
-                le = find(b"\n", m.end() - 1)  # a pattern may end at its line's end
                 if address is None or (veto is not None and veto.search(data, m.end(), le)):
                     append(self._classify(rule, m, data, pos, le, when, base + le + 1))
                 else:
@@ -171,6 +182,7 @@ class Scanner:
         (findall and a Counter run in C), which is what makes a full-log scan fast.
         Vetoed and unparsable hits, which are rare, still become events.
         """
+        buf = _complete(buf)
         patterns = None if fmt.syslog or not self._disjoint() else self._patterns(fmt)
         if patterns is None:
             return _as_counts(self.scan(buf, base, fmt, ref_time))
@@ -189,13 +201,15 @@ class Scanner:
                 continue
             found = count_pattern.findall(data)  # (address, rest of line) per hit, in C
             index = count_pattern.groupindex["addr"] - 1
-            tail = count_pattern.groupindex["tail"] - 1
+            tail = count_pattern.groupindex[_TAIL] - 1
             raw_counts = Counter(groups[index] for groups in found)
             # Ignores look at the rest of each hit's line: search all of them at once.
             if veto_pattern is not None and rule.veto is not None and rule.veto.search(
                     b"\n".join(groups[tail] for groups in found)):
                 for m in veto_pattern.finditer(data):  # rare: an error reply, a lookup error
-                    le = data.find(b"\n", m.end() - 1)
+                    le = data.find(b"\n", m.start())
+                    if le < m.end():
+                        continue
                     events.append(self._classify(rule, m, data, m.start(), le,
                                                  fmt.parse(m, ref_time), base + le))
                     raw_counts[m["addr"]] -= 1
@@ -214,21 +228,23 @@ class Scanner:
 
     def _count_patterns(self, fmt: StampFormat) -> list[tuple[Rule | None, re.Pattern[bytes],
                                                               re.Pattern[bytes] | None]]:
-        """For tally(): each pattern with only the address captured (findall then
-        returns the addresses alone), and the pattern of the hits an ignore vetoes."""
+        """For tally(): each pattern without the stamp's groups and with the rest of the
+        line captured (findall then returns little more than the addresses), and the
+        pattern of the hits an ignore vetoes."""
         key = "count:" + fmt.name
         cached = self._compiled.get(key)
         if cached is None:
             cached = []
-            for rule, pattern in self._patterns(fmt) or []:
-                source = pattern.pattern
-                uncaptured = _STAMP_GROUP.sub(b"(?:", source.split(b"(?P<addr>")[0])
-                count = re.compile(uncaptured + b"(?P<addr>" + source.split(b"(?P<addr>", 1)[1]
-                                   + b"(?P<tail>[^\n]*)", re.MULTILINE)
+            stamp = fmt.prefix.pattern if fmt.prefix is not None else b""
+            uncaptured = _STAMP_GROUP.sub(b"(?:", stamp)  # findall: only what it counts
+            patterns = self._patterns(fmt) or []
+            for (rule, literal, rest), (_, full) in zip(self._sources(), patterns, strict=True):
+                count = re.compile(_anchored(literal, uncaptured, rest)
+                                   + b"(?P<" + _TAIL.encode() + b">[^\n]*)", re.MULTILINE)
                 veto = None
                 if rule is not None and rule.veto is not None:
-                    veto = re.compile(source + b"(?=[^\n]*?(?:" + rule.veto.pattern + b"))",
-                                      re.MULTILINE)
+                    veto = re.compile(full.pattern + b"(?=[^\n]*?(?:" + rule.veto.pattern
+                                      + b"))", re.MULTILINE)
                 cached.append((rule, count, veto))
             self._compiled[key] = cached
         return cached
@@ -266,6 +282,19 @@ class Scanner:
                 if m is not None:
                     event.time = fmt.parse(m, ref)
                 events.append(event)
+
+
+def _anchored(literal: bytes, stamp: bytes, rest: bytes) -> bytes:
+    """A pattern that finds ``literal`` and proves it stands right after newline + stamp."""
+    lit = re.escape(literal)
+    return lit + b"(?<=\n" + stamp + lit + b")" + rest
+
+
+def _complete(buf: bytes) -> bytes:
+    """``buf`` without a last line that lacks its newline."""
+    if buf and buf[-1] != 10:
+        return buf[:buf.rfind(b"\n") + 1]
+    return buf
 
 
 def _as_counts(result: ChunkResult) -> ChunkResult:

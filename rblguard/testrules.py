@@ -2,7 +2,9 @@
 
 Every rule file carries sample lines with the outcome each must give.  This command
 loads every file (disabled ones too: an admin checks an example before enabling it),
-runs every sample through the same scanner the daemon uses, and insists that each rule
+runs every sample through the same buffer scanner the daemon and ``rblguard scan`` use
+(each sample alone, and all of a file's samples together as one log, so that a pattern
+reaching into another line would show), and insists that each rule
 and each ignore pattern is exercised by at least one sample and that each file has a
 must-not-match sample.  Given logs, it also shows what each rule matched and, above all,
 the reject-looking lines that no rule matched or ignored: the lines a rule is missing.
@@ -13,6 +15,7 @@ Exit status: 0 all good, 1 a sample or check failed, 2 a file could not be read 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections import Counter, defaultdict
@@ -21,7 +24,7 @@ from pathlib import Path
 from rblguard.model import Ignored, Match, ParseError
 from rblguard.rules import Rule, RuleError, RuleSet, Sample, load_rule_file, rule_files
 from rblguard.scanner import Scanner, read_complete_lines
-from rblguard.stamps import detect_format, split_line
+from rblguard.stamps import NONE, TAI64N, detect_format, split_line
 
 # A line "looks like a reject" when a program's own prefix is followed by an SMTP 4xx/5xx
 # code: rblsmtpd's lines, and similar lines of other DNSBL checkers.
@@ -29,25 +32,100 @@ _REJECT_LOOKING = re.compile(rb"^(?:rblsmtpd|qmail-smtpd|qmail-dnsbl|rbl\w*): .*
 SHOW_PER_RULE = 5
 
 
-def _outcome(scanner: Scanner, sample: Sample) -> tuple[str, str, str | None]:
-    """(outcome, detail, rule) the scanner gives a sample line."""
-    event = scanner.classify_message(sample.line.encode(), None, 0)
+Outcome = tuple[str, str, str | None]  # (outcome, address or ignore name, rule)
+NO_EVENT: Outcome = ("none", "", None)
+# The daemon reads multilog files: samples are also tried behind a multilog stamp.
+SAMPLE_STAMP = b"@4000000065a1d28a302953e2 "
+
+
+def _event_outcome(event: object) -> Outcome:
     if isinstance(event, Match):
         return "ban", event.address, event.rule
     if isinstance(event, Ignored):
         return "ignored", event.reason, event.rule
     if isinstance(event, ParseError):
         return "parse-error", "", event.rule
-    return "none", "", None
+    return NO_EVENT
+
+
+def _scanned(scanner: Scanner, lines: list[bytes], stamp: bytes = b"") -> list[Outcome]:
+    """The outcome of each line, scanned as one log buffer the way the daemon scans."""
+    buf = b"".join(stamp + line + b"\n" for line in lines)
+    fmt = TAI64N if stamp else NONE
+    by_end = {e.offset: _event_outcome(e) for e in scanner.scan(buf, 0, fmt, 0.0).events}
+    out, end = [], 0
+    for line in lines:
+        end += len(stamp) + len(line) + 1
+        out.append(by_end.get(end, NO_EVENT))
+    return out
+
+
+def _tallied(scanner: Scanner, lines: list[bytes], stamp: bytes = b"") -> Counter[Outcome]:
+    """What `rblguard scan` counts in the same buffer (it counts, it does not list)."""
+    buf = b"".join(stamp + line + b"\n" for line in lines)
+    result = scanner.tally(buf, 0, TAI64N if stamp else NONE, 0.0)
+    counted: Counter[Outcome] = Counter()
+    for (rule, address), n in (result.match_counts or {}).items():
+        counted["ban", address, rule] += n
+    for event in result.events:
+        counted[_event_outcome(event)] += 1
+    return counted
+
+
+def _check_paths(scanner: Scanner, samples: list[Sample]) -> tuple[list[Outcome], list[str]]:
+    """Each sample's outcome through the daemon's buffer scanner, and every way in which
+    another path disagrees: the line path (syslog), a multilog stamp, `rblguard scan`'s
+    counting, and all samples scanned together as one log (where a pattern that ran on
+    into the next line would show)."""
+    problems: list[str] = []
+    lines = [s.line.encode() for s in samples]
+    alone = [_scanned(scanner, [line])[0] for line in lines]
+    for sample, line, got in zip(samples, lines, alone, strict=True):
+        where = f"{sample.file}:{sample.lineno}"
+        others = {
+            "as a syslog line": _event_outcome(scanner.classify_message(line, None, 0)),
+            "behind a multilog stamp": _scanned(scanner, [line], SAMPLE_STAMP)[0],
+        }
+        for how, other in others.items():
+            if other != got:
+                problems.append(f"{where}: sample gives {_show(got)} but {_show(other)} "
+                                f"{how}: the rule means different things to the scanner")
+        counted = _tallied(scanner, [line])
+        if counted != Counter([got] if got != NO_EVENT else []):
+            problems.append(f"{where}: sample gives {_show(got)} but `rblguard scan` counts "
+                            f"{_show_counts(counted)}")
+    for stamp in (b"", SAMPLE_STAMP):
+        together = _scanned(scanner, lines, stamp)
+        for sample, got, alone_got in zip(samples, together, alone, strict=True):
+            if got != alone_got:
+                problems.append(f"{sample.file}:{sample.lineno}: sample gives {_show(alone_got)} "
+                                f"alone but {_show(got)} scanned with the other samples: a "
+                                "pattern must never reach into another line")
+        expected = Counter(o for o in together if o != NO_EVENT)
+        counted = _tallied(scanner, lines, stamp)
+        if counted != expected and samples:
+            problems.append(f"{samples[0].file}: the samples scanned as one log give "
+                            f"{_show_counts(expected)} but `rblguard scan` counts "
+                            f"{_show_counts(counted)}: a pattern reaches into another line")
+    return alone, problems
+
+
+def _show(outcome: Outcome) -> str:
+    kind, detail, rule = outcome
+    return " ".join(x for x in (kind, detail, f"(rule {rule})" if rule else "") if x)
+
+
+def _show_counts(counted: Counter[Outcome]) -> str:
+    return ", ".join(f"{n} x {_show(o)}" for o, n in sorted(counted.items(), key=str)) or "nothing"
 
 
 def check_samples(rules: list[Rule], samples: list[Sample]) -> list[str]:
-    """Problems with one file's samples: wrong outcomes and unexercised rules/ignores."""
-    problems: list[str] = []
+    """Problems with one file's samples: wrong outcomes, paths of the scanner that
+    disagree, and unexercised rules/ignores."""
     scanner = Scanner(RuleSet(rules=rules), connections=False)
+    outcomes, problems = _check_paths(scanner, samples)
     exercised: set[str] = set()
-    for sample in samples:
-        got, detail, rule = _outcome(scanner, sample)
+    for sample, (got, detail, rule) in zip(samples, outcomes, strict=True):
         where = f"{sample.file}:{sample.lineno}"
         if got != sample.outcome:
             problems.append(f"{where}: sample expects {sample.outcome} "
@@ -119,7 +197,11 @@ def _label(event: object) -> str | None:
 
 
 def try_logs(rules: list[Rule], paths: list[str]) -> int:
-    """Show what each rule matches in real logs, and reject-like lines none matched."""
+    """Show what each rule matches in real logs, and reject-like lines none matched.
+
+    The logs are scanned as the daemon scans them (buffers of lines, the file's stamp
+    format), so what is shown is what the daemon would do.
+    """
     from rblguard.follow import list_files
 
     scanner = Scanner(RuleSet(rules=rules), connections=False)
@@ -130,18 +212,23 @@ def try_logs(rules: list[Rule], paths: list[str]) -> int:
     for path in paths:
         for file in list_files(path):
             fmt = None
-            for _offset, buf in read_complete_lines(file):
+            ref = os.stat(file).st_mtime
+            for offset, buf in read_complete_lines(file):
                 fmt = fmt or detect_format(buf)
+                events = {e.offset: e for e in scanner.scan(buf, offset, fmt, ref).events}
+                end = offset
                 for line in buf.split(b"\n")[:-1]:
-                    _when, message = split_line(fmt, line, 0.0)
-                    event = scanner.classify_message(message, None, 0)
+                    end += len(line) + 1
+                    event = events.get(end)
                     key = _label(event)
-                    text = message.decode("utf-8", "replace")
                     if key is not None:
                         counts[key] += 1
                         if len(matched[key]) < SHOW_PER_RULE:
-                            matched[key].append(text)
-                    elif _REJECT_LOOKING.match(message):
+                            matched[key].append(event.line)  # type: ignore[union-attr]
+                        continue
+                    _when, message = split_line(fmt, line, 0.0)
+                    if _REJECT_LOOKING.match(message):
+                        text = message.decode("utf-8", "replace")
                         shape = re.sub(rb"[0-9a-fA-F:.]{7,}", b"ADDR", message)
                         shape_text = re.sub(rb"\d+", b"N", shape)[:80].decode("utf-8", "replace")
                         unmatched[shape_text] += 1

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from rblguard.rules import RuleError, literal_prefix, load_rules, shipped_rules_dir
-from rblguard.testrules import check_files
+from rblguard.rules import RuleError, literal_prefix, load_rules, shipped_rules_dir, within_line
+from rblguard.testrules import check_files, check_samples
 
 GOOD = """\
 description: test
@@ -118,3 +123,148 @@ def test_test_rules_on_a_log_shows_unmatched_reject_lines(tmp_path: Path) -> Non
     assert "r1: 1 line(s)" in out.stdout
     assert "no rule matched or ignored (1)" in out.stdout
     assert "554 a code no rule knows" in out.stdout
+
+
+# -- a pattern is matched within one line --------------------------------------------
+
+_ATOMS = [".", r"\s", r"\S", r"\d", r"\D", r"\w", r"\W", "[^=]", r"[\s\S]", r"[\x00-\x7f]",
+          r"[^\S]", "[]a]", "[^]a]", "[^-a]", "[-a]", "a", "=", " ", "(?s:.)", "(?i:[^A])",
+          r"\Z", "$", r"\b", r"\B", r"[\t-\r]", r"[^\n]", "(?P<g>a)", r"\t", r"\x41", r"\101"]
+_QUANTIFIED = ["", "*", "+", "?", "{0,3}", "*?", "+?"]
+
+
+@st.composite
+def _regex(draw, depth: int = 0) -> str:
+    parts = []
+    for _ in range(draw(st.integers(1, 4))):
+        if depth < 2 and draw(st.integers(0, 4)) == 0:
+            inner = draw(_regex(depth + 1))
+            group = draw(st.sampled_from(["(?:{})", "(?={})", "(?!{})", "(?:{}|a)"]))
+            parts.append(group.format(inner) + draw(st.sampled_from(_QUANTIFIED)))
+        else:
+            atom = draw(st.sampled_from(_ATOMS))
+            quantifiable = atom not in ("$", r"\Z", r"\b", r"\B") and "P<" not in atom
+            parts.append(atom + (draw(st.sampled_from(_QUANTIFIED)) if quantifiable else ""))
+    return "".join(parts)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_regex(), st.lists(st.sampled_from(["a", "A", "=", " ", "\t", "\r", "\n", "x", "\x00"]),
+                          max_size=14))
+def test_within_line_patterns_see_nothing_past_their_line(pattern: str, chars: list[str]) -> None:
+    """Matched anywhere in a buffer, a confined pattern gives exactly what it gives on
+    that line alone: it neither matches nor looks across a newline, in either direction."""
+    try:
+        regex = re.compile(within_line(pattern, "t").encode(), re.MULTILINE)
+    except (RuleError, re.error):
+        return  # refused or not a valid pattern: no rule could be made of it
+    text = "".join(chars).encode()
+    for pos in range(len(text) + 1):
+        start = text.rfind(b"\n", 0, pos) + 1
+        end = text.find(b"\n", pos)
+        end = len(text) if end < 0 else end
+        if pos > end or start == end:  # (an empty line: Python's \B never matches b"")
+            continue
+        whole = regex.match(text, pos)
+        alone = regex.match(text[start:end], pos - start)
+        assert (whole and whole.span()) == (alone and (alone.start() + start, alone.end() + start))
+        if whole:
+            assert b"\n" not in text[whole.start():whole.end()]
+
+
+@pytest.mark.parametrize("pattern, confined", [
+    (r"rejected[^=]*ip=", r"rejected[^\n=]*ip="),
+    (r"a\s+b.c\Z", r"a[^\S\n]+b[^\n]c$"),
+    (r"[^]a][^-a][\s,]", r"[^\n\]a][^\n\-a](?:(?!\n)[\s,])"),
+    (r"(?P<x>a)(?P=x)(?(x)a|b)(?#[)", r"(?P<x>a)(?P=x)(?(x)a|b)(?#[)"),
+    (r"\\1\0\101[a-z]\S", r"\\1\0\101[a-z]\S"),
+])
+def test_within_line_rewrites(pattern: str, confined: str) -> None:
+    assert within_line(pattern, "t") == confined
+
+
+@pytest.mark.parametrize("text, message", [
+    (GOOD.replace("pid \\d+: (?:451|553) ", "pid (?P<p>\\d+) (\\d+) \\2: "),
+     "r.yaml:4: rule r1: match: numbered back-reference '\\2': name the group"),
+    (GOOD.replace("pid \\d+: ", "pid (\\d+)(?(1)x|y)"),
+     "r.yaml:4: rule r1: match: numbered group condition '(?(1)'"),
+    (GOOD.replace("pid \\d+: ", "pid\\n"), "r.yaml:4: rule r1: match: '\\n' is a newline"),
+    (GOOD.replace("pid \\d+: ", "pid\\x0a"), "r.yaml:4: rule r1: match: '\\x0a' is a newline"),
+    (GOOD.replace("pid \\d+: ", "pid ^"), "r.yaml:4: rule r1: match: '^' after the start"),
+    (GOOD.replace("pid \\d+: ", "(?x: pid )"), "match: verbose mode (?x) is not supported"),
+    (GOOD.replace("'temporary RBL lookup error'", "'(a)\\1'"),
+     "r.yaml:7: rule r1: ignore lookup-error: numbered back-reference '\\1'"),
+    (GOOD.replace("pid \\d+: ", "pid (?P<rblguard_tail>x)"),
+     "group name 'rblguard_tail': names starting with 'rblguard_' are rblguard's own"),
+    (GOOD.replace("'temporary RBL lookup error'", "'(?P<addr>x)'"),
+     "r.yaml:4: rule r1: match and ignores together: bad regular expression"),
+    (GOOD.replace("line: 'tcpserver: status: 1/40'", 'line: "tcpserver:\\n status"'),
+     "r.yaml:13: a sample line is one log line"),
+])
+def test_patterns_that_cannot_stay_in_one_line_are_refused(tmp_path: Path, text: str,
+                                                           message: str) -> None:
+    with pytest.raises(RuleError) as err:
+        load_rules([write(tmp_path, text)])
+    assert message in str(err.value)
+
+
+def test_numbered_back_reference_fails_test_rules(tmp_path: Path) -> None:
+    """\\1 meant the rule's group on a sample line but the stamp's in the daemon."""
+    text = GOOD.replace("pid \\d+: (?:451|553) ", "pid (\\d+): (?:451|553) \\1").replace(
+        "553 listed'", "553 1'")
+    out = rblguard("test-rules", "--rules", str(write(tmp_path, text)))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "r.yaml:4: rule r1: match: numbered back-reference '\\1'" in out.stderr
+
+
+def _unconfined(rules_dir: Path):
+    """The crossing rule as the old loader built it: [^=] free to run past a newline."""
+    from rblguard.rules import ADDR_CAPTURE, load_rule_file
+
+    _enabled, rules, samples = load_rule_file(rules_dir / "r.yaml")
+    rest = ("[^=]*ip=" + ADDR_CAPTURE + "$").encode()  # after "qmail-dnsbl: rejected"
+    loose = dataclasses.replace(rules[0], rest=rest,
+                                regex=re.compile(re.escape(rules[0].literal) + rest, re.M))
+    return [loose], samples
+
+
+CROSSING = """\
+rules:
+  - name: dnsbl
+    match: 'qmail-dnsbl: rejected[^=]*ip=<ADDR>$'
+samples:
+  - line: 'qmail-dnsbl: rejected code 553 ip=198.18.0.1'
+    ban: 198.18.0.1
+  - line: 'qmail-dnsbl: rejected code 553'
+    none: no address on the line
+  - line: 'qmail-smtpd: HELO ip=203.0.113.9'
+    none: client text on the next line
+"""
+
+
+def test_test_rules_scans_samples_as_one_log_and_sees_a_line_crossing(tmp_path: Path) -> None:
+    """Samples go through the daemon's buffer scanner, alone and together: a pattern
+    that reached into the next line (as the old loader let [^=]* do) is reported."""
+    rules_dir = write(tmp_path, CROSSING)
+    assert check_files([rules_dir])[1:] == ([], [])  # as loaded: confined, all good
+    rules, samples = _unconfined(rules_dir)
+    problems = check_samples(rules, samples)
+    assert any("scanned as one log" in p and "203.0.113.9" in p for p in problems), problems
+
+
+def test_test_rules_on_the_two_line_case(tmp_path: Path) -> None:
+    """test-rules shows what the daemon and `rblguard scan` do with the two lines: the
+    next line's client address is nobody's reject."""
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    write(rules_dir, CROSSING)
+    log = tmp_path / "log"
+    log.write_text("@4000000065a1d28a302953e2 qmail-dnsbl: rejected code 553\n"
+                   "@4000000065a1d28a302953e2 qmail-smtpd: HELO ip=203.0.113.9\n")
+    tested = rblguard("test-rules", "--rules", str(rules_dir), str(log))
+    assert tested.returncode == 0, tested.stderr
+    assert "\ndnsbl: " not in tested.stdout and "203.0.113.9" not in tested.stdout
+    assert "no rule matched or ignored (1)" in tested.stdout
+    scanned = rblguard("scan", "--json", "--rules", str(rules_dir), str(log))
+    assert scanned.returncode == 0, scanned.stderr
+    assert json.loads(scanned.stdout)["matches"] == 0
