@@ -415,22 +415,41 @@ def load_rule_file(path: Path) -> tuple[bool, list[Rule], list[Sample]]:
     return enabled, rules, samples
 
 
-def rule_files(dirs: list[str | Path] | None = None) -> list[Path]:
-    """The ``*.yaml`` files of each directory, by name; a missing directory has none."""
+def rule_files(dirs: list[str | Path] | None = None, *, explicit: bool = False) -> list[Path]:
+    """The ``*.yaml`` files of each directory, by name.
+
+    A configured directory that does not exist simply has none (the daemon's
+    ``rules_dirs``).  With ``explicit`` (directories the admin named, ``--rules DIR``) a
+    directory that does not exist, is not a directory or holds no rule file is a
+    RuleError naming it: a typo must not look like "no rejects".
+    """
     out: list[Path] = []
     for d in dirs if dirs is not None else [shipped_rules_dir()]:
-        out.extend(sorted(Path(d).glob("*.yaml")))
+        path = Path(d)
+        found = sorted(path.glob("*.yaml"))
+        if explicit and not found:
+            if not path.exists():
+                raise RuleError(f"{d}: no such rules directory")
+            if not path.is_dir():
+                raise RuleError(f"{d}: not a directory (--rules names a directory of "
+                                "*.yaml rule files)")
+            raise RuleError(f"{d}: holds no rule file (*.yaml)")
+        out.extend(found)
     return out
 
 
-def load_rules(dirs: list[str | Path] | None = None) -> RuleSet:
+def load_rules(dirs: list[str | Path] | None = None, *, explicit: bool = False,
+               require_enabled: bool = False) -> RuleSet:
     """Every enabled rule of every file in ``dirs`` (None: the shipped rules).
 
     Rule names must be unique across files: metrics, state and bans are keyed by them.
+    ``explicit``: the directories were named by the admin, so each must exist and hold
+    a rule file (see rule_files).  ``require_enabled``: no enabled rule at all is a
+    RuleError, for whoever would otherwise silently watch logs for nothing.
     """
     ruleset = RuleSet()
     seen: dict[str, Rule] = {}
-    for path in rule_files(dirs):
+    for path in rule_files(dirs, explicit=explicit):
         enabled, rules, samples = load_rule_file(path)
         if not enabled:
             ruleset.disabled_files.append(str(path))
@@ -444,4 +463,10 @@ def load_rules(dirs: list[str | Path] | None = None) -> RuleSet:
         ruleset.rules.extend(rules)
         ruleset.samples.extend(samples)
         ruleset.files.append(str(path))
+    if require_enabled and not ruleset.rules:
+        searched = [str(d) for d in (dirs if dirs is not None else [shipped_rules_dir()])]
+        where = f"in {', '.join(searched)}" if searched else "(no rules directory to read)"
+        disabled = (f"; {len(ruleset.disabled_files)} file(s) say enabled: false"
+                    if ruleset.disabled_files else "")
+        raise RuleError(f"no enabled rule {where}{disabled}: nothing would ever be banned")
     return ruleset

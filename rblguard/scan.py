@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rblguard.model import ChunkResult, Connection, Ignored, Match, ParseError
 from rblguard.rules import RuleError, RuleSet, load_rules
-from rblguard.scanner import Scanner, read_complete_lines
+from rblguard.scanner import Scanner, log_files, read_complete_lines
 from rblguard.stamps import FORMATS, NONE, detect_format
 
 
@@ -144,8 +144,7 @@ def _parts(path: str, workers: int) -> list[tuple[str, int, int, str]]:
 
 
 def scan_paths(paths: list[str], ruleset: RuleSet) -> ScanReport:
-    from rblguard.follow import list_files
-
+    """Scan every file of every path; OSError naming a path that cannot be read."""
     global _worker_scanner
     report = ScanReport()
     # Connections are left to `simulate`: counting them would cost scan a second pass.
@@ -153,7 +152,7 @@ def scan_paths(paths: list[str], ruleset: RuleSet) -> ScanReport:
     workers = min(2, os.cpu_count() or 1)
     parts = []
     for path in paths:
-        files = [str(f) for f in list_files(path)]
+        files = [str(f) for f in log_files(path)]
         report.files.extend(files)
         for file in files:
             parts.extend(_parts(file, workers))
@@ -205,7 +204,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"rblguard scan: {path}: no such file or directory", file=sys.stderr)
             return 2
     try:
-        ruleset = load_rules(args.rules)
+        ruleset = load_rules(args.rules, explicit=args.rules is not None, require_enabled=True)
     except RuleError as exc:
         print(f"rblguard scan: {exc}", file=sys.stderr)
         return 2

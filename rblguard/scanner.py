@@ -13,8 +13,10 @@ rblguard.stamps), so they are matched line by line, which is slower but the same
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -341,6 +343,28 @@ def read_complete_lines(path: str | Path, start: int = 0, end: int | None = None
             yield offset, data[:cut]
             offset += cut
             carry = data[cut:]
+
+
+def log_files(source: str | Path) -> list[Path]:
+    """The files of a log source that an admin named (a file, or a multilog directory
+    oldest first), each checked to be a regular file: OSError naming the path if not.
+
+    A FIFO or a device would block or never end, and a directory without a single log
+    file would read as an empty log: both are errors, not "no rejects".
+    """
+    from rblguard.follow import list_files
+
+    files = list_files(str(source))
+    if not files:
+        raise OSError(errno.ENOENT, "no log file in this directory (no current, no @*.s)",
+                      str(source))
+    for file in files:
+        mode = os.stat(file).st_mode
+        if not stat.S_ISREG(mode):
+            what = ("is a directory, not a log file" if stat.S_ISDIR(mode)
+                    else "is not a regular file (a FIFO, socket or device)")
+            raise OSError(errno.EINVAL, what, str(file))
+    return files
 
 
 def scan_file(path: str | Path, scanner: Scanner, *,

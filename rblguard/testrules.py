@@ -23,7 +23,7 @@ from pathlib import Path
 
 from rblguard.model import Ignored, Match, ParseError
 from rblguard.rules import Rule, RuleError, RuleSet, Sample, load_rule_file, rule_files
-from rblguard.scanner import Scanner, read_complete_lines
+from rblguard.scanner import Scanner, log_files, read_complete_lines
 from rblguard.stamps import NONE, TAI64N, detect_format, split_line
 
 # A line "looks like a reject" when a program's own prefix is followed by an SMTP 4xx/5xx
@@ -161,12 +161,22 @@ def check_samples(rules: list[Rule], samples: list[Sample]) -> list[str]:
 
 
 def check_files(dirs: list[str | Path] | None) -> tuple[list[Rule], list[str], list[str]]:
-    """(enabled rules, problems, unreadable-file errors) over every rule file."""
+    """(enabled rules, problems, unreadable-file errors) over every rule file.
+
+    A directory named here (``--rules DIR``) that does not exist or holds no rule file
+    is an error: a typo must not pass as "all rule files OK".
+    """
     enabled_rules: list[Rule] = []
     problems: list[str] = []
     errors: list[str] = []
     names: dict[str, str] = {}
-    for path in rule_files(dirs):
+    paths: list[Path] = []
+    for d in dirs if dirs is not None else [None]:
+        try:
+            paths.extend(rule_files(None if d is None else [d], explicit=d is not None))
+        except RuleError as exc:
+            errors.append(str(exc))
+    for path in paths:
         try:
             enabled, rules, samples = load_rule_file(path)
         except RuleError as exc:
@@ -200,17 +210,16 @@ def try_logs(rules: list[Rule], paths: list[str]) -> int:
     """Show what each rule matches in real logs, and reject-like lines none matched.
 
     The logs are scanned as the daemon scans them (buffers of lines, the file's stamp
-    format), so what is shown is what the daemon would do.
+    format), so what is shown is what the daemon would do.  Raises OSError naming the
+    file that cannot be read.
     """
-    from rblguard.follow import list_files
-
     scanner = Scanner(RuleSet(rules=rules), connections=False)
     matched: dict[str, list[str]] = defaultdict(list)
     counts: Counter[str] = Counter()
     unmatched: Counter[str] = Counter()
     examples: dict[str, str] = {}
     for path in paths:
-        for file in list_files(path):
+        for file in log_files(path):
             fmt = None
             ref = os.stat(file).st_mtime
             for offset, buf in read_complete_lines(file):
@@ -259,7 +268,12 @@ def main(args: argparse.Namespace) -> int:
                 print(f"rblguard test-rules: {path}: no such file or directory",
                       file=sys.stderr)
                 return 2
-        try_logs(rules, args.paths)
+        try:
+            try_logs(rules, args.paths)
+        except OSError as exc:
+            print(f"rblguard test-rules: {exc.filename or ''}: cannot read the log: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return 2
     if errors:
         return 2
     if problems:

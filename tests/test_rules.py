@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -268,3 +269,61 @@ def test_test_rules_on_the_two_line_case(tmp_path: Path) -> None:
     scanned = rblguard("scan", "--json", "--rules", str(rules_dir), str(log))
     assert scanned.returncode == 0, scanned.stderr
     assert json.loads(scanned.stdout)["matches"] == 0
+
+
+# -- rule directories that are not there ---------------------------------------------
+
+
+def test_a_named_rules_directory_must_exist_and_hold_rules(tmp_path: Path) -> None:
+    missing, empty = tmp_path / "nonexistent", tmp_path / "empty"
+    empty.mkdir()
+    for args, message in (
+            (["test-rules", "--rules", str(missing)], f"{missing}: no such rules directory"),
+            (["test-rules", "--rules", str(empty)], f"{empty}: holds no rule file"),
+            (["test-rules", "--rules", str(write(tmp_path / "..", GOOD, "r.yaml") / "r.yaml")],
+             "not a directory"),
+    ):
+        out = rblguard(*args)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert message in out.stderr
+        assert "all rule files and samples OK" not in out.stdout
+    with pytest.raises(RuleError, match="no such rules directory"):
+        load_rules([missing], explicit=True)
+
+
+def test_configured_rule_directories_keep_their_documented_behaviour(tmp_path: Path) -> None:
+    """The daemon's rules_dirs: a directory that does not exist is skipped; only when
+    asked does having no enabled rule at all become an error."""
+    ruleset = load_rules([shipped_rules_dir(), tmp_path / "nonexistent"])
+    assert [r.name for r in ruleset.rules] == ["rblsmtpd"]
+    assert load_rules([tmp_path / "nonexistent"]).rules == []
+    with pytest.raises(RuleError, match=r"no enabled rule in .*nonexistent: nothing would"):
+        load_rules([tmp_path / "nonexistent"], require_enabled=True)
+    write(tmp_path, GOOD.replace("description: test\n", "description: test\nenabled: false\n"))
+    with pytest.raises(RuleError, match="; 1 file\\(s\\) say enabled: false: nothing"):
+        load_rules([tmp_path], require_enabled=True)
+
+
+# -- logs that cannot be read ----------------------------------------------------------
+
+
+def test_test_rules_on_an_unreadable_log_names_it(tmp_path: Path) -> None:
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    write(rules_dir, GOOD)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    multilog = tmp_path / "smtpd"
+    (multilog / "current").mkdir(parents=True)  # a directory where the log file should be
+    (tmp_path / "empty").mkdir()
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "gone")
+    for path, problem in ((fifo, "is not a regular file"),
+                          (multilog / "current", "no log file in this directory"),
+                          (multilog, "no log file in this directory"),
+                          (tmp_path / "empty", "no log file in this directory"),
+                          (dangling, "no such file or directory")):
+        out = rblguard("test-rules", "--rules", str(rules_dir), str(path))
+        assert out.returncode == 2, (path, out.stdout, out.stderr)
+        assert f"{path}: " in out.stderr and problem in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
