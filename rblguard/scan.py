@@ -73,24 +73,30 @@ class ScanReport:
             elif kind is ParseError:
                 self.parse_errors += 1
 
+    def ranked(self) -> list[tuple[str, int]]:
+        """Offenders, most matches first, ties by address: the order must not depend on
+        where the file was cut into chunks or between processes."""
+        return sorted(self.offenders.items(), key=lambda item: (-item[1], item[0]))
+
     def as_json(self, top: int, with_list: bool) -> dict:
+        ranked = self.ranked()
         out = {
             "lines": self.lines,
             "matches": sum(self.by_rule.values()),
-            "by_rule": dict(self.by_rule),
-            "ignored": dict(self.ignored),
+            "by_rule": dict(sorted(self.by_rule.items())),
+            "ignored": dict(sorted(self.ignored.items())),
             "lookup_errors": self.ignored_kinds.get("lookup-error", 0),
             "dnsbl_errors": self.ignored_kinds.get("dnsbl-error", 0),
-            "dnsbl_errors_by_zone": dict(self.dnsbl_zones),
+            "dnsbl_errors_by_zone": dict(sorted(self.dnsbl_zones.items())),
             "parse_errors": self.parse_errors,
             "addresses": len(self.offenders),
             "first_time": self.first_time,
             "last_time": self.last_time,
             "files": self.files,
-            "top": [{"address": a, "matches": n} for a, n in self.offenders.most_common(top)],
+            "top": [{"address": a, "matches": n} for a, n in ranked[:max(top, 0)]],
         }
         if with_list:
-            out["offenders"] = dict(self.offenders.most_common())
+            out["offenders"] = dict(ranked)
         return out
 
 
@@ -194,7 +200,7 @@ def _print_text(report: ScanReport, top: int, with_list: bool) -> None:
             print(f"  {row['address']:<40} {row['matches']}")
     if with_list:
         print("all offenders:")
-        for address, n in report.offenders.most_common():
+        for address, n in report.ranked():
             print(f"{address}\t{n}")
 
 
@@ -214,7 +220,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"rblguard scan: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     if report.ignored_kinds.get("dnsbl-error"):
-        zones = ", ".join(f"{z} ({n})" for z, n in report.dnsbl_zones.most_common())
+        zones = ", ".join(f"{z} ({n})" for z, n in sorted(report.dnsbl_zones.items(),
+                                                          key=lambda zn: (-zn[1], zn[0])))
         print(f"rblguard scan: WARNING: {report.ignored_kinds['dnsbl-error']} DNSBL error "
               f"replies ({zones}): the DNSBL is refusing this server's queries, and "
               f"rblsmtpd rejects every client with them. First: {report.first_dnsbl_error}",

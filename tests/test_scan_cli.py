@@ -1,0 +1,166 @@
+"""`rblguard scan` as an admin runs it: a process, its JSON, its warnings, its exit status."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import genlog
+from rblguard import scan as scan_module
+
+STAMP = "@4000000065a1d28a302953e2 "
+LOG = "".join(STAMP + line + "\n" for line in (
+    "tcpserver: pid 7071 from 198.18.5.124",
+    "rblsmtpd: 198.18.5.124 pid 7071: 451 https://www.spamhaus.org/query/ip/198.18.5.124",
+    "rblsmtpd: ::ffff:198.18.5.124 pid 7072: 553 https://www.spamhaus.org/query/ip/198.18.5.124",
+    "rblsmtpd: 2001:DB8::17 pid 7073: 553 listed",
+    "rblsmtpd: 198.18.5.125 pid 7074: 451 temporary RBL lookup error",
+    "rblsmtpd: 203.0.113.77 pid 7075: 451 Error: open resolver; "
+    "https://check.spamhaus.org/returnc/pub/203.0.113.53/",
+    "rblsmtpd: 198.18.300.1 pid 7076: 553 listed",
+    "qmail-smtpd: HELO rblsmtpd: 203.0.113.9 pid 1: 553 x",
+    "rblsmtpd: 198.51.100.7 pid 7077: greetdelay: 15",
+))
+CROSSING_RULE = """\
+rules:
+  - name: dnsbl
+    match: 'qmail-dnsbl: rejected[^=]*ip=<ADDR>$'
+samples:
+  - line: 'qmail-dnsbl: rejected code 553 ip=198.18.0.1'
+    ban: 198.18.0.1
+  - line: 'qmail-smtpd: HELO ip=203.0.113.9'
+    none: client text
+"""
+# The same command in one process: the two-process split switched off.
+ONE_PROCESS = ("import sys, rblguard.scan as s; s.PARALLEL_MIN_BYTES = 1 << 62; "
+               "from rblguard.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def rblguard(*args: str, one_process: bool = False) -> subprocess.CompletedProcess[str]:
+    command = ["-c", ONE_PROCESS] if one_process else ["-m", "rblguard"]
+    return subprocess.run([sys.executable, *command, *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.fixture()
+def log(tmp_path: Path) -> Path:
+    path = tmp_path / "current"
+    path.write_text(LOG)
+    return path
+
+
+def test_json_holds_what_the_readme_promises(log: Path) -> None:
+    out = rblguard("scan", "--json", str(log))
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert {k: report[k] for k in ("lines", "matches", "by_rule", "ignored", "dnsbl_errors",
+                                   "addresses", "parse_errors")} == {
+        "lines": 9,
+        "matches": 3,
+        "by_rule": {"rblsmtpd": 3},
+        "ignored": {"lookup-error": 1, "dnsbl-error": 1},
+        "dnsbl_errors": 1,
+        "addresses": 2,
+        "parse_errors": 1,
+    }
+    assert report["lookup_errors"] == 1
+    assert report["dnsbl_errors_by_zone"] == {"spamhaus.org": 1}
+    assert report["top"] == [{"address": "198.18.5.124", "matches": 2},
+                             {"address": "2001:db8::17", "matches": 1}]
+    assert report["files"] == [str(log)]
+    assert "offenders" not in report
+
+
+def test_list_prints_every_offender(log: Path) -> None:
+    out = rblguard("scan", "--list", str(log))
+    assert out.returncode == 0, out.stderr
+    listed = out.stdout.split("all offenders:\n", 1)[1].splitlines()
+    assert listed == ["198.18.5.124\t2", "2001:db8::17\t1"]
+    report = json.loads(rblguard("scan", "--json", "--list", "--top", "1", str(log)).stdout)
+    assert report["offenders"] == {"198.18.5.124": 2, "2001:db8::17": 1}
+    assert len(report["top"]) == 1
+
+
+def test_dnsbl_error_replies_warn_on_stderr(log: Path, tmp_path: Path) -> None:
+    out = rblguard("scan", "--json", str(log))
+    assert "WARNING: 1 DNSBL error replies (spamhaus.org (1))" in out.stderr
+    assert "First: rblsmtpd: 203.0.113.77 pid 7075: 451 Error: open resolver" in out.stderr
+    json.loads(out.stdout)  # the warning never spoils the JSON
+    clean = tmp_path / "clean"
+    clean.write_text(STAMP + "rblsmtpd: 198.18.5.124 pid 1: 553 listed\n")
+    assert rblguard("scan", "--json", str(clean)).stderr == ""
+
+
+def test_exit_status_for_logs_that_cannot_be_read(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    empty_dir = tmp_path / "smtpd"
+    empty_dir.mkdir()
+    for path, message in ((missing, "no such file or directory"),
+                          (fifo, "is not a regular file"),
+                          (empty_dir, "no log file in this directory")):
+        out = rblguard("scan", "--json", str(path))
+        assert out.returncode == 2, (path, out.stdout, out.stderr)
+        assert f"rblguard scan: {path}: " in out.stderr and message in out.stderr
+        assert out.stdout == "" and "Traceback" not in out.stderr
+
+
+def test_rules_directory_named_must_exist(log: Path, tmp_path: Path) -> None:
+    out = rblguard("scan", "--json", "--rules", "/nonexistent", str(log))
+    assert out.returncode == 2 and out.stdout == ""
+    assert "rblguard scan: /nonexistent: no such rules directory" in out.stderr
+    disabled = tmp_path / "rules"
+    disabled.mkdir()
+    (disabled / "r.yaml").write_text("enabled: false\n" + CROSSING_RULE)
+    out = rblguard("scan", "--json", "--rules", str(disabled), str(log))
+    assert out.returncode == 2 and "no enabled rule in " in out.stderr
+
+
+@pytest.mark.parametrize("stamp", [STAMP, ""], ids=["tai64n", "none"])
+def test_the_next_lines_client_text_is_never_a_reject(tmp_path: Path, stamp: str) -> None:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "dnsbl.yaml").write_text(CROSSING_RULE)
+    log = tmp_path / "log"
+    log.write_text(f"{stamp}qmail-dnsbl: rejected code 553\n"
+                   f"{stamp}qmail-smtpd: HELO ip=203.0.113.9\n")
+    out = rblguard("scan", "--json", "--list", "--rules", str(rules), str(log))
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert (report["matches"], report["offenders"]) == (0, {})
+    log.write_text(log.read_text() + f"{stamp}qmail-dnsbl: rejected code 553 ip=198.18.0.1\n")
+    report = json.loads(rblguard("scan", "--json", "--list", "--rules", str(rules),
+                                 str(log)).stdout)
+    assert report["offenders"] == {"198.18.0.1": 1}
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the split needs two cores")
+def test_two_processes_give_exactly_the_one_process_answer(tmp_path: Path) -> None:
+    """A file of 32 MB or more is scanned in two halves by two processes: the JSON must
+    be exactly what one process gives, and what the generator wrote."""
+    log = tmp_path / "current"
+    truth = genlog.write_log(log, "tai64n", 11, size=scan_module.PARALLEL_MIN_BYTES + (1 << 20))
+    assert log.stat().st_size >= scan_module.PARALLEL_MIN_BYTES
+    parts = scan_module._parts(str(log), 2)
+    assert len(parts) == 2 and parts[0][2] == parts[1][1]  # cut at one line boundary
+    with open(log, "rb") as f:
+        f.seek(parts[1][1] - 1)
+        assert f.read(1) == b"\n"
+    split = rblguard("scan", "--json", "--list", "--top", "50", str(log))
+    single = rblguard("scan", "--json", "--list", "--top", "50", str(log), one_process=True)
+    assert split.returncode == single.returncode == 0, split.stderr + single.stderr
+    assert split.stdout == single.stdout
+    assert split.stderr == single.stderr
+    report = json.loads(split.stdout)
+    assert report["lines"] == truth.lines
+    assert report["matches"] == truth.rejects
+    assert report["addresses"] == truth.reject_addresses
+    assert (report["lookup_errors"], report["dnsbl_errors"]) == (truth.lookup_errors,
+                                                                truth.dnsbl_errors)
+    assert report["parse_errors"] == 0
