@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +79,11 @@ class Daemon:
         self.started = time.time()
         self.dirty: set[str] = set()
         self.pending: list[Ban] = []  # decided but not yet accepted by the kernel
+        # In the kernel (or lifted from it) but not in the state: a commit failed (disk
+        # full, read-only).  Every later commit carries them, so a saved position never
+        # gets ahead of a ban that its lines caused.
+        self.unsaved_bans: dict[str, Ban] = {}
+        self.unsaved_unbans: set[str] = set()
         self.state: Any = None
         self.backend: Backend | None = None
         self.rule_mtimes: dict[str, float] = {}
@@ -140,7 +145,7 @@ class Daemon:
         config = config or self.config
         dirs = ([shipped_rules_dir()] if config.shipped_rules else []) + [
             d for d in config.rules_dirs if os.path.isdir(d)]
-        return load_rules(dirs)
+        return load_rules(dirs, require_enabled=True)
 
     def _open_state(self) -> None:
         from rblguard.state import State, StateError
@@ -340,11 +345,42 @@ class Daemon:
                     self.manual.discard(ban.target)
         if position is not None:
             self.sources[position.source].position = position
-        if self.state is not None and (bans or position is not None):
-            self._state_call("save bans and position", self.state.commit, bans=bans,
-                             history=self.decider.history_updates(bans),
-                             positions=[position] if position is not None else [])
+        if bans or position is not None:
+            self._save("save bans and position", bans=bans, position=position)
         return failed
+
+    def _save(self, what: str, bans: Sequence[Ban] = (), unbans: Sequence[str] = (),
+              position: SourcePosition | None = None) -> None:
+        """Commit to the state, together with whatever earlier failed commits held back:
+        all of it is saved, or all of it waits for the next commit."""
+        from rblguard.state import StateError
+
+        if self.state is None:
+            return
+        for ban in bans:
+            self.unsaved_unbans.discard(ban.target)
+        for target in unbans:
+            self.unsaved_bans.pop(target, None)
+        held = {**self.unsaved_bans, **{b.target: b for b in bans}}
+        # a held-back ban lifted or expired since (flush, expiry) is not saved; its
+        # offender history still is
+        save = [b for t, b in held.items()
+                if t not in self.unsaved_bans or self.decider.until(t) is not None]
+        gone = self.unsaved_unbans | set(unbans)
+        try:
+            self.state.commit(bans=save, unbans=sorted(gone),
+                              history=self.decider.history_updates(held.values()),
+                              positions=[position] if position is not None else [])
+        except StateError as exc:
+            self.unsaved_bans, self.unsaved_unbans = held, gone
+            self.limited_warning("state", "cannot %s: %s (kernel bans are unaffected; "
+                                 "they are saved once it works again)", what, exc)
+            return
+        if self.unsaved_bans or self.unsaved_unbans:
+            log.info("state database %s works again: saved %d ban(s) and %d unban(s) "
+                     "held back since it failed", self.state.path,
+                     len(self.unsaved_bans), len(self.unsaved_unbans))
+        self.unsaved_bans, self.unsaved_unbans = {}, set()
 
     def _to_kernel(self, entries: list[Entry]) -> dict[str, str] | None:
         """Ban a batch; the targets that failed for good (with the kernel's reason), or
@@ -399,8 +435,8 @@ class Daemon:
             self.log_unban(target, reason if isinstance(reason, str) else reason(target))
         self.pending = [b for b in self.pending if b.target not in gone]
         refused = self._unban_in_kernel(targets)
-        if self.state is not None and targets:
-            self._state_call("save unban", self.state.commit, unbans=targets)
+        if targets:
+            self._save("save unban", unbans=targets)
         return refused
 
     def _lift_allowlisted(self, old: Any) -> list[str]:

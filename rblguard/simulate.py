@@ -105,7 +105,7 @@ def _events(paths: list[str], ruleset: RuleSet) -> Iterator[Event]:
 
 def simulate(paths: list[str], ban_times: list[float], threshold: tuple[int, float],
              zones: int, names: list[str], rules_dirs: list[str] | None = None) -> dict:
-    ruleset = load_rules(rules_dirs)
+    ruleset = load_rules(rules_dirs, explicit=rules_dirs is not None, require_enabled=True)
     count, window = threshold
     policies = [Policy(b) for b in ban_times]
     baseline = connections = rejects = 0

@@ -83,3 +83,24 @@ def test_cli_json_and_errors(tmp_path: Path) -> None:
     assert "no banning" in text and "ban 1h" in text
     bad = subprocess.run([*run, "--ban-time", "5x", str(log)], capture_output=True, text=True)
     assert bad.returncode == 2 and "'5x' is not a duration" in bad.stderr
+
+
+def test_a_rules_directory_that_is_not_there_is_an_error(tmp_path: Path) -> None:
+    """A typo in --rules must not give a report of zero rejects."""
+    log = tmp_path / "current"
+    write_log(log, [(0, "reject", "198.18.0.1", "spamhaus")])
+    out = subprocess.run([sys.executable, "-m", "rblguard", "simulate", "--rules",
+                          str(tmp_path / "no-such-dir"), str(log)], capture_output=True,
+                         text=True)
+    assert out.returncode == 2
+    assert "no-such-dir" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_run_check_refuses_a_config_with_no_enabled_rule(tmp_path: Path) -> None:
+    """shipped_rules off and a mistyped rules_dirs: the daemon would ban nothing."""
+    config = tmp_path / "rblguard.yaml"
+    config.write_text(f"shipped_rules: false\nrules_dirs: [{tmp_path / 'rulez.d'}]\n")
+    out = subprocess.run([sys.executable, "-m", "rblguard", "run", "--config", str(config),
+                          "--check"], capture_output=True, text=True)
+    assert out.returncode == 2, out.stdout
+    assert "no enabled rule" in out.stderr and "Traceback" not in out.stderr
