@@ -229,18 +229,7 @@ def _unconfined(rules_dir: Path):
     return [loose], samples
 
 
-CROSSING = """\
-rules:
-  - name: dnsbl
-    match: 'qmail-dnsbl: rejected[^=]*ip=<ADDR>$'
-samples:
-  - line: 'qmail-dnsbl: rejected code 553 ip=198.18.0.1'
-    ban: 198.18.0.1
-  - line: 'qmail-dnsbl: rejected code 553'
-    none: no address on the line
-  - line: 'qmail-smtpd: HELO ip=203.0.113.9'
-    none: client text on the next line
-"""
+CROSSING = (Path(__file__).parent / "fixtures" / "rules" / "crossing-lines.yaml").read_text()
 
 
 def test_test_rules_scans_samples_as_one_log_and_sees_a_line_crossing(tmp_path: Path) -> None:

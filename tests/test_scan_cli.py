@@ -26,16 +26,7 @@ LOG = "".join(STAMP + line + "\n" for line in (
     "qmail-smtpd: HELO rblsmtpd: 203.0.113.9 pid 1: 553 x",
     "rblsmtpd: 198.51.100.7 pid 7077: greetdelay: 15",
 ))
-CROSSING_RULE = """\
-rules:
-  - name: dnsbl
-    match: 'qmail-dnsbl: rejected[^=]*ip=<ADDR>$'
-samples:
-  - line: 'qmail-dnsbl: rejected code 553 ip=198.18.0.1'
-    ban: 198.18.0.1
-  - line: 'qmail-smtpd: HELO ip=203.0.113.9'
-    none: client text
-"""
+CROSSING_RULE = (Path(__file__).parent / "fixtures" / "rules" / "crossing-lines.yaml").read_text()
 # The same command in one process: the two-process split switched off.
 ONE_PROCESS = ("import sys, rblguard.scan as s; s.PARALLEL_MIN_BYTES = 1 << 62; "
                "from rblguard.cli import main; sys.exit(main(sys.argv[1:]))")

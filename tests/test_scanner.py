@@ -198,19 +198,7 @@ def test_tally_counts_what_scan_finds(lines) -> None:
 
 # -- lines that cross: a rule's match must stay inside its own line -------------------
 
-CROSSING_RULE = """\
-description: a sloppy admin rule whose [^=]* would run on into the next line
-rules:
-  - name: dnsbl
-    match: 'qmail-dnsbl: rejected[^=]*ip=<ADDR>$'
-samples:
-  - line: 'qmail-dnsbl: rejected code 553 ip=198.18.0.1'
-    ban: 198.18.0.1
-  - line: 'qmail-dnsbl: rejected code 553'
-    none: no address on the line
-  - line: 'qmail-smtpd: HELO ip=203.0.113.9'
-    none: client text
-"""
+CROSSING_RULE = (Path(__file__).parent / "fixtures" / "rules" / "crossing-lines.yaml").read_text()
 TWO_LINES = [b"qmail-dnsbl: rejected code 553", b"qmail-smtpd: HELO ip=203.0.113.9"]
 
 
