@@ -13,12 +13,15 @@ rblguard.stamps), so they are matched line by line, which is slower but the same
 
 from __future__ import annotations
 
+import bisect
 import errno
+import itertools
 import os
 import re
 import stat
 from collections import Counter
 from collections.abc import Iterator
+from operator import itemgetter
 from pathlib import Path
 
 from rblguard.addresses import _bytes_cache as _BYTES_CACHE
@@ -197,21 +200,20 @@ class Scanner:
         data = b"\n" + buf
         counts: dict[tuple[str, str], int] = {}
         events: list[Event] = []
-        for rule, count_pattern, veto_pattern in self._count_patterns(fmt):
+        for rule, count_pattern, full, veto_pattern, literals in self._count_patterns(fmt):
             if rule is None:
                 result.connection_count = len(count_pattern.findall(data))
                 continue
             found = count_pattern.findall(data)  # (address, rest of line) per hit, in C
             index = count_pattern.groupindex["addr"] - 1
             tail = count_pattern.groupindex[_TAIL] - 1
-            raw_counts = Counter(groups[index] for groups in found)
+            raw_counts = Counter(map(itemgetter(index), found))
             # Ignores look at the rest of each hit's line: search all of them at once.
-            if veto_pattern is not None and rule.veto is not None and rule.veto.search(
-                    b"\n".join(groups[tail] for groups in found)):
-                for m in veto_pattern.finditer(data):  # rare: an error reply, a lookup error
-                    le = data.find(b"\n", m.start())
-                    if le < m.end():
-                        continue
+            if veto_pattern is not None and rule.veto is not None:
+                # A look-behind may reach before the tail: then only the full pass is sure.
+                texts = None if b"(?<" in rule.veto.pattern else _vetoed_tails(
+                    list(map(itemgetter(tail), found)), rule.veto, literals)
+                for m, le in _vetoed_hits(rule.veto, full, veto_pattern, data, texts):
                     events.append(self._classify(rule, m, data, m.start(), le,
                                                  fmt.parse(m, ref_time), base + le))
                     raw_counts[m["addr"]] -= 1
@@ -228,11 +230,13 @@ class Scanner:
         result.events = events
         return result
 
-    def _count_patterns(self, fmt: StampFormat) -> list[tuple[Rule | None, re.Pattern[bytes],
-                                                              re.Pattern[bytes] | None]]:
+    def _count_patterns(self, fmt: StampFormat) -> list[tuple[
+            Rule | None, re.Pattern[bytes], re.Pattern[bytes], re.Pattern[bytes] | None,
+            list[bytes] | None]]:
         """For tally(): each pattern without the stamp's groups and with the rest of the
-        line captured (findall then returns little more than the addresses), and the
-        pattern of the hits an ignore vetoes."""
+        line captured (findall then returns little more than the addresses), the full
+        pattern, the pattern of the hits an ignore vetoes, and the ignores' texts when
+        every one of them is a plain text (or several, with ``|``)."""
         key = "count:" + fmt.name
         cached = self._compiled.get(key)
         if cached is None:
@@ -247,7 +251,12 @@ class Scanner:
                 if rule is not None and rule.veto is not None:
                     veto = re.compile(full.pattern + b"(?=[^\n]*?(?:" + rule.veto.pattern
                                       + b"))", re.MULTILINE)
-                cached.append((rule, count, veto))
+                literals = None
+                if rule is not None and rule.ignores:
+                    parts = [_literal_alternatives(ig.regex.pattern) for ig in rule.ignores]
+                    if all(part is not None for part in parts):
+                        literals = [text for part in parts for text in part or ()]
+                cached.append((rule, count, full, veto, literals))
             self._compiled[key] = cached
         return cached
 
@@ -290,6 +299,79 @@ def _anchored(literal: bytes, stamp: bytes, rest: bytes) -> bytes:
     """A pattern that finds ``literal`` and proves it stands right after newline + stamp."""
     lit = re.escape(literal)
     return lit + b"(?<=\n" + stamp + lit + b")" + rest
+
+
+_PLAIN = re.compile(rb"(?:[^\\.^$*+?{}\[\]()|]|\\[^A-Za-z0-9])+")
+
+
+def _literal_alternatives(pattern: bytes) -> list[bytes] | None:
+    """``Error:|/returnc/`` -> [b"Error:", b"/returnc/"]; None if it is more than texts."""
+    parts = pattern.split(b"|")
+    if not all(_PLAIN.fullmatch(part) for part in parts):
+        return None
+    return [re.sub(rb"\\(.)", rb"\1", part) for part in parts]
+
+
+def _vetoed_tails(tails: list[bytes], veto: re.Pattern[bytes],
+                  literals: list[bytes] | None) -> set[bytes]:
+    """The whole tails (rest of line after a hit) in which ``veto`` matches.
+
+    Found in the tails joined into one short buffer, each position mapped back to its
+    tail.  Plain texts are found with bytes.find in the tails joined as they are: one
+    that spans two tails only names a tail that _vetoed_hits then finds no veto in, and
+    find looks at every position, so none is hidden.  A regex gets a newline between
+    tails, which no rule pattern can match, so a match never runs from one into the next.
+    """
+    sep = b"" if literals is not None else b"\n"
+    joined = sep.join(tails)
+    positions: list[int] = []
+    if literals is None:
+        positions = [m.start() for m in veto.finditer(joined)]
+    else:
+        for text in literals:
+            at = joined.find(text)
+            while at >= 0:
+                positions.append(at)
+                at = joined.find(text, at + 1)
+    if not positions:
+        return set()
+    starts = list(itertools.accumulate(map(len, tails), initial=0))
+    if sep:
+        starts = [start + i for i, start in enumerate(starts)]
+    return {tails[bisect.bisect_right(starts, at) - 1] for at in positions}
+
+
+def _vetoed_hits(veto: re.Pattern[bytes], full: re.Pattern[bytes],
+                 veto_pattern: re.Pattern[bytes], data: bytes,
+                 texts: set[bytes] | None) -> Iterator[tuple[re.Match[bytes], int]]:
+    """The hits of ``full`` in ``data`` whose rest of line ``veto`` matches, with the
+    index of their line's end: what ``veto_pattern.finditer`` finds, in line order.
+
+    ``texts`` are the whole tails in which the veto matched.  Vetoed lines are rare (a
+    lookup error, an error reply) and their tails long and few, so finding them with
+    bytes.find and checking only their lines is several times cheaper than another
+    regex pass over the whole buffer; with many different texts, or None (not known),
+    that pass it is.
+    """
+    if texts is not None and not texts:
+        return
+    if texts is None or len(texts) > 8 or b"" in texts:
+        for m in veto_pattern.finditer(data):
+            le = data.find(b"\n", m.start())
+            if le >= m.end():
+                yield m, le
+        return
+    starts: set[int] = set()  # the newline before each line holding a veto text
+    for text in texts:
+        at = data.find(text)
+        while at >= 0:
+            starts.add(data.rfind(b"\n", 0, at))
+            at = data.find(text, at + 1)
+    for ls in sorted(starts):
+        le = data.find(b"\n", ls + 1)
+        m = full.search(data, ls, le)  # the line's own hit (anchored after its stamp)
+        if m is not None and veto.search(data, m.end(), le):
+            yield m, le
 
 
 def _complete(buf: bytes) -> bytes:

@@ -419,3 +419,49 @@ def test_every_ban_is_the_lines_own_address(fmt_name: str, ruleset) -> None:
             isinstance(e, ParseError) for e in result.events)
 
     check()
+
+
+# -- ignores that the fast count cannot judge from a hit's tail alone --------------------
+
+HARD_IGNORES = r"""
+description: ignores with a look-behind before the tail, and with many distinct texts
+rules:
+  - name: rbl
+    match: 'rblsmtpd: <ADDR> pid \d+: (?:451|553) '
+    ignore:
+      - name: dnsbl-error
+        match: '(?<=553 )Error:'
+      - name: numbered
+        match: 'code-\d+'
+samples:
+  - line: 'rblsmtpd: 198.18.0.1 pid 1: 553 listed'
+    ban: 198.18.0.1
+  - line: 'rblsmtpd: 198.18.0.2 pid 1: 553 Error: open resolver'
+    ignored: dnsbl-error
+  - line: 'rblsmtpd: 198.18.0.3 pid 1: 451 code-17'
+    ignored: numbered
+  - line: 'qmail-smtpd: HELO rblsmtpd: 203.0.113.9 pid 1: 553 x'
+    none: client text
+"""
+
+
+@pytest.mark.parametrize("texts", [
+    (b"listed", b"Error: open resolver", b"see Error: later"),  # the look-behind alone
+    (b"listed", b"code-%d", b"listed", b"code-%d"),  # 100 distinct vetoed texts
+], ids=["look-behind", "many-texts"])
+def test_tally_vetoes_what_scan_vetoes(tmp_path: Path, texts: tuple[bytes, ...]) -> None:
+    """tally() finds vetoed hits from the texts in their tails; an ignore whose
+    look-behind reaches before the tail, or many distinct vetoed texts, must still veto
+    exactly what scan() vetoes: an error reply is never counted as a reject."""
+    (tmp_path / "hard.yaml").write_text(HARD_IGNORES)
+    scanner = Scanner(load_rules([tmp_path]))
+    buf = b"".join(LINE_START + b"rblsmtpd: 198.18.%d.%d pid 7: 553 %s\n" % (
+        i // 250, i % 250, texts[i % len(texts)].replace(b"%d", b"%d" % i))
+        for i in range(300))
+    events = scanner.scan(buf, 0, TAI64N, 0).events
+    counted = scanner.tally(buf, 0, TAI64N, 0)
+    vetoed = sorted(e.address for e in events if isinstance(e, Ignored))
+    assert len(vetoed) in (100, 150)
+    assert sorted(e.address for e in counted.events if isinstance(e, Ignored)) == vetoed
+    banned = {e.address for e in events if isinstance(e, Match)}
+    assert {a for _rule, a in counted.match_counts or {}} == banned
