@@ -17,7 +17,9 @@ Only the daemon's main thread uses a State object.
 from __future__ import annotations
 
 import contextlib
+import errno
 import sqlite3
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -110,6 +112,10 @@ class State:
 
     def _error(self, what: str, exc: BaseException) -> StateError:
         text = str(exc)
+        if "disk I/O error" in text:  # SQLite keeps the errno to itself
+            cause = self._write_probe()
+            if cause:
+                text += f" ({cause})"
         if "not a database" in text or "malformed" in text:
             text += " (the file is damaged: move it away and rblguard starts a new one)"
         elif "readonly" in text or "read-only" in text:
@@ -117,6 +123,21 @@ class State:
         elif "full" in text:
             text += f" (free space on the file system of {self.dir})"
         return StateError(f"state database {self.path}: {what}: {text}")
+
+    def _write_probe(self) -> str | None:
+        """Why the state directory cannot be written now, found by writing a byte to a
+        nameless temporary file there; None if that works."""
+        try:
+            with tempfile.TemporaryFile(dir=self.dir) as f:
+                f.write(b"\0")
+                f.flush()
+        except OSError as exc:
+            if exc.errno == errno.EROFS:
+                return "read-only file system"
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return "file system full"
+            return exc.strerror or str(exc)
+        return None
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
