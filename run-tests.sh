@@ -14,7 +14,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 APT_PACKAGES=(nftables ipset iptables iproute2 ucspi-tcp daemontools dnsmasq-base
-              prometheus systemd python3 python3-venv python3-pip)
+              prometheus systemd python3 python3-venv python3-pip
+              e2fsprogs util-linux mount)  # a loop-device ext4 for the read-only state test
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \

@@ -111,8 +111,8 @@ def _unban(d: Daemon, body: dict[str, Any]) -> dict[str, Any]:
     refused = d.forget_bans(lifted, "manual")
     others = [t for t in kernel if t not in lifted]
     refused.update(d._unban_in_kernel(others))
-    if d.state is not None and others:
-        d._state_call("save unban", d.state.commit, unbans=others)
+    if others:
+        d._save("save unban", unbans=others)
     if not lifted:
         d.log_unban(target, "manual (no active ban)")
     if refused:
@@ -122,14 +122,24 @@ def _unban(d: Daemon, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _flush(d: Daemon, _body: dict[str, Any]) -> dict[str, Any]:
+    from rblguard.state import StateError
+
     assert d.backend is not None
-    removed = sum(d.decider.active_counts().values())
+    targets = [target for target, _until in d.decider.active_items()]
+    removed = len(targets)
     d.decider.flush()
     d.pending = []
     d.manual.clear()
     d.backend.flush()
     if d.state is not None:
-        d._state_call("flush", d.state.flush)
+        try:
+            d.state.flush()  # one DELETE, however many bans
+            d.unsaved_bans, d.unsaved_unbans = {}, set()
+        except StateError as exc:  # held back like any failed save, or a restart
+            d.unsaved_bans = {}    # would restore the flushed bans
+            d.unsaved_unbans |= set(targets)
+            d.limited_warning("state", "cannot save the flush: %s (kernel bans are "
+                              "flushed; it is saved once the state works again)", exc)
     d.metrics.unbanned("flush", removed)
     d.log_unban("*", f"flush of {removed} bans")
     return {"removed": removed}

@@ -179,6 +179,32 @@ def test_state_dir_fills_up_mid_run(harness, tmp_path: Path) -> None:
             log.close()
 
 
+def test_a_flush_while_the_state_is_full_is_kept(harness, tmp_path: Path) -> None:
+    """`rblguard flush` while the state cannot be written: once it can, the flushed
+    bans are gone from it too, so a restart does not bring them back."""
+    with mounted(harness, tmp_path / "state", "-t", "tmpfs", "-o", "size=512k",
+                 "tmpfs") as state_dir:
+        harness.write_config(metrics=METRICS)
+        log = Multilog(tmp_path / "log", size=100_000)
+        flushed: set[str] = set()
+        try:
+            harness.start()
+            feed_batches(harness, log, flushed, "198.19", 120,
+                         until=lambda: bool(state_errors(harness.log())))
+            assert state_errors(harness.log()), "the state never filled up"
+            harness.cli("flush")
+            assert harness.kernel_elements() == set()
+            run(["mount", "-o", "remount,size=16m", str(state_dir)])
+            later: set[str] = set()
+            feed_batches(harness, log, later, "198.18", 1, start=200)
+            wait_for(lambda: harness.state_bans() == later, 10, "the flush saved too")
+            harness.kill(15)
+            harness.start()
+            assert harness.kernel_elements() == later
+        finally:
+            log.close()
+
+
 def _ext4_trigger(mountpoint: Path) -> Path:
     device = subprocess.run(["findmnt", "-no", "SOURCE", str(mountpoint)], check=True,
                             capture_output=True, text=True).stdout.strip()
