@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,6 +148,17 @@ class DaemonHarness:
             close = getattr(state, "close", None)
             if close:
                 close()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 15,
+             what: str = "condition", every: float = 0.05) -> None:
+    """Poll ``predicate`` until it is true; AssertionError naming ``what`` after
+    ``timeout`` seconds (the tests' one way to wait for the daemon or the kernel)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)
 
 
 class ElementMonitor:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_harness import Multilog, daemon_namespace, reject_message
+from tests.daemon_harness import Multilog, daemon_namespace, reject_message, wait_for
 from tests.netns import require_root_tools, run
 
 
@@ -20,15 +20,6 @@ def harness(tmp_path: Path):
     require_root_tools("nft", "multilog")
     with daemon_namespace(tmp_path) as h:
         yield h
-
-
-def wait_for(predicate, timeout: float = 15, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 NOISE = [

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from rblguard.state import Offender, State
-from tests.daemon_harness import DaemonHarness, daemon_namespace, reject_message, tai64n
+from tests.daemon_harness import DaemonHarness, daemon_namespace, reject_message, tai64n, wait_for
 from tests.netns import require_root_tools
 
 
@@ -33,15 +33,6 @@ def harness(tmp_path: Path):
     with daemon_namespace(tmp_path) as h:
         (tmp_path / "log").mkdir()
         yield h
-
-
-def wait_for(predicate, timeout: float = 15, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def log_rejects(h: DaemonHarness, *addresses: str, when: float | None = None) -> None:

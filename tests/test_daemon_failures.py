@@ -22,7 +22,14 @@ from pathlib import Path
 import pytest
 
 from rblguard.logs import BURST
-from tests.daemon_harness import DaemonHarness, Multilog, daemon_namespace, reject_message, tai64n
+from tests.daemon_harness import (
+    DaemonHarness,
+    Multilog,
+    daemon_namespace,
+    reject_message,
+    tai64n,
+    wait_for,
+)
 from tests.netns import IN_CI, require_root_tools, run
 from tests.test_metrics import netns_fetch
 
@@ -32,15 +39,6 @@ def harness(tmp_path: Path):
     require_root_tools("nft", "multilog", "mount", "umount")
     with daemon_namespace(tmp_path) as h:
         yield h
-
-
-def wait_for(predicate, timeout: float = 15, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def ban_counts(text: str) -> tuple[Counter[str], Counter[str]]:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tests.daemon_harness import DaemonHarness, ElementMonitor, NotifyListener
+from tests.daemon_harness import DaemonHarness, ElementMonitor, NotifyListener, wait_for
 from tests.e2e.load import Outcome, Planned
 from tests.netns import NetnsPair, netns_pair, run
 
@@ -385,11 +385,7 @@ class Frontend:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def _wait(self, predicate: Callable[[], bool], what: str, timeout: float = 15) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"timed out waiting for {what}")
-            time.sleep(0.02)
+        wait_for(predicate, timeout, what, every=0.02)
 
     def close(self) -> None:
         if self.monitor is not None:
