@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,7 @@ from rblguard import __version__
 from rblguard.addresses import family
 from rblguard.config import ConfigError
 from rblguard.control import ControlError
-from rblguard.daemon_control import kernel_entry, restore_entries
+from rblguard.daemon_control import kernel_entry, restore_batches
 from rblguard.firewall.base import Backend, Entry, FirewallError
 from rblguard.model import Ban, ChunkResult, Match, SourcePosition
 from rblguard.rules import RuleError, RuleSet, load_rules, rule_files, shipped_rules_dir
@@ -43,6 +43,13 @@ log = logging.getLogger("rblguard")
 
 READ_BYTES = 4 << 20  # per source per wake-up: keeps a backlog from starving the socket
 TICK = 1.0  # seconds: safety-net re-read of every source, rule-file and tcprules check
+# A ban decided while a large read (a burst, a backlog) is still being scanned goes to the
+# kernel once the oldest such ban has waited this long, not after the read's last line.
+PUSH_AFTER = 0.005
+# Bans in the kernel but not yet in the state: saved (with their positions) once every
+# source is read to its end, or once this many wait (a long backlog).
+SAVE_EVERY = 10_000
+SAVE_AFTER = 0.5  # seconds: under a constant stream of lines, the state is saved this often
 HOUSEKEEPING = 5.0  # seconds: firewall health (self-repair), counters, expiry
 RELOAD = object()  # the queue item SIGHUP sends (a str would be taken for a source)
 # Config keys a reload applies; the others (backend, sources, ...) need a restart.
@@ -79,6 +86,13 @@ class Daemon:
         self.started = time.time()
         self.dirty: set[str] = set()
         self.pending: list[Ban] = []  # decided but not yet accepted by the kernel
+        self.pending_since: float | None = None  # monotonic time the oldest was decided
+        self.announce: list[tuple[Ban, bool]] = []  # (ban, refresh): logged once in kernel
+        # In the kernel, not yet saved: saved with the positions after their lines.
+        self.in_kernel: list[Ban] = []
+        self.read_to: dict[str, SourcePosition] = {}  # source -> read to here, not saved
+        self.last_commit = time.monotonic()
+        self.deferred: list[Any] = []  # wake-ups taken early by _more_came: for _wait
         # In the kernel (or lifted from it) but not in the state: a commit failed (disk
         # full, read-only).  Every later commit carries them, so a saved position never
         # gets ahead of a ban that its lines caused.
@@ -123,16 +137,15 @@ class Daemon:
         positions: dict[str, SourcePosition] = {}
         if self.state is not None:
             self._state_call("prune", self.state.prune, now, now - self.decider.forget_after)
-            bans = self._state_call("load bans", self.state.load_bans, now) or []
-            history = self._state_call("load history", self.state.load_history) or []
+            self._load_saved_bans(now)
             positions = self._state_call("load positions", self.state.load_positions) or {}
-            self.decider.load(bans, history)
-            self.manual = {b.target for b in bans if b.rule == "manual"}
             self._lift_allowlisted(None)  # the allowlist may have grown while we were down
             t0 = time.monotonic()
-            entries = restore_entries(self, now)
-            self._to_kernel(entries)
-            log.info("restored %d bans into the kernel in %.3f s", len(entries),
+            restored = 0
+            for batch in restore_batches(self, now):
+                self._to_kernel(batch)
+                restored += len(batch)
+            log.info("restored %d bans into the kernel in %.3f s", restored,
                      time.monotonic() - t0)
         self.sources = {
             src: _SourceState(Follower(src, positions.get(src)), position=positions.get(src))
@@ -140,6 +153,27 @@ class Daemon:
         }
         self.dirty.update(self.sources)
         self._remember_rule_files()
+
+    def _load_saved_bans(self, now: float) -> None:
+        """The running bans and the offender history, streamed from the state into the
+        decider (a million of each never sit in memory twice)."""
+        from rblguard.state import StateError
+
+        assert self.state is not None
+        manual: set[str] = set()
+
+        def running() -> Iterator[tuple[str, float]]:
+            for target, until, by_admin in self.state.each_active_ban(now):
+                if by_admin:
+                    manual.add(target)
+                yield target, until
+
+        try:
+            self.decider.load_active(running())
+            self.decider.load((), self.state.each_offender())
+        except StateError as exc:
+            log.error("%s; going on with the bans read so far", exc)
+        self.manual = manual
 
     def _load_rules(self, config: Any = None) -> RuleSet:
         config = config or self.config
@@ -223,9 +257,10 @@ class Daemon:
 
     def _wait(self, timeout: float) -> None:
         """Block for the first wake-up, then drain every other one already queued."""
-        items = []
+        items, self.deferred = self.deferred, []
         try:
-            items.append(self.wakeups.get(timeout=timeout))
+            if not items:
+                items.append(self.wakeups.get(timeout=timeout))
             while True:
                 items.append(self.wakeups.get_nowait())
         except queue.Empty:
@@ -254,6 +289,7 @@ class Daemon:
 
     def _pump(self) -> None:
         """Read every dirty source to its end, ban what it holds, then save positions."""
+        read_sources: set[str] = set()  # sources that gave lines in this round
         while self.dirty:
             source = self.dirty.pop()
             st = self.sources.get(source)
@@ -269,8 +305,57 @@ class Daemon:
                 more = sum(len(c.data) for c in chunks) >= READ_BYTES
                 for chunk in chunks:
                     self._process(source, st, chunk)
-                position = chunks[-1].position(source) if chunks else None
-                self._flush_bans(position)
+                if chunks:
+                    self.read_to[source] = chunks[-1].position(source)
+                    read_sources.add(source)
+                self._flush_bans(save=False)
+                if len(self.in_kernel) >= SAVE_EVERY:
+                    self._commit_reads()
+            if not self.dirty and self._more_came(read_sources):
+                continue
+        self._commit_reads()
+
+    def _more_came(self, read_sources: set[str]) -> bool:
+        """Before saving and logging: did more lines come while we read?  A burst often
+        arrives in pieces (multilog writes as it reads), and the commit and the journal
+        lines of one piece must not hold up the bans of the next.  Source wake-ups
+        queued meanwhile are taken, and the sources just read are read once more;
+        anything else queued (a control request, a signal) waits for the main loop.
+        At least every SAVE_AFTER seconds the state is saved all the same."""
+        if time.monotonic() - self.last_commit >= SAVE_AFTER or not read_sources:
+            return False
+        try:
+            while True:
+                item = self.wakeups.get_nowait()
+                if isinstance(item, str):
+                    self.dirty.add(item)
+                else:
+                    self.deferred.append(item)
+        except queue.Empty:
+            pass
+        self.dirty |= read_sources
+        read_sources.clear()
+        return True
+
+    def _commit_reads(self) -> None:
+        """Save the bans now in the kernel with the positions after their lines, in one
+        transaction, then log them: after every source was read and its bans sent, so
+        neither the state nor the journal delays a ban of a burst that came in pieces.
+        Nothing is saved while the kernel refuses a batch: a position must never get
+        ahead of a ban that is not in the kernel."""
+        if self.pending or not (self.in_kernel or self.read_to or self.announce):
+            return
+        for source, position in self.read_to.items():
+            self.sources[source].position = position
+        self.last_commit = time.monotonic()
+        bans, self.in_kernel = self.in_kernel, []
+        positions, self.read_to = list(self.read_to.values()), {}
+        if bans or positions:
+            self._save("save bans and position", bans=bans, positions=positions)
+        for ban, refreshed in self.announce:
+            self.metrics.ban(ban.rule, family(ban.target))
+            self.log_ban(ban, refreshed)
+        self.announce = []
 
     def _process(self, source: str, st: _SourceState, chunk: Any) -> None:
         key = (chunk.dev, chunk.inode)
@@ -296,17 +381,24 @@ class Daemon:
                                      verdict.refused, event.line)
             for ban in verdict.bans:
                 self.pending.append(ban)
-                self.metrics.ban(ban.rule, family(ban.target))
+                self.announce.append((ban, verdict.refreshed))
                 if event.time is not None:
                     self.latency_start.setdefault(ban.target, event.time)
-                self.log_ban(ban, verdict.refreshed)
+            if self.pending:
+                if self.pending_since is None:
+                    self.pending_since = time.monotonic()
+                elif time.monotonic() - self.pending_since >= PUSH_AFTER:
+                    self._flush_bans(save=False)  # the rest of a burst must not hold it
 
-    def _flush_bans(self, position: SourcePosition | None = None) -> dict[str, str] | None:
+    def _flush_bans(self, position: SourcePosition | None = None,
+                    save: bool = True) -> dict[str, str] | None:
         """Send every pending ban to the kernel in one batch, then record them.
 
         The bans and the source position after the lines that caused them are written
         in one transaction, and only once the kernel has the bans: a crash before it
         re-reads those lines (bans are idempotent), a crash after it re-reads nothing.
+        ``save=False`` (mid-read) only puts them in the kernel; the read's final flush
+        saves them with its position.
         Returns the targets that failed for good with why, or None if the kernel
         refused the whole batch (it stays pending and is tried again).  A ban that
         cannot be a kernel entry at all (its end is not a usable time) is dropped with
@@ -338,19 +430,35 @@ class Daemon:
             failed.update(refused)
             bans = [b for b in bans if b.target not in failed]
             self.pending = []
+            self.pending_since = None
             for ban in bans:  # mirror the state's rule column: who made the ban in force
                 if ban.rule == "manual":
                     self.manual.add(ban.target)
                 else:
                     self.manual.discard(ban.target)
+        if not save:
+            self.in_kernel.extend(bans)
+            if failed:  # never logged as banned by the read's final flush
+                self.announce = [(b, r) for b, r in self.announce if b.target not in failed]
+            return failed
+        # Logged once the whole read's bans are in the kernel: never on a ban's path.
+        for ban, refreshed in self.announce:
+            if ban.target not in failed:
+                self.metrics.ban(ban.rule, family(ban.target))
+                self.log_ban(ban, refreshed)
+        self.announce = []
+        if self.in_kernel:
+            bans = [*self.in_kernel, *bans]
+            self.in_kernel = []
         if position is not None:
             self.sources[position.source].position = position
         if bans or position is not None:
-            self._save("save bans and position", bans=bans, position=position)
+            self._save("save bans and position", bans=bans,
+                       positions=[position] if position is not None else [])
         return failed
 
     def _save(self, what: str, bans: Sequence[Ban] = (), unbans: Sequence[str] = (),
-              position: SourcePosition | None = None) -> None:
+              positions: Sequence[SourcePosition] = ()) -> None:
         """Commit to the state, together with whatever earlier failed commits held back:
         all of it is saved, or all of it waits for the next commit."""
         from rblguard.state import StateError
@@ -370,7 +478,7 @@ class Daemon:
         try:
             self.state.commit(bans=save, unbans=sorted(gone),
                               history=self.decider.history_updates(held.values()),
-                              positions=[position] if position is not None else [])
+                              positions=list(positions))
         except StateError as exc:
             self.unsaved_bans, self.unsaved_unbans = held, gone
             self.limited_warning("state", "cannot %s: %s (kernel bans are unaffected; "
@@ -434,6 +542,7 @@ class Daemon:
             self.manual.discard(target)
             self.log_unban(target, reason if isinstance(reason, str) else reason(target))
         self.pending = [b for b in self.pending if b.target not in gone]
+        self.announce = [(b, r) for b, r in self.announce if b.target not in gone]
         refused = self._unban_in_kernel(targets)
         if targets:
             self._save("save unban", unbans=targets)
@@ -444,7 +553,7 @@ class Daemon:
         holding an allowlisted address).  An admin's own ban (``rblguard ban``, maybe
         ``--force``) is kept unless this reload allowlisted it (``old`` is the
         allowlist before the reload; None at start-up, when nobody knows)."""
-        hits = self.allowlist.overlapping(t for t, _ in self.decider.active_items())
+        hits = self.allowlist.overlapping(self.decider.active_targets())
         kept = [t for t in hits if t in self.manual
                 and (old is None or old.overlapping([t]))]
         lifted = [t for t in hits if t not in set(kept)]
@@ -473,7 +582,8 @@ class Daemon:
             self.metrics.firewall_error("health")
             try:
                 self.backend.ensure()
-                self._to_kernel(restore_entries(self, now))
+                for batch in restore_batches(self, now):
+                    self._to_kernel(batch)
             except FirewallError as exc:
                 log.error("cannot restore firewall objects: %s", exc)
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from rblguard import __version__
@@ -128,7 +129,7 @@ def _flush(d: Daemon, _body: dict[str, Any]) -> dict[str, Any]:
     targets = [target for target, _until in d.decider.active_items()]
     removed = len(targets)
     d.decider.flush()
-    d.pending = []
+    d.pending, d.announce = [], []
     d.manual.clear()
     d.backend.flush()
     if d.state is not None:
@@ -168,7 +169,17 @@ def kernel_entry(target: str, until: float, now: float) -> Entry | None:
         return None
 
 
-def restore_entries(d: Daemon, now: float) -> list[Entry]:
-    """Every active ban as a kernel entry with its remaining time."""
-    entries = [kernel_entry(t, u, now) for t, u in d.decider.active_items()]
-    return [e for e in entries if e is not None]
+def restore_batches(d: Daemon, now: float, size: int = 50_000) -> Iterator[list[Entry]]:
+    """Every active ban as kernel entries with their remaining time, ``size`` at a
+    time: a restart with a million bans never builds all million entries at once."""
+    batch: list[Entry] = []
+    for target in d.decider.active_targets():
+        until = d.decider.until(target)
+        entry = kernel_entry(target, until, now) if until is not None else None
+        if entry is not None:
+            batch.append(entry)
+            if len(batch) >= size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch

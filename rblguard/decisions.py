@@ -99,10 +99,15 @@ class Decider:
 
     def load(self, bans: Iterable[Ban], history: Iterable[Offender]) -> None:
         """Take the saved bans and history (from State) at start-up."""
-        for ban in bans:
-            self._set_active(ban.target, max(ban.until, self._active.get(ban.target, 0.0)))
+        self.load_active((ban.target, ban.until) for ban in bans)
         for target, count, last_ban in history:
             self._history[target] = int(last_ban) << _COUNT_BITS | min(count, _COUNT_MASK)
+
+    def load_active(self, bans: Iterable[tuple[str, float]]) -> None:
+        """Take saved (target, until) pairs, e.g. streamed by State.each_active_ban."""
+        active = self._active
+        for target, until in bans:
+            self._set_active(target, max(until, active.get(target, 0.0)))
 
     def set_allowlist(self, allowlist: Allowlist) -> None:
         self.allowlist = allowlist
@@ -364,6 +369,11 @@ class Decider:
         for target in self._active:
             counts[6 if ":" in target else 4] += 1
         return counts
+
+    def active_targets(self) -> list[str]:
+        """Every target with a running ban: a snapshot of the keys (cheap beside
+        active_items, which copies a pair per ban)."""
+        return list(self._active)
 
     def active_items(self) -> Iterator[tuple[str, float]]:
         return iter(list(self._active.items()))

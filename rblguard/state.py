@@ -169,6 +169,26 @@ class State:
             raise self._error("cannot read bans", exc) from None
         return [Ban(*row) for row in rows]
 
+    def each_active_ban(self, now: float) -> Iterator[tuple[str, float, bool]]:
+        """(target, until, made by an admin) of every ban still running at ``now``,
+        streamed from the file: all a start needs, without the reasons, so that a
+        million bans never sit in memory twice (``rblguard list`` reads the reasons)."""
+        try:
+            rows = self._conn().execute(
+                "SELECT target, until, rule = 'manual' FROM bans WHERE until > ?", (now,))
+            for target, until, manual in rows:
+                yield target, until, bool(manual)
+        except sqlite3.Error as exc:
+            raise self._error("cannot read bans", exc) from None
+
+    def each_offender(self) -> Iterator[Offender]:
+        """The offender history, streamed from the file."""
+        try:
+            for row in self._conn().execute("SELECT target, bans, last_ban FROM history"):
+                yield Offender(*row)
+        except sqlite3.Error as exc:
+            raise self._error("cannot read offender history", exc) from None
+
     def load_history(self) -> list[Offender]:
         try:
             rows = self._conn().execute(
