@@ -4,7 +4,8 @@ Run as root:  python benchmarks/firewall.py [--count 100000] [--batch 10000]
 
 Inside a network namespace it creates and deletes, for each backend (nftables, ipset):
 ``--count`` addresses (mostly 198.18.0.0/15, 5% from 2001:db8::/32) banned in batches of
-``--batch``, listed back, and unbanned; the latency of a few hundred one-entry ``ban()``
+``--batch`` as new offenders (as the daemon bans them: no element to refresh), banned
+again as re-bans (each element's clock reset), listed back, and unbanned; the latency of a few hundred one-entry ``ban()``
 calls (the daemon's steady state); and ``--count`` bans put into an empty set in ONE
 ``ban()`` call (what a restart does).  In-run reference: one ``nft add element`` /
 ``ipset add`` process per address for 1,000 addresses, the way a shell action would.
@@ -78,7 +79,9 @@ def measure(kind: str, count: int, batch: int) -> dict[str, float]:
     backend.remove()
     backend.ensure()
     addrs = targets(count)
-    entries = [Entry(a, 3600) for a in addrs]
+    # New offenders, as the daemon bans them (no element yet: nothing to refresh), then
+    # the same again as re-bans, which must reset each element's clock.
+    entries = [Entry(a, 3600, refresh=False) for a in addrs]
     res: dict[str, float] = {}
     try:
         start = time.perf_counter()
@@ -86,6 +89,12 @@ def measure(kind: str, count: int, batch: int) -> dict[str, float]:
             r = backend.ban(entries[i:i + batch])
             assert not r.failed, r.failed[:3]
         res["bans_per_s"] = count / (time.perf_counter() - start)
+        again = [Entry(a, 7200) for a in addrs]
+        start = time.perf_counter()
+        for i in range(0, count, batch):
+            r = backend.ban(again[i:i + batch])
+            assert not r.failed, r.failed[:3]
+        res["refreshes_per_s"] = count / (time.perf_counter() - start)
         t, listed = timed(backend.list)
         assert len(listed) == count, (kind, len(listed))
         res["list_s"] = t
@@ -128,6 +137,8 @@ def inner(args: argparse.Namespace) -> None:
         "count": args.count,
         "nft_bans_per_s": round(nft["bans_per_s"]),
         "ipset_bans_per_s": round(ips["bans_per_s"]),
+        "nft_refreshes_per_s": round(nft["refreshes_per_s"]),
+        "ipset_refreshes_per_s": round(ips["refreshes_per_s"]),
         "ref_process_bans_per_s": round(nft["ref_process_bans_per_s"]),
         "ref_ipset_process_bans_per_s": round(ips["ref_process_bans_per_s"]),
         "single_ban_p50_ms": round(nft["single_p50_ms"], 3),

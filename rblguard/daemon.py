@@ -91,6 +91,11 @@ class Daemon:
         # In the kernel, not yet saved: saved with the positions after their lines.
         self.in_kernel: list[Ban] = []
         self.read_to: dict[str, SourcePosition] = {}  # source -> read to here, not saved
+        # Pending single-address bans the decider made from nothing: no kernel element to
+        # refresh.  Only trusted once the saved bans were read (else the kernel may hold
+        # elements the decider does not know of, and every ban refreshes).
+        self.fresh: set[str] = set()
+        self.state_loaded = False
         self.last_commit = time.monotonic()
         self.deferred: list[Any] = []  # wake-ups taken early by _more_came: for _wait
         # In the kernel (or lifted from it) but not in the state: a commit failed (disk
@@ -171,6 +176,7 @@ class Daemon:
         try:
             self.decider.load_active(running())
             self.decider.load((), self.state.each_offender())
+            self.state_loaded = True
         except StateError as exc:
             log.error("%s; going on with the bans read so far", exc)
         self.manual = manual
@@ -382,6 +388,10 @@ class Daemon:
             for ban in verdict.bans:
                 self.pending.append(ban)
                 self.announce.append((ban, verdict.refreshed))
+                if verdict.refreshed:  # maybe of a ban in this very batch: reset it too
+                    self.fresh.discard(ban.target)
+                elif "/" not in ban.target and self.state_loaded:
+                    self.fresh.add(ban.target)  # no element yet: no need to reset its clock
                 if event.time is not None:
                     self.latency_start.setdefault(ban.target, event.time)
             if self.pending:
@@ -409,8 +419,9 @@ class Daemon:
         if bans:
             now = time.time()
             entries = []
+            fresh, self.fresh = self.fresh, set()
             for ban in bans:
-                entry = kernel_entry(ban.target, ban.until, now)
+                entry = kernel_entry(ban.target, ban.until, now, ban.target not in fresh)
                 if entry is None:
                     failed[ban.target] = f"its end {ban.until!r} is not a usable time"
                     log.error("dropping the ban of %s (rule %s): its end %r is not a "

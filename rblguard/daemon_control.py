@@ -158,13 +158,14 @@ def handle(d: Daemon, body: dict[str, Any]) -> dict[str, Any]:
     return HANDLERS[body["cmd"]](d, body)
 
 
-def kernel_entry(target: str, until: float, now: float) -> Entry | None:
+def kernel_entry(target: str, until: float, now: float,
+                 refresh: bool = True) -> Entry | None:
     """The kernel entry of a ban ending at ``until``, or None if that is not a time."""
     try:
         seconds = until - now
         if not math.isfinite(seconds):
             return None
-        return Entry(target, max(1, int(seconds)))
+        return Entry(target, max(1, int(seconds)), refresh)
     except (TypeError, ValueError, OverflowError):
         return None
 
@@ -175,7 +176,8 @@ def restore_batches(d: Daemon, now: float, size: int = 50_000) -> Iterator[list[
     batch: list[Entry] = []
     for target in d.decider.active_targets():
         until = d.decider.until(target)
-        entry = kernel_entry(target, until, now) if until is not None else None
+        # not a refresh: an element the kernel kept holds this time already
+        entry = kernel_entry(target, until, now, False) if until is not None else None
         if entry is not None:
             batch.append(entry)
             if len(batch) >= size:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import random
 import re
 import subprocess
@@ -218,3 +219,31 @@ def test_unwritable_state_dir_keeps_banning(harness, tmp_path: Path) -> None:
         log.close()
     assert "running without saved state" in harness.log()
     assert str(blocker) in harness.log()
+
+
+def test_a_repeat_reject_restarts_the_kernel_clock(harness, tmp_path: Path) -> None:
+    """A new ban's element is added with its time; a reject while it runs resets that
+    time in the kernel (nftables needs "expires" for that, which new bans skip)."""
+    harness.write_config(ban_time="30s", repeat=False)
+    log = Multilog(tmp_path / "log")
+    harness.start()
+
+    def expires(address: str) -> float | None:
+        out = run(["ip", "netns", "exec", harness.ns, "nft", "-j", "list", "set", "inet",
+                   "rblguard", "v4"]).stdout
+        for item in json.loads(out)["nftables"]:
+            for elem in item.get("set", {}).get("elem", []):
+                if isinstance(elem, dict) and elem["elem"]["val"] == address:
+                    return elem["elem"].get("expires")
+        return None
+
+    try:
+        log.write(reject_message("198.18.7.7"))
+        wait_for(lambda: expires("198.18.7.7") is not None, what="the first ban")
+        assert 27 <= expires("198.18.7.7") <= 30
+        time.sleep(3.5)
+        assert expires("198.18.7.7") <= 27  # its clock runs
+        log.write(reject_message("198.18.7.7", pid=2))
+        wait_for(lambda: (expires("198.18.7.7") or 0) >= 28, 5, "the clock to restart")
+    finally:
+        log.close()

@@ -38,6 +38,10 @@ class Entry:
 
     target: str  # "198.18.5.124", "198.18.5.0/24", "2001:db8::17", "2001:db8:1:2::/64"
     timeout: int  # seconds, >= 1; a backend caps it at what its kernel object allows
+    # The element may be there already and its clock must start again (a re-ban).  False
+    # only when the caller knows it is new or holds its time already (a restore):
+    # nftables then skips "expires", which costs about a third of an add.
+    refresh: bool = True
 
 
 @dataclass(slots=True)

@@ -173,11 +173,12 @@ class NftablesBackend(Backend):
     # -- bans ----------------------------------------------------------------------
 
     def ban(self, entries: Sequence[Entry]) -> BatchResult:
-        """Add or refresh in batches; ``expires`` resets the clock of an existing element."""
+        """Add or refresh in batches; ``expires`` resets the clock of an existing element
+        (only for entries that may be refreshes: it costs about a third of the add)."""
         result = BatchResult()
         texts: dict[str, list[str]] = {name: [] for name in SETS}
         targets: dict[str, list[str]] = {name: [] for name in SETS}
-        suffixes: dict[int, str] = {}
+        suffixes: dict[tuple[int, bool], str] = {}
         plain_ipv4 = _PLAIN_IPV4.fullmatch
         for entry in entries:
             target = entry.target
@@ -190,9 +191,11 @@ class NftablesBackend(Backend):
                     result.failed.append((target, f"not an address or network: {exc}"))
                     continue
             timeout = max(1, min(int(entry.timeout), MAX_TIMEOUT))
-            suffix = suffixes.get(timeout)
+            suffix = suffixes.get((timeout, entry.refresh))
             if suffix is None:
-                suffix = suffixes[timeout] = f" timeout {timeout}s expires {timeout}s"
+                suffix = suffixes[timeout, entry.refresh] = (
+                    f" timeout {timeout}s expires {timeout}s" if entry.refresh
+                    else f" timeout {timeout}s")
             texts[set_name].append(element + suffix)
             targets[set_name].append(target)
         for name in SETS:
