@@ -5,10 +5,11 @@ Run as root:  python benchmarks/firewall.py [--count 100000] [--batch 10000]
 Inside a network namespace it creates and deletes, for each backend (nftables, ipset):
 ``--count`` addresses (mostly 198.18.0.0/15, 5% from 2001:db8::/32) banned in batches of
 ``--batch`` as new offenders (as the daemon bans them: no element to refresh), banned
-again as re-bans (each element's clock reset), listed back, and unbanned; the latency of a few hundred one-entry ``ban()``
-calls (the daemon's steady state); and ``--count`` bans put into an empty set in ONE
-``ban()`` call (what a restart does).  In-run reference: one ``nft add element`` /
-``ipset add`` process per address for 1,000 addresses, the way a shell action would.
+again as re-bans (each element's clock reset), listed back, and unbanned; the latency
+of a few hundred one-entry ``ban()`` calls (the daemon's steady state); and ``--count``
+bans put into an empty set in ONE ``ban()`` call (what a restart does).  In-run
+reference: one ``nft add element`` / ``ipset add`` process per address for 1,000
+addresses, the way a shell action would.
 
 Prints a Markdown table, then as LAST line one JSON object (nft_bans_per_s,
 ipset_bans_per_s, ref_process_bans_per_s, single_ban_p99_ms, restore_100k_s, ...).
