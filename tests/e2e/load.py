@@ -57,6 +57,7 @@ class Outcome:
     started: float  # Unix time the connect began
     outcome: str  # accepted | rejected | dropped | failed
     detail: str = ""
+    port: int = 0  # the client's source port (ipset counts a connection per address+port)
 
 
 # -- plans ------------------------------------------------------------------------------
@@ -115,6 +116,7 @@ async def one_connection(p: Planned, server: tuple[str, int], t0: float) -> Outc
     sock.setblocking(False)
     try:
         sock.bind((p.src, 0))
+        out.port = sock.getsockname()[1]
         try:
             await asyncio.wait_for(loop.sock_connect(sock, server),
                                    LEGIT_TIMEOUT if legit else SPAM_CONNECT_TIMEOUT)
