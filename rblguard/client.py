@@ -63,7 +63,9 @@ def _print_status(r: dict[str, Any]) -> None:
         print(f"blocked {family}: {c.get('connections', 0)} connections, "
               f"{c.get('packets', 0)} packets")
     for src in r.get("sources", []):
-        print(f"source {src.get('path')}: {src.get('file')} at {src.get('offset')}, "
+        where = (f"{src['file']} at {src.get('offset')}" if src.get("file")
+                 else "not there yet (followed as soon as it appears)")
+        print(f"source {src.get('path')}: {where}, "
               f"lag {src.get('lag_bytes')} bytes, last line {_when(src.get('last_time'))}")
     for rule in r.get("rules", []):
         print(f"rule {rule.get('name')} ({rule.get('file')}): {rule.get('matches', 0)} matches")

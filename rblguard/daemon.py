@@ -156,6 +156,10 @@ class Daemon:
             src: _SourceState(Follower(src, positions.get(src)), position=positions.get(src))
             for src in cfg.source_paths
         }
+        for src in self.sources:
+            if not os.path.exists(src):
+                log.warning("source %s does not exist (yet): it is followed from its first "
+                            "line as soon as it appears; check the path if it never does", src)
         self.dirty.update(self.sources)
         self._remember_rule_files()
 

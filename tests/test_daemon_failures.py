@@ -385,6 +385,8 @@ def test_source_missing_at_start_appears_later(harness, tmp_path: Path) -> None:
     harness.write_config(sources=[{"path": str(source)}], metrics=METRICS)
     harness.start()
     assert harness.cli("status", "--json")["sources"][0]["path"] == str(source)
+    assert f"source {source} does not exist (yet)" in harness.log()
+    assert "not there yet" in harness.cli("status")
     expected: set[str] = set()
 
     def write(log: Multilog, third: int, n: int) -> None:
