@@ -441,6 +441,7 @@ class Daemon:
             self.latency_start = {}
             if refused is None:  # the kernel refused the batch: keep them, retry later
                 self.pending = [b for b in bans if b.target not in failed]
+                self.pending_since = time.monotonic()  # not again on the very next line
                 return None
             failed.update(refused)
             bans = [b for b in bans if b.target not in failed]
