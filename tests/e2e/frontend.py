@@ -54,6 +54,26 @@ while read -r line; do
 done
 """
 TCP_SMTP = '127.:allow,RELAYCLIENT=""\n:allow\n'
+# The lean follower of peers.md, for comparison only: ``tail -F`` and one ``nft`` process
+# per reject (the least a swatch or fail2ban action costs), skipping the lines that must
+# never ban, and dropping new connections only, like rblguard: only the process per ban
+# differs.  Its table, ``inet e2eref``, is the front end's own.
+REFERENCE_BANNER = r"""#!/bin/sh
+tail -F -n +1 "$1" 2>/dev/null | while read -r stamp program address rest; do
+  [ "$program" = "rblsmtpd:" ] || continue
+  case "$rest" in
+    *"temporary RBL lookup error"*|*"Error:"*|*"/returnc/"*) continue ;;
+    "pid "*": 451 "*|"pid "*": 553 "*)
+      nft add element inet e2eref v4 "{ ${address#::ffff:} timeout 3600s }" ;;
+  esac
+done
+"""
+REFERENCE_TABLE = """add table inet e2eref
+add set inet e2eref v4 { type ipv4_addr; flags timeout; }
+add counter inet e2eref blocked
+add chain inet e2eref input { type filter hook input priority -10; }
+add rule inet e2eref input tcp dport 25 ct state new ip saddr @v4 counter name "blocked" drop
+"""
 STAMPED = re.compile(r"^@([0-9a-f]{24}) (.*)$")
 REJECT = re.compile(r"^rblsmtpd: (\S+) pid \d+: (?:451|553) ")
 CONNECTION = re.compile(r"^tcpserver: pid \d+ from (\S+)$")
@@ -207,7 +227,9 @@ class Frontend:
         self._count_dns_packets()
         self._start_dnsmasq()
         self._start_smtp()
-        if self.backend is not None:
+        if self.backend == "process-per-ban":
+            self._start_reference_banner()
+        elif self.backend is not None:
             self._start_rblguard()
 
     def _server(self, cmd: list[str], **kwargs) -> subprocess.Popen:
@@ -271,6 +293,14 @@ class Frontend:
             self.monitor = ElementMonitor(self.pair.server)
         self.notify = NotifyListener(self.workdir / "notify.sock")
         self.daemon.start(env=self.notify.env)
+
+    def _start_reference_banner(self) -> None:
+        run(["ip", "netns", "exec", self.pair.server, "nft", "-f", "-"], input=REFERENCE_TABLE)
+        script = self.workdir / "reference-banner"
+        script.write_text(REFERENCE_BANNER)
+        script.chmod(0o755)
+        self.monitor = ElementMonitor(self.pair.server, table="e2eref")
+        self._server([str(script), str(self.logdir / "current")])
 
     # -- during a run ---------------------------------------------------------------------
 
@@ -366,6 +396,13 @@ class Frontend:
                     if "counter" in i)
 
     def _kernel_bans_and_blocked(self) -> tuple[set[str], int]:
+        if self.backend == "process-per-ban":
+            out = json.loads(run(["ip", "netns", "exec", self.pair.server, "nft", "-j",
+                                  "list", "table", "inet", "e2eref"]).stdout)["nftables"]
+            banned = {e["elem"]["val"] if isinstance(e, dict) else e for i in out
+                      for e in i.get("set", {}).get("elem", [])}
+            blocked = sum(i["counter"]["packets"] for i in out if "counter" in i)
+            return banned, blocked
         if self.daemon is None:
             return set(), 0
         status = self.daemon.cli("status", "--json")
