@@ -404,15 +404,15 @@ class Daemon:
                 elif time.monotonic() - self.pending_since >= PUSH_AFTER:
                     self._flush_bans(save=False)  # the rest of a burst must not hold it
 
-    def _flush_bans(self, position: SourcePosition | None = None,
-                    save: bool = True) -> dict[str, str] | None:
-        """Send every pending ban to the kernel in one batch, then record them.
+    def _flush_bans(self, save: bool = True) -> dict[str, str] | None:
+        """Send every pending ban to the kernel in one batch, then (``save``) record
+        them with _commit_reads.
 
-        The bans and the source position after the lines that caused them are written
-        in one transaction, and only once the kernel has the bans: a crash before it
+        Bans and the source positions after the lines that caused them are written in
+        one transaction, and only once the kernel has the bans: a crash before it
         re-reads those lines (bans are idempotent), a crash after it re-reads nothing.
-        ``save=False`` (mid-read) only puts them in the kernel; the read's final flush
-        saves them with its position.
+        ``save=False`` (mid-read) only puts them in the kernel; _pump saves them with
+        its positions once every source is read.
         Returns the targets that failed for good with why, or None if the kernel
         refused the whole batch (it stays pending and is tried again).  A ban that
         cannot be a kernel entry at all (its end is not a usable time) is dropped with
@@ -452,25 +452,11 @@ class Daemon:
                     self.manual.add(ban.target)
                 else:
                     self.manual.discard(ban.target)
-        if not save:
-            self.in_kernel.extend(bans)
-            if failed:  # never logged as banned by the read's final flush
-                self.announce = [(b, r) for b, r in self.announce if b.target not in failed]
-            return failed
-        # Logged once the whole read's bans are in the kernel: never on a ban's path.
-        for ban, refreshed in self.announce:
-            if ban.target not in failed:
-                self.metrics.ban(ban.rule, family(ban.target))
-                self.log_ban(ban, refreshed)
-        self.announce = []
-        if self.in_kernel:
-            bans = [*self.in_kernel, *bans]
-            self.in_kernel = []
-        if position is not None:
-            self.sources[position.source].position = position
-        if bans or position is not None:
-            self._save("save bans and position", bans=bans,
-                       positions=[position] if position is not None else [])
+        self.in_kernel.extend(bans)
+        if failed:  # never logged as banned by _commit_reads
+            self.announce = [(b, r) for b, r in self.announce if b.target not in failed]
+        if save:
+            self._commit_reads()
         return failed
 
     def _save(self, what: str, bans: Sequence[Ban] = (), unbans: Sequence[str] = (),

@@ -126,7 +126,7 @@ def _flush(d: Daemon, _body: dict[str, Any]) -> dict[str, Any]:
     from rblguard.state import StateError
 
     assert d.backend is not None
-    targets = [target for target, _until in d.decider.active_items()]
+    targets = d.decider.active_targets()
     removed = len(targets)
     d.decider.flush()
     d.pending, d.announce = [], []
