@@ -42,20 +42,31 @@ def _to_network(net: Network | str) -> Network:
     return net if isinstance(net, Network) else ipaddress.ip_network(net, strict=False)
 
 
+def address_value(address: str) -> tuple[int, int] | None:
+    """``(version, integer)`` of a canonical address, or None if it is not one.
+
+    inet_pton is as strict as ipaddress and about ten times faster, which counts where
+    every address of a wave of new offenders is parsed once."""
+    version, family = (6, socket.AF_INET6) if ":" in address else (4, socket.AF_INET)
+    try:
+        return version, int.from_bytes(socket.inet_pton(family, address), "big")
+    except (OSError, ValueError):
+        return None
+
+
 def span(target: str) -> tuple[int, int, int] | None:
     """``(version, first, last)`` of a canonical address or CIDR network as integers,
     or None if it does not parse.  Fast (no ipaddress objects): the daemon asks it for
     every active ban when it checks them all against a new allowlist."""
     addr, _, plen_text = target.partition("/")
+    parsed = address_value(addr)
+    if parsed is None:
+        return None
+    version, value = parsed
+    bits = 128 if version == 6 else 32
     try:
-        if ":" in addr:
-            version, bits, value = 6, 128, int.from_bytes(
-                socket.inet_pton(socket.AF_INET6, addr), "big")
-        else:
-            version, bits, value = 4, 32, int.from_bytes(
-                socket.inet_pton(socket.AF_INET, addr), "big")
         plen = int(plen_text) if plen_text else bits
-    except (OSError, ValueError):
+    except ValueError:
         return None
     if not 0 <= plen <= bits:
         return None
@@ -113,13 +124,10 @@ class Allowlist:
             return self._cache[address]
         except KeyError:
             pass
-        # inet_pton: the same integer as ipaddress, as strict, ten times faster (a wave
-        # of new offenders misses this cache with every address)
-        version, family = (6, socket.AF_INET6) if ":" in address else (4, socket.AF_INET)
-        try:
-            value = int.from_bytes(socket.inet_pton(family, address), "big")
-        except (OSError, ValueError):
+        parsed = address_value(address)
+        if parsed is None:
             return False
+        version, value = parsed
         i = bisect.bisect_right(self._starts[version], value) - 1
         found = i >= 0 and self._ends[version][i] >= value
         if len(self._cache) >= _CACHE_LIMIT:
