@@ -27,7 +27,7 @@ from pathlib import Path
 from rblguard.addresses import _bytes_cache as _BYTES_CACHE
 from rblguard.addresses import canonical_address, canonical_bytes
 from rblguard.model import ChunkResult, Connection, Event, Ignored, Match, ParseError
-from rblguard.rules import RESERVED_GROUP_PREFIX, Rule, RuleSet
+from rblguard.rules import RESERVED_GROUP_PREFIX, Rule, RuleSet, split_literal
 from rblguard.stamps import (
     TAI64_UNIX_OFFSET,
     TAI64N,
@@ -301,15 +301,16 @@ def _anchored(literal: bytes, stamp: bytes, rest: bytes) -> bytes:
     return lit + b"(?<=\n" + stamp + lit + b")" + rest
 
 
-_PLAIN = re.compile(rb"(?:[^\\.^$*+?{}\[\]()|]|\\[^A-Za-z0-9])+")
-
-
 def _literal_alternatives(pattern: bytes) -> list[bytes] | None:
-    """``Error:|/returnc/`` -> [b"Error:", b"/returnc/"]; None if it is more than texts."""
-    parts = pattern.split(b"|")
-    if not all(_PLAIN.fullmatch(part) for part in parts):
-        return None
-    return [re.sub(rb"\\(.)", rb"\1", part) for part in parts]
+    """``Error:|/returnc/`` -> [b"Error:", b"/returnc/"]; None if it is more than texts.
+    Each alternative is read as a rule's own fixed text is (rules.split_literal)."""
+    texts = []
+    for part in pattern.decode().split("|"):
+        text, rest = split_literal(part)
+        if rest or not text:
+            return None
+        texts.append(text.encode())
+    return texts
 
 
 def _vetoed_tails(tails: list[bytes], veto: re.Pattern[bytes],

@@ -24,7 +24,7 @@ from pathlib import Path
 from rblguard.model import Ignored, Match, ParseError
 from rblguard.rules import Rule, RuleError, RuleSet, Sample, load_rule_file, rule_files
 from rblguard.scanner import Scanner, log_files, read_complete_lines
-from rblguard.stamps import NONE, TAI64N, detect_format, split_line
+from rblguard.stamps import NONE, TAI64N, StampFormat, detect_format, split_line
 
 # A line "looks like a reject" when a program's own prefix is followed by an SMTP 4xx/5xx
 # code: rblsmtpd's lines, and similar lines of other DNSBL checkers.
@@ -48,10 +48,14 @@ def _event_outcome(event: object) -> Outcome:
     return NO_EVENT
 
 
+def _log(lines: list[bytes], stamp: bytes) -> tuple[bytes, StampFormat]:
+    """Sample lines as a log buffer, with or without a multilog stamp, and its format."""
+    return b"".join(stamp + line + b"\n" for line in lines), TAI64N if stamp else NONE
+
+
 def _scanned(scanner: Scanner, lines: list[bytes], stamp: bytes = b"") -> list[Outcome]:
     """The outcome of each line, scanned as one log buffer the way the daemon scans."""
-    buf = b"".join(stamp + line + b"\n" for line in lines)
-    fmt = TAI64N if stamp else NONE
+    buf, fmt = _log(lines, stamp)
     by_end = {e.offset: _event_outcome(e) for e in scanner.scan(buf, 0, fmt, 0.0).events}
     out, end = [], 0
     for line in lines:
@@ -62,8 +66,8 @@ def _scanned(scanner: Scanner, lines: list[bytes], stamp: bytes = b"") -> list[O
 
 def _tallied(scanner: Scanner, lines: list[bytes], stamp: bytes = b"") -> Counter[Outcome]:
     """What `rblguard scan` counts in the same buffer (it counts, it does not list)."""
-    buf = b"".join(stamp + line + b"\n" for line in lines)
-    result = scanner.tally(buf, 0, TAI64N if stamp else NONE, 0.0)
+    buf, fmt = _log(lines, stamp)
+    result = scanner.tally(buf, 0, fmt, 0.0)
     counted: Counter[Outcome] = Counter()
     for (rule, address), n in (result.match_counts or {}).items():
         counted["ban", address, rule] += n
