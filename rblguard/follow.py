@@ -38,6 +38,7 @@ PREVIOUS_NAME = "previous"  # multilog's name for a full `current` before it get
 FINGERPRINT_BYTES = 1024
 LIVE_KEY = "~"  # sorts after every lowercase hex TAI64N label: the live file is newest
 PREVIOUS_KEY = "}"  # between the labels and LIVE_KEY: `previous`, not yet labelled
+UNLABELLED = (LIVE_KEY, PREVIOUS_KEY)  # keys of files with no TAI64N label (yet)
 _ROTATED_NAME = re.compile(r"@([0-9a-fA-F]{24})\.[su]\Z")
 _LONG_LINE_STEP = 1 << 20
 
@@ -255,7 +256,7 @@ class Follower:
         lag = max(0, os.fstat(f.fd).st_size - f.offset)
         if not f.finished and not self._replaced(f):
             return lag
-        after = f.key if f.key not in (LIVE_KEY, PREVIOUS_KEY) else f.floor
+        after = f.key if f.key not in UNLABELLED else f.floor
         if self._layout.directory is not None:
             for label, path in _rotated(self._layout.directory):
                 if label > after and _identity(path) != (f.dev, f.inode):
@@ -358,7 +359,7 @@ class Follower:
         """
         after = f.key
         directory = self._layout.directory
-        if after in (LIVE_KEY, PREVIOUS_KEY):
+        if after in UNLABELLED:
             after = f.floor
             if directory is not None:
                 if _identity(os.path.join(directory, PREVIOUS_NAME)) == (f.dev, f.inode):
@@ -424,7 +425,7 @@ class Follower:
             return False
         _close_all(snapshot)
         older = snapshot[:index]
-        floor = max((s.key for s in older if s.key not in (LIVE_KEY, PREVIOUS_KEY)), default="")
+        floor = max((s.key for s in older if s.key not in UNLABELLED), default="")
         unlabelled = next((s.identity for s in older if s.key == PREVIOUS_KEY), None)
         if st.st_size < offset:
             log.warning("%s is shorter than the saved position %d: reading it from its "

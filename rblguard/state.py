@@ -190,12 +190,7 @@ class State:
             raise self._error("cannot read offender history", exc) from None
 
     def load_history(self) -> list[Offender]:
-        try:
-            rows = self._conn().execute(
-                "SELECT target, bans, last_ban FROM history").fetchall()
-        except sqlite3.Error as exc:
-            raise self._error("cannot read offender history", exc) from None
-        return [Offender(*row) for row in rows]
+        return list(self.each_offender())
 
     def load_positions(self) -> dict[str, SourcePosition]:
         try:

@@ -53,6 +53,7 @@ SEEN_TIMEOUT = 130  # s: a SYN's retransmits (1, 3, 7, 15, 31, 63 s) stay one co
 SEEN_MAXELEM = 262_144
 SEEN_SUFFIX = "-seen"
 IPSET_NAME_MAX = 31
+IPSET_FAMILIES = ((4, "inet"), (6, "inet6"))  # rblguard's family -> ipset's name for it
 _LINE_ERROR = re.compile(r"Error in line (\d+): (.*)")
 _TOOLS = {4: "iptables", 6: "ip6tables"}
 
@@ -132,12 +133,12 @@ class IpsetBackend(Backend):
     def ensure(self) -> None:
         """Create the sets (kept if present) and, in rules mode, chain, rule and jump."""
         lines = [f"create {self.sets[f]} hash:net family {fam} timeout 0 "
-                 f"maxelem {self.options.maxelem}\n" for f, fam in ((4, "inet"), (6, "inet6"))]
+                 f"maxelem {self.options.maxelem}\n" for f, fam in IPSET_FAMILIES]
         names = [self.sets[4], self.sets[6]]
         if self.options.mode == "rules":
             lines += [f"create {self.seen[f]} hash:ip,port family {fam} "
                       f"timeout {SEEN_TIMEOUT} maxelem {SEEN_MAXELEM}\n"
-                      for f, fam in ((4, "inet"), (6, "inet6"))]
+                      for f, fam in IPSET_FAMILIES]
             names += [self.seen[4], self.seen[6]]
         proc = _sh(["ipset", "-exist", "restore"], input="".join(lines), check=False)
         if proc.returncode != 0:
@@ -396,10 +397,10 @@ class IpsetBackend(Backend):
             headers = self._headers()
         except FirewallError as exc:
             return Health(False, [str(exc)])
-        wanted = [(self.sets[f], "hash:net", fam) for f, fam in ((4, "inet"), (6, "inet6"))]
+        wanted = [(self.sets[f], "hash:net", fam) for f, fam in IPSET_FAMILIES]
         if self.options.mode == "rules":
             wanted += [(self.seen[f], "hash:ip,port", fam)
-                       for f, fam in ((4, "inet"), (6, "inet6"))]
+                       for f, fam in IPSET_FAMILIES]
         for name, kind, fam in wanted:
             header = headers.get(name)
             if header is None:
