@@ -30,14 +30,13 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.e2e.frontend import ZONES, Frontend, Measured, Population, frontend
+from tests.e2e.frontend import Measured, Population, frontend
 from tests.e2e.load import Planned, legit_connections, ordered, spammer_connections
 
 
@@ -63,15 +62,17 @@ def one_run(population: Population, plan: list[Planned], backend: str | None,
         cpu = None
         if fe.daemon is not None and fe.daemon.proc is not None:
             cpu = cpu_seconds(fe.daemon.proc.pid)
-        predicted = simulate(fe) if backend is None else None
+        predicted = fe.simulate() if backend is None else None
     return m, cpu, predicted
 
 
-def simulate(fe: Frontend) -> dict:
-    out = subprocess.run([sys.executable, "-m", "rblguard", "simulate", "--ban-time", "1h",
-                          "--zones", ",".join(ZONES), "--json", str(fe.logdir)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+def latency_figures(m: Measured, ndigits: int) -> dict[str, float | None]:
+    """reject_to_ban_{p50,p95,max}_ms of a run (None where no ban was timed)."""
+    figures = {}
+    for name, q in (("p50", 0.5), ("p95", 0.95), ("max", 1.0)):
+        value = m.latency_quantile(q)
+        figures[f"reject_to_ban_{name}_ms"] = None if value is None else round(value, ndigits)
+    return figures
 
 
 def wave_comparison() -> dict:
@@ -88,14 +89,11 @@ def wave_comparison() -> dict:
             with frontend(Path(tmp) / name.replace(" ", "-"), population,
                           backend=backend) as fe:
                 m = fe.measure(plan, fe.play(plan))
-            lat = m.latencies_ms()
             rows[name] = {
                 "queries": m.dns_queries, "ideal": m.ideal_queries,
                 "excess_pct": round(m.excess_pct, 2),
                 "legit_failed": len(m.legit_failed),
-                "reject_to_ban_p50_ms": round(lat[len(lat) // 2], 1) if lat else None,
-                "reject_to_ban_p95_ms": round(lat[int(0.95 * len(lat))], 1) if lat else None,
-                "reject_to_ban_max_ms": round(lat[-1], 1) if lat else None,
+                **latency_figures(m, 1),
                 "max_sessions_in_use": m.max_in_use,
             }
     print(f"\nBotnet wave: {len(population.spam)} new spammers in 10 s, {len(plan)} "
@@ -127,8 +125,7 @@ def main() -> int:
         base, _, predicted = one_run(population, plan, None, Path(tmp) / "baseline")
         guarded, cpu, _ = one_run(population, plan, "nftables", Path(tmp) / "rblguard")
     assert predicted is not None
-    lat = guarded.latencies_ms()
-    p95 = lat[int(0.95 * len(lat))] if lat else None
+    p95 = guarded.latency_quantile(0.95)
     excess = guarded.dns_queries - guarded.ideal_queries
     predicted_queries = predicted["policies"][0]["queries"]
     spam_connections = sum(1 for p in plan if p.kind == "spam")
@@ -147,9 +144,7 @@ def main() -> int:
         "legit_failed": len(guarded.legit_failed) + len(base.legit_failed),
         "legit_banned": len(guarded.legit_banned),
         "blocked_connections": guarded.blocked_connections,
-        "reject_to_ban_p50_ms": round(lat[len(lat) // 2], 2) if lat else None,
-        "reject_to_ban_p95_ms": round(p95, 2) if p95 is not None else None,
-        "reject_to_ban_max_ms": round(lat[-1], 2) if lat else None,
+        **latency_figures(guarded, 2),
         "rblguard_cpu_s": round(cpu, 2) if cpu is not None else None,
         "max_sessions_in_use_baseline": base.max_in_use,
         "max_sessions_in_use_rblguard": guarded.max_in_use,

@@ -174,11 +174,18 @@ class Measured:
         return sorted((self.ban_seen[a] - t) * 1000 for a, t in self.first_reject.items()
                       if a in self.ban_seen and not self.while_down(a))
 
+    def latency_quantile(self, q: float) -> float | None:
+        """The ``q`` quantile of latencies_ms() (0.5, 0.95; 1.0 is the max), in ms, or
+        None if no ban was timed."""
+        lat = self.latencies_ms()
+        return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else None
+
     def summary(self) -> dict:
         lat = self.latencies_ms()
 
         def q(p: float) -> float | None:
-            return round(lat[min(len(lat) - 1, int(p * len(lat)))], 2) if lat else None
+            value = self.latency_quantile(p)
+            return round(value, 2) if value is not None else None
 
         return {
             "dns_queries": self.dns_queries, "dns_packets": self.dns_packets,
@@ -415,6 +422,13 @@ class Frontend:
                        "-o", "save"], check=False).stdout
             members |= {ln.split()[2] for ln in out.splitlines() if ln.startswith("add ")}
         return members, blocked
+
+    def simulate(self, ban_time: str = "1h") -> dict:
+        """``rblguard simulate`` on this front end's log, as its one JSON object."""
+        out = subprocess.run([sys.executable, "-m", "rblguard", "simulate", "--ban-time",
+                              ban_time, "--zones", ",".join(ZONES), "--json",
+                              str(self.logdir)], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
 
     def ban_latency_histogram(self) -> dict[float, float]:
         """rblguard's own ban latency histogram (le -> cumulative count), from /metrics."""
