@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rblguard.model import Ban
-from rblguard.state import State
+from rblguard.store.state import State
 from tests.daemon_harness import ElementMonitor, Multilog, daemon_namespace, reject_message
 from tests.netns import run
 

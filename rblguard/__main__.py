@@ -1,5 +1,5 @@
 import sys
 
-from rblguard.cli import main
+from rblguard.commands.cli import main
 
 sys.exit(main())

@@ -139,7 +139,7 @@ class DaemonHarness:
         return found
 
     def state_bans(self) -> set[str]:
-        from rblguard.state import State
+        from rblguard.store.state import State
 
         state = State(self.config["state_dir"])
         try:

@@ -12,8 +12,8 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rblguard.allowlist import Allowlist, Entry, host_addresses, parse_tcprules, span
 from rblguard.config import parse_config
+from rblguard.decisions.allowlist import Allowlist, Entry, host_addresses, parse_tcprules, span
 from tests.netns import require_root_tools, run
 
 TCP_SMTP = """\
@@ -154,7 +154,7 @@ def test_host_addresses_in_a_namespace() -> None:
         run(["ip", "-n", ns, "link", "add", "d0", "type", "veth", "peer", "name", "d1"])
         run(["ip", "-n", ns, "addr", "add", "203.0.113.5/24", "dev", "d0"])
         run(["ip", "-n", ns, "addr", "add", "2001:db8:77::5/64", "dev", "d0", "nodad"])
-        code = ("import json; from rblguard.allowlist import host_addresses; "
+        code = ("import json; from rblguard.decisions.allowlist import host_addresses; "
                 "print(json.dumps([str(n) for n in host_addresses()]))")
         out = run(["ip", "netns", "exec", ns, sys.executable, "-c", code]).stdout
         found = set(json.loads(out))

@@ -70,7 +70,7 @@ def test_sigkill_at_random_points_loses_no_ban(harness, tmp_path: Path) -> None:
     assert not any("192.0.2." in e for e in harness.kernel_elements())
     # No line counted twice: a line re-read after a kill only refreshes its own ban (the
     # same end), while a second count would be a repeat offence with a 2 h ban.
-    from rblguard.state import State
+    from rblguard.store.state import State
 
     with State(harness.config["state_dir"]) as state:
         history = {o.target: o.bans for o in state.load_history()}

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rblguard.state import Offender, State
+from rblguard.store.state import Offender, State
 from tests.daemon_harness import DaemonHarness, daemon_namespace, reject_message, tai64n, wait_for
 from tests.netns import require_root_tools
 
@@ -237,7 +237,7 @@ def test_a_ban_that_cannot_be_a_kernel_entry_is_dropped_not_retried(
     script = f"""
 import json, logging, math
 from rblguard.config import load_config
-from rblguard.daemon import Daemon
+from rblguard.daemon.loop import Daemon
 from rblguard.model import Ban
 logging.basicConfig(level=logging.INFO)
 d = Daemon(load_config({str(harness.config_path)!r}), {str(harness.config_path)!r})

@@ -64,7 +64,7 @@ def test_dnsbl_error_replies_are_shown_by_kind() -> None:
                if any("rblguard_dnsbl_error_replies_total" in t["expr"]
                       and "by (zone, kind)" in t["expr"] for t in p["targets"])]
     assert "{{kind}}" in json.dumps(panel["targets"])
-    from rblguard.metrics import DNSBL_ERROR_KINDS
+    from rblguard.daemon.metrics import DNSBL_ERROR_KINDS
 
     for kind in DNSBL_ERROR_KINDS:
         assert f"{kind}:" in panel["description"], kind
@@ -117,7 +117,7 @@ def test_a_real_prometheus_answers_every_panel(tmp_path: Path) -> None:
 
 def test_every_metric_is_documented() -> None:
     """docs/operations.md and the metrics module's docstring list each metric family."""
-    import rblguard.metrics
+    import rblguard.daemon.metrics
 
     docs = (GRAFANA.parent / "docs" / "operations.md").read_text()
     families = {family.name for family in busy_metrics().registry.collect()}
@@ -125,7 +125,7 @@ def test_every_metric_is_documented() -> None:
     names = {f"{n}_total" if n in counters else n for n in families}
     assert len(names) >= 25
     assert [n for n in names if f"`{n}" not in docs] == []
-    docstring = rblguard.metrics.__doc__ or ""
+    docstring = rblguard.daemon.metrics.__doc__ or ""
     shorthand = {"rblguard_dnsbl_queries_per_day_estimate", "rblguard_dnsbl_queries_per_day_limit",
                  "rblguard_dnsbl_connections_per_day_estimate",
                  "rblguard_dnsbl_connections_per_day_limit"}  # one line there: {a,b}_{c,d}

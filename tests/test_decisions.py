@@ -7,11 +7,11 @@ import dataclasses
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rblguard.allowlist import Allowlist, Entry
 from rblguard.config import Config, RepeatSettings, StormSettings, SubnetSettings, parse_config
-from rblguard.decisions import BanPolicy, Decider, DecisionSettings
+from rblguard.decisions.allowlist import Allowlist, Entry
+from rblguard.decisions.decider import BanPolicy, Decider, DecisionSettings
 from rblguard.model import Ban, Match
-from rblguard.state import Offender
+from rblguard.store.state import Offender
 
 T0 = 1_700_000_000.0
 H = 3600.0

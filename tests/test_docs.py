@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from rblguard.cli import COMMANDS, build_parser
+from rblguard.commands.cli import COMMANDS, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

@@ -137,8 +137,8 @@ def test_set_only_setup_prints_the_admins_lines(tmp_path: Path) -> None:
 
 def test_docs_show_the_lines_setup_prints() -> None:
     """docs/firewall.md quotes the set-only lines exactly, so it cannot drift from them."""
+    from rblguard.commands.firewall import admin_lines
     from rblguard.firewall.base import FirewallOptions
-    from rblguard.firewall.cli import admin_lines
 
     doc = (Path(ROOT) / "docs" / "firewall.md").read_text()
     lines = [ln for ln in admin_lines(FirewallOptions(backend="ipset", mode="set-only"))

@@ -293,8 +293,8 @@ def test_every_port_and_set_only_mode(pair: NetnsPair) -> None:
     assert results[1] == {"ok": True, "problems": []}
     assert "RBLGUARD" not in pair.exec(pair.server, ["iptables-save"]).stdout
     assert probe(pair, [(BANNED4, pair.server4, 25)]) == ["ok"]  # nothing uses the set yet
+    from rblguard.commands.firewall import admin_lines
     from rblguard.firewall.base import FirewallOptions
-    from rblguard.firewall.cli import admin_lines
 
     for line in admin_lines(FirewallOptions(backend="ipset", mode="set-only")):
         if line.startswith(("iptables ", "ip6tables ")):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from rblguard.follow import Chunk, Follower, SourceWatcher, fingerprint, list_files
 from rblguard.model import SourcePosition
+from rblguard.sources.follow import Chunk, Follower, SourceWatcher, fingerprint, list_files
 from tests.netns import IN_CI
 
 
@@ -221,7 +221,8 @@ def test_resume_after_the_saved_file_was_deleted_warns_and_reads_only_newer(
     done = numbers(chunks)
     log.write(1500)  # many rotations: multilog's n2 deletes the file we were in
     log.close()
-    with caplog.at_level(logging.WARNING, "rblguard.follow"), Follower(source, position) as f:
+    with (caplog.at_level(logging.WARNING, "rblguard.sources.follow"),
+          Follower(source, position) as f):
         rest = numbers(f.read())
     assert "may have been lost" in caplog.text
     assert rest == list(range(rest[0], 1540)), "a gap-free run up to the last line"
@@ -239,7 +240,7 @@ def test_copy_truncate_restarts_at_zero_with_a_warning(
         f.truncate(0)
     with open(path, "ab") as f:
         f.write(b"new 0\nnew 1\n")
-    with caplog.at_level(logging.WARNING, "rblguard.follow"):
+    with caplog.at_level(logging.WARNING, "rblguard.sources.follow"):
         chunks = follower.read()
     assert [(c.inode, c.start, c.data) for c in chunks] == [(inode, 0, b"new 0\nnew 1\n")]
     assert "truncated" in caplog.text

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from rblguard.daemon.metrics import Metrics, MetricsAddressError, parse_address
 from rblguard.firewall.base import Counters
-from rblguard.metrics import Metrics, MetricsAddressError, parse_address
 from rblguard.model import ChunkResult, Connection, Ignored, Match, ParseError
 from tests.netns import require_root_tools
 
@@ -132,7 +132,7 @@ def test_observe_chunk_counts_every_event_kind() -> None:
     ("rblsmtpd: 203.0.113.81 pid 7124: 451 Error: " + "z" * 5000, "other"),
 ])
 def test_dnsbl_error_kind_says_what_happened(text: str, kind: str) -> None:
-    from rblguard.metrics import DNSBL_ERROR_KINDS, dnsbl_error_kind
+    from rblguard.daemon.metrics import DNSBL_ERROR_KINDS, dnsbl_error_kind
 
     assert dnsbl_error_kind(text) == kind
     m = Metrics()

@@ -14,8 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rblguard.rules import RuleError, literal_prefix, load_rules, shipped_rules_dir, within_line
-from rblguard.testrules import check_files, check_samples
+from rblguard.commands.testrules import check_files, check_samples
+from rblguard.matching.rules import (
+    RuleError,
+    literal_prefix,
+    load_rules,
+    shipped_rules_dir,
+    within_line,
+)
 
 GOOD = """\
 description: test
@@ -220,7 +226,7 @@ def test_numbered_back_reference_fails_test_rules(tmp_path: Path) -> None:
 
 def _unconfined(rules_dir: Path):
     """The crossing rule as the old loader built it: [^=] free to run past a newline."""
-    from rblguard.rules import ADDR_CAPTURE, load_rule_file
+    from rblguard.matching.rules import ADDR_CAPTURE, load_rule_file
 
     _enabled, rules, samples = load_rule_file(rules_dir / "r.yaml")
     rest = ("[^=]*ip=" + ADDR_CAPTURE + "$").encode()  # after "qmail-dnsbl: rejected"

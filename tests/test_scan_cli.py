@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import genlog
-from rblguard import scan as scan_module
+from rblguard.commands import scan as scan_module
 
 STAMP = "@4000000065a1d28a302953e2 "
 LOG = "".join(STAMP + line + "\n" for line in (
@@ -28,8 +28,8 @@ LOG = "".join(STAMP + line + "\n" for line in (
 ))
 CROSSING_RULE = (Path(__file__).parent / "fixtures" / "rules" / "crossing-lines.yaml").read_text()
 # The same command in one process: the two-process split switched off.
-ONE_PROCESS = ("import sys, rblguard.scan as s; s.PARALLEL_MIN_BYTES = 1 << 62; "
-               "from rblguard.cli import main; sys.exit(main(sys.argv[1:]))")
+ONE_PROCESS = ("import sys, rblguard.commands.scan as s; s.PARALLEL_MIN_BYTES = 1 << 62; "
+               "from rblguard.commands.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 def rblguard(*args: str, one_process: bool = False) -> subprocess.CompletedProcess[str]:

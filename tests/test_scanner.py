@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rblguard.addresses import canonical_address
+from rblguard.matching.rules import load_rules, shipped_rules_dir
+from rblguard.matching.scanner import Scanner, read_complete_lines, scan_file
 from rblguard.model import Connection, Ignored, Match, ParseError
-from rblguard.rules import load_rules, shipped_rules_dir
-from rblguard.scanner import Scanner, read_complete_lines, scan_file
-from rblguard.stamps import FORMATS, NONE, TAI64_UNIX_OFFSET, TAI64N, detect_format
+from rblguard.sources.stamps import FORMATS, NONE, TAI64_UNIX_OFFSET, TAI64N, detect_format
 
 FIXTURES = Path(__file__).parent / "fixtures" / "logs"
 ANNOTATION = re.compile(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rblguard import sdnotify
+from rblguard.daemon import sdnotify
 
 
 @pytest.fixture(params=["path", "abstract"])

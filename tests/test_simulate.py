@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rblguard.simulate import parse_threshold, parse_zones, simulate, zone_position
+from rblguard.commands.simulate import parse_threshold, parse_zones, simulate, zone_position
 
 BASE = 0x4000000065A1D280  # a TAI64 label; +n is n seconds later
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rblguard.model import Ban, SourcePosition
-from rblguard.state import SCHEMA_VERSION, Offender, State, StateError
+from rblguard.store.state import SCHEMA_VERSION, Offender, State, StateError
 from tests.netns import require_root_tools
 
 NOW = 1_700_000_000.0

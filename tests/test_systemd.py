@@ -87,7 +87,7 @@ def test_sandbox_exposure_is_low(tmp_path: Path) -> None:
 
 def test_the_settings_the_daemon_relies_on() -> None:
     service = unit_settings()["Service"]
-    assert service["Type"] == "notify"  # rblguard.sdnotify sends READY=1
+    assert service["Type"] == "notify"  # rblguard.daemon.sdnotify sends READY=1
     assert service["NotifyAccess"] == "main"
     assert service["ExecStart"] == f"{INSTALLED} run"
     assert service["ExecStartPre"].splitlines() == [
@@ -126,8 +126,8 @@ def test_rblguard_runs_without_writable_executable_memory() -> None:
         except OSError:
             pass
         import nftables
-        import rblguard.daemon, rblguard.firewall.nftables, rblguard.firewall.ipset
-        import rblguard.metrics
+        import rblguard.daemon.loop, rblguard.firewall.nftables, rblguard.firewall.ipset
+        import rblguard.daemon.metrics
         rc, out, err = nftables.Nftables().cmd("list tables")
         assert rc == 0, err
         assert ctypes.CFUNCTYPE(ctypes.c_int)(lambda: 7)() == 7

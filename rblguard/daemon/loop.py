@@ -31,13 +31,13 @@ from typing import Any
 from rblguard import __version__
 from rblguard.addresses import family
 from rblguard.config import ConfigError
-from rblguard.control import ControlError
-from rblguard.daemon_control import kernel_entry, restore_batches
+from rblguard.daemon.control import ControlError
+from rblguard.daemon.handlers import kernel_entry, restore_batches
 from rblguard.firewall.base import Backend, Entry, FirewallError
+from rblguard.matching.rules import RuleError, RuleSet, load_rules, rule_files, shipped_rules_dir
+from rblguard.matching.scanner import Scanner
 from rblguard.model import Ban, ChunkResult, Match, SourcePosition
-from rblguard.rules import RuleError, RuleSet, load_rules, rule_files, shipped_rules_dir
-from rblguard.scanner import Scanner
-from rblguard.stamps import StampFormat, detect_format
+from rblguard.sources.stamps import StampFormat, detect_format
 
 log = logging.getLogger("rblguard")
 
@@ -118,11 +118,11 @@ class Daemon:
     def start(self, serve_metrics: bool = False) -> None:
         """Everything before the loop.  ``serve_metrics`` opens the metrics port first
         of all, so a taken port stops start-up before the firewall or state is touched."""
-        from rblguard.allowlist import Allowlist
-        from rblguard.decisions import Decider, DecisionSettings
+        from rblguard.daemon.metrics import Metrics
+        from rblguard.decisions.allowlist import Allowlist
+        from rblguard.decisions.decider import Decider, DecisionSettings
         from rblguard.firewall import make_backend
-        from rblguard.follow import Follower
-        from rblguard.metrics import Metrics
+        from rblguard.sources.follow import Follower
 
         cfg = self.config
         self.ruleset = self._load_rules()
@@ -166,7 +166,7 @@ class Daemon:
     def _load_saved_bans(self, now: float) -> None:
         """The running bans and the offender history, streamed from the state into the
         decider (a million of each never sit in memory twice)."""
-        from rblguard.state import StateError
+        from rblguard.store.state import StateError
 
         assert self.state is not None
         manual: set[str] = set()
@@ -192,7 +192,7 @@ class Daemon:
         return load_rules(dirs, require_enabled=True)
 
     def _open_state(self) -> None:
-        from rblguard.state import State, StateError
+        from rblguard.store.state import State, StateError
 
         try:
             self.state = State(self.config.state_dir)
@@ -202,7 +202,7 @@ class Daemon:
             self.state = None
 
     def _state_call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        from rblguard.state import StateError
+        from rblguard.store.state import StateError
 
         try:
             return fn(*args, **kw)
@@ -214,9 +214,9 @@ class Daemon:
     # -- the loop --------------------------------------------------------------------
 
     def run(self) -> int:
-        from rblguard import sdnotify
-        from rblguard.control import ControlServer
-        from rblguard.follow import SourceWatcher
+        from rblguard.daemon import sdnotify
+        from rblguard.daemon.control import ControlServer
+        from rblguard.sources.follow import SourceWatcher
 
         # The socket first: a second rblguard on the same socket stops here, before it
         # touches the firewall or the state of the one already running.  Requests wait
@@ -463,7 +463,7 @@ class Daemon:
               positions: Sequence[SourcePosition] = ()) -> None:
         """Commit to the state, together with whatever earlier failed commits held back:
         all of it is saved, or all of it waits for the next commit."""
-        from rblguard.state import StateError
+        from rblguard.store.state import StateError
 
         if self.state is None:
             return
@@ -640,8 +640,8 @@ class Daemon:
         edit (config or rule) keeps everything as it was and is raised only for
         `rblguard reload`, whose caller shows it; a signal or a file change just logs
         it (file, line, problem)."""
-        from rblguard import sdnotify
-        from rblguard.allowlist import Allowlist
+        from rblguard.daemon import sdnotify
+        from rblguard.decisions.allowlist import Allowlist
 
         sdnotify.reloading()
         try:
@@ -678,7 +678,7 @@ class Daemon:
     # -- control requests (answered on the main loop) --------------------------------
 
     def _control_request(self, body: dict[str, Any]) -> dict[str, Any]:  # server thread
-        from rblguard.control import ControlError
+        from rblguard.daemon.control import ControlError
 
         request = _Request(body)
         self.wakeups.put(request)
@@ -690,7 +690,7 @@ class Daemon:
         return request.answer
 
     def _answer(self, request: _Request) -> None:
-        from rblguard.daemon_control import handle
+        from rblguard.daemon.handlers import handle
 
         try:
             request.answer = handle(self, request.body)
@@ -718,14 +718,14 @@ class Daemon:
         log.info("unban %s reason=%s", target, reason)
 
     def limited_warning(self, key: str, message: str, *args: Any) -> None:
-        from rblguard.logs import warn_limited
+        from rblguard.daemon.logs import warn_limited
 
         warn_limited(log, key, message, *args)
 
 
 def main(args: argparse.Namespace) -> int:
     from rblguard.config import ConfigError, load_config
-    from rblguard.logs import setup_logging
+    from rblguard.daemon.logs import setup_logging
 
     explicit = args.config != "/etc/rblguard/rblguard.yaml"
     try:
@@ -744,7 +744,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"config {args.config} OK; {len(ruleset.rules)} rule(s) from "
               f"{len(ruleset.files)} file(s)")
         return 0
-    from rblguard.metrics import MetricsAddressError
+    from rblguard.daemon.metrics import MetricsAddressError
 
     try:
         return daemon.run()

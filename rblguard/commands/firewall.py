@@ -53,7 +53,7 @@ def admin_lines(options: FirewallOptions) -> list[str]:
 
 def _daemon_counts(backend: Backend, control_socket: str) -> dict[str, int] | None:
     """The running daemon's active bans per family, if it uses this backend."""
-    from rblguard.control import ControlError, request
+    from rblguard.daemon.control import ControlError, request
 
     try:
         answer = request(control_socket, {"cmd": "status"}, timeout=10)

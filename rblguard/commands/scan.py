@@ -18,10 +18,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rblguard.matching.rules import RuleError, RuleSet, load_rules
+from rblguard.matching.scanner import Scanner, log_files, read_complete_lines
 from rblguard.model import ChunkResult, Connection, Ignored, Match, ParseError
-from rblguard.rules import RuleError, RuleSet, load_rules
-from rblguard.scanner import Scanner, log_files, read_complete_lines
-from rblguard.stamps import FORMATS, NONE, detect_format
+from rblguard.sources.stamps import FORMATS, NONE, detect_format
 
 
 @dataclass

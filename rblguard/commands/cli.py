@@ -16,17 +16,17 @@ DEFAULT_CONFIG = "/etc/rblguard/rblguard.yaml"
 
 # command -> "module:function"; the function takes the parsed arguments, returns the exit status
 COMMANDS: dict[str, str] = {
-    "scan": "rblguard.scan:main",
-    "test-rules": "rblguard.testrules:main",
-    "simulate": "rblguard.simulate:main",
-    "run": "rblguard.daemon:main",
-    "status": "rblguard.client:main",
-    "list": "rblguard.client:main",
-    "ban": "rblguard.client:main",
-    "unban": "rblguard.client:main",
-    "reload": "rblguard.client:main",
-    "flush": "rblguard.client:main",
-    "firewall": "rblguard.firewall.cli:main",
+    "scan": "rblguard.commands.scan:main",
+    "test-rules": "rblguard.commands.testrules:main",
+    "simulate": "rblguard.commands.simulate:main",
+    "run": "rblguard.daemon.loop:main",
+    "status": "rblguard.commands.client:main",
+    "list": "rblguard.commands.client:main",
+    "ban": "rblguard.commands.client:main",
+    "unban": "rblguard.commands.client:main",
+    "reload": "rblguard.commands.client:main",
+    "flush": "rblguard.commands.client:main",
+    "firewall": "rblguard.commands.firewall:main",
 }
 
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rblguard.durations import format_duration, parse_duration
+from rblguard.matching.rules import RuleError, RuleSet, load_rules
+from rblguard.matching.scanner import Scanner, scan_source
 from rblguard.model import Connection, Event, Match
-from rblguard.rules import RuleError, RuleSet, load_rules
-from rblguard.scanner import Scanner, scan_source
 
 DAY = 86400.0
 SPAMHAUS_LIMITS = {"connections_per_day": 100_000, "queries_per_day": 300_000}

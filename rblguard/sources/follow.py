@@ -31,7 +31,7 @@ from pathlib import Path
 
 from rblguard.model import SourcePosition
 
-log = logging.getLogger("rblguard.follow")
+log = logging.getLogger("rblguard.sources.follow")
 
 LIVE_NAME = "current"
 PREVIOUS_NAME = "previous"  # multilog's name for a full `current` before it gets a label

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("rblguard.control")
+log = logging.getLogger("rblguard.daemon.control")
 
 MAX_LINE = 64 * 1024
 MAX_CLIENTS = 32

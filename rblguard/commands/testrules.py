@@ -21,10 +21,10 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from rblguard.matching.rules import Rule, RuleError, RuleSet, Sample, load_rule_file, rule_files
+from rblguard.matching.scanner import Scanner, log_files, read_complete_lines
 from rblguard.model import Ignored, Match, ParseError
-from rblguard.rules import Rule, RuleError, RuleSet, Sample, load_rule_file, rule_files
-from rblguard.scanner import Scanner, log_files, read_complete_lines
-from rblguard.stamps import NONE, TAI64N, StampFormat, detect_format, split_line
+from rblguard.sources.stamps import NONE, TAI64N, StampFormat, detect_format, split_line
 
 # A line "looks like a reject" when a program's own prefix is followed by an SMTP 4xx/5xx
 # code: rblsmtpd's lines, and similar lines of other DNSBL checkers.

@@ -105,11 +105,11 @@ class RuleSet:
 
 def shipped_rules_dir() -> Path:
     """The rules that come with rblguard: installed beside the package, or in a checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "shipped_rules", here.parent / "rules"):
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "shipped_rules", package.parent / "rules"):
         if any(candidate.glob("*.yaml")):
             return candidate
-    return here.parent / "rules"
+    return package.parent / "rules"
 
 
 def literal_prefix(pattern: str) -> str:

@@ -1,6 +1,6 @@
 """What the daemon answers on its control socket; runs on the daemon's main loop.
 
-rblguard.control has already checked each request's shape and normalised its target,
+rblguard.daemon.control has already checked each request's shape and normalised its target,
 so these handlers only decide.  They run on the thread that owns the state, which is
 why a ban from the CLI and a ban from the log can never race.
 """
@@ -18,7 +18,7 @@ from rblguard.addresses import family
 from rblguard.firewall.base import Entry, FirewallError
 
 if TYPE_CHECKING:
-    from rblguard.daemon import Daemon
+    from rblguard.daemon.loop import Daemon
 
 FAMILY_NAMES = {4: "ipv4", 6: "ipv6"}
 
@@ -123,7 +123,7 @@ def _unban(d: Daemon, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _flush(d: Daemon, _body: dict[str, Any]) -> dict[str, Any]:
-    from rblguard.state import StateError
+    from rblguard.store.state import StateError
 
     assert d.backend is not None
     targets = d.decider.active_targets()

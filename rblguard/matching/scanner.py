@@ -8,7 +8,7 @@ be taken for a reject.  ``rblguard scan``, ``simulate`` and the daemon's live fo
 all use this one scanner.
 
 Syslog lines are the exception: their message is rebuilt from the tag (see
-rblguard.stamps), so they are matched line by line, which is slower but the same logic.
+rblguard.sources.stamps), so they are matched line by line, which is slower but the same logic.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from pathlib import Path
 
 from rblguard.addresses import _bytes_cache as _BYTES_CACHE
 from rblguard.addresses import canonical_address, canonical_bytes
+from rblguard.matching.rules import RESERVED_GROUP_PREFIX, Rule, RuleSet, split_literal
 from rblguard.model import ChunkResult, Connection, Event, Ignored, Match, ParseError
-from rblguard.rules import RESERVED_GROUP_PREFIX, Rule, RuleSet, split_literal
-from rblguard.stamps import (
+from rblguard.sources.stamps import (
     TAI64_UNIX_OFFSET,
     TAI64N,
     StampFormat,
@@ -435,7 +435,7 @@ def log_files(source: str | Path) -> list[Path]:
     A FIFO or a device would block or never end, and a directory without a single log
     file would read as an empty log: both are errors, not "no rejects".
     """
-    from rblguard.follow import list_files
+    from rblguard.sources.follow import list_files
 
     files = list_files(str(source))
     if not files:
@@ -467,7 +467,7 @@ def scan_file(path: str | Path, scanner: Scanner, *,
 def scan_source(path: str | Path, ruleset: RuleSet, *, scanner: Scanner | None = None,
                 tally: bool = False) -> Iterator[ChunkResult]:
     """Scan every file of a source (a file, or a multilog directory oldest first)."""
-    from rblguard.follow import list_files
+    from rblguard.sources.follow import list_files
 
     scanner = scanner or Scanner(ruleset)
     for file in list_files(str(path)):

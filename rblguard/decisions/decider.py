@@ -20,15 +20,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from rblguard.allowlist import span
+from rblguard.decisions.allowlist import span
 from rblguard.durations import parse_duration
+from rblguard.matching.rules import BanPolicy  # one definition: the rules carry it per rule
 from rblguard.model import Ban, Match
-from rblguard.rules import BanPolicy  # one definition: the rules carry it per rule
-from rblguard.state import Offender
+from rblguard.store.state import Offender
 
 if TYPE_CHECKING:
-    from rblguard.allowlist import Allowlist
     from rblguard.config import Config, RepeatSettings, StormSettings, SubnetSettings
+    from rblguard.decisions.allowlist import Allowlist
 
 __all__ = ["BanPolicy", "Decider", "DecisionSettings", "Verdict"]
 

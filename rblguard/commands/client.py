@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from rblguard.control import ControlError, Unreachable, normalise_target, request
+from rblguard.daemon.control import ControlError, Unreachable, normalise_target, request
 from rblguard.durations import format_duration, parse_duration
 
 DEFAULT_SOCKET = "/run/rblguard/control.sock"

@@ -1,0 +1,1 @@
+"""Commands: the CLI (scan, test-rules, simulate, run, the control client, firewall)."""

@@ -1,0 +1,1 @@
+"""Matching: the YAML rules, and the scanner that finds their rejects in blocks of log lines."""

@@ -1,0 +1,1 @@
+"""Store: the SQLite state (bans, offenders, read positions) that survives restarts."""
