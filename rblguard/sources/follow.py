@@ -175,15 +175,47 @@ class _Seen:
     was_live: bool = False  # the file `current` named when the snapshot began
 
 
+# What is wrong with a path, said once until it changes: a log path that became a FIFO
+# or a directory is looked at on every wake-up.  Bounded: one entry per path followed.
+_TROUBLE: dict[str, str] = {}
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
+
+
+def _trouble(path: str, what: str | None) -> None:
+    """Log ``what`` is wrong with ``path`` once; None: it is fine (again)."""
+    if what is None:
+        _TROUBLE.pop(path, None)
+    elif _TROUBLE.get(path) != what:
+        _TROUBLE[path] = what
+        log.warning("%s is %s, not a log file: waiting for one there", path, what)
+
+
 def _open(path: str) -> tuple[int, os.stat_result] | None:
+    """The regular file at ``path``, opened; None if there is none.
+
+    O_NONBLOCK: a FIFO put where a log was must not block the daemon in open() (it
+    would wait for a writer); O_NOCTTY: a terminal device must not become ours.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            _trouble(path, f"a dangling symlink (to {os.readlink(path)})")
+        return None
+    except IsADirectoryError:
+        _trouble(path, "a directory")
+        return None
+    except (NotADirectoryError, PermissionError) as e:
+        if isinstance(e, PermissionError):
+            _trouble(path, "unreadable (permission denied)")
         return None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
+        _trouble(path, _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file"))
         return None
+    _trouble(path, None)
     return fd, st
 
 
@@ -459,6 +491,8 @@ class Follower:
                         "(raise multilog's n, or keep rblguard running)", seen.path)
             after = seen.key
         _close_all(snapshot)
+        if not snapshot and self._layout.directory is not None:
+            _trouble(self.source, f"a directory with no multilog {LIVE_NAME!r} in it")
         self._after = after
 
     def _resume(self, pos: SourcePosition) -> None:
