@@ -56,6 +56,7 @@ class ParseError:
     line: str
     time: float | None
     offset: int
+    reason: str = "address"  # or "timeout": the rule took too long on this line
 
 
 @dataclass(slots=True)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -231,7 +232,7 @@ def _unconfined(rules_dir: Path):
     _enabled, rules, samples = load_rule_file(rules_dir / "r.yaml")
     rest = ("[^=]*ip=" + ADDR_CAPTURE + "$").encode()  # after "qmail-dnsbl: rejected"
     loose = dataclasses.replace(rules[0], rest=rest,
-                                regex=re.compile(re.escape(rules[0].literal) + rest, re.M))
+                                regex=regex.compile(re.escape(rules[0].literal) + rest, regex.M))
     return [loose], samples
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import regex
 import yaml
 
 from rblguard.durations import parse_duration
@@ -60,7 +61,7 @@ class BanPolicy:
 class IgnorePattern:
     name: str
     kind: str
-    regex: re.Pattern[bytes]
+    regex: regex.Pattern
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +82,10 @@ class Rule:
     pattern: str  # as the admin wrote it
     literal: bytes  # the fixed text the pattern starts with: what the scanner looks for
     rest: bytes  # the regular expression after that text, <ADDR> expanded
-    regex: re.Pattern[bytes]  # anchored by use of .match at the message start
+    regex: regex.Pattern  # anchored by use of .match at the message start
     ignores: tuple[IgnorePattern, ...]
     policy: BanPolicy
-    veto: re.Pattern[bytes] | None = None  # all ignores in one pattern: one search a match
+    veto: regex.Pattern | None = None  # all ignores in one pattern: one search a match
 
 
 @dataclass
@@ -146,10 +147,13 @@ def _where(node: Any, file: str) -> str:
     return f"{file}:{mark.line + 1}" if mark is not None else file
 
 
-def _compile(pattern: str, where: str, what: str) -> re.Pattern[bytes]:
+def _compile(pattern: str, where: str, what: str) -> regex.Pattern:
+    """A rule pattern compiled by the ``regex`` module, in its re-compatible mode: it
+    matches with a timeout, so a pattern that backtracks catastrophically cannot stall
+    the daemon (rblguard.matching.scanner bounds every match)."""
     try:
-        return re.compile(pattern.encode(), re.MULTILINE)
-    except re.error as exc:
+        return regex.compile(pattern.encode(), regex.MULTILINE | regex.VERSION0)
+    except (regex.error, re.error) as exc:
         raise RuleError(f"{where}: {what}: bad regular expression {pattern!r}: {exc}") from exc
 
 
@@ -364,8 +368,12 @@ def _load_rule(ld: _Loader, node: Any) -> Rule:
         # name used twice would break them at scan time, so they are compiled here.
         joined = "|".join(f"(?:{ig.regex.pattern.decode()})" for ig in ignores)
         veto = _compile(joined, where, f"rule {name}: its ignores together")
-        _compile(f"{regex.pattern.decode()}(?=[^\\n]*?(?:{joined}))", where,
-                 f"rule {name}: match and ignores together")
+        together = f"{regex.pattern.decode()}(?=[^\\n]*?(?:{joined}))"
+        try:  # the stdlib refuses a group name used twice, which ``regex`` allows
+            re.compile(together.encode())
+        except re.error as exc:
+            raise RuleError(f"{where}: rule {name}: match and ignores together: bad "
+                            f"regular expression {together!r}: {exc}") from exc
     return Rule(name, ld.file, node.start_mark.line + 1, pattern, literal.encode(),
                 rest.encode(), regex, tuple(ignores), policy, veto)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import errno
 import itertools
+import logging
 import os
 import re
 import stat
@@ -23,6 +24,8 @@ from collections import Counter
 from collections.abc import Iterator
 from operator import itemgetter
 from pathlib import Path
+
+import regex
 
 from rblguard.addresses import _bytes_cache as _BYTES_CACHE
 from rblguard.addresses import canonical_address, canonical_bytes
@@ -37,11 +40,21 @@ from rblguard.sources.stamps import (
     split_message,
 )
 
+log = logging.getLogger("rblguard.matching.scanner")
+
 CHUNK_SIZE = 8 << 20
+# Bounds on matching time (docs/rules.md): a rule that backtracks catastrophically on a
+# hostile line must not stall the daemon.  A buffer's search that takes longer than
+# BUFFER_TIMEOUT is done again line by line, and a line on which one rule takes longer
+# than LINE_TIMEOUT is skipped for that rule (a ParseError with reason "timeout").
+# An ordinary rule needs microseconds per line; both bounds are far above that.
+BUFFER_TIMEOUT = 0.3
+LINE_TIMEOUT = 0.2
 # tcpserver -v writes one of these per accepted connection; each one reached rblsmtpd.
 CONNECTION_LITERAL = b"tcpserver: pid "
 CONNECTION_REST = rb"\d+ from (?P<addr>[^\s,;]+)$"
-CONNECTION = re.compile(re.escape(CONNECTION_LITERAL) + CONNECTION_REST, re.MULTILINE)
+CONNECTION = regex.compile(re.escape(CONNECTION_LITERAL) + CONNECTION_REST, regex.MULTILINE)
+_FLAGS = regex.MULTILINE | regex.VERSION0
 _STAMP_GROUP = re.compile(rb"(?<!\\)\((?!\?)")  # a capturing "(" in a stamp's pattern
 _URL_HOST = re.compile(rb"https?://([A-Za-z0-9.-]+)")
 _TAIL = RESERVED_GROUP_PREFIX + "tail"  # tally()'s group: the rest of a hit's line
@@ -61,7 +74,8 @@ class Scanner:
     def __init__(self, ruleset: RuleSet, *, connections: bool = True) -> None:
         self.rules = ruleset.rules
         self.connections = connections
-        self._compiled: dict[str, list[tuple[Rule | None, re.Pattern[bytes]]]] = {}
+        self._compiled: dict[str, list[tuple[Rule | None, regex.Pattern]]] = {}
+        self._timed_out: set[str] = set()  # rules already reported as too slow
 
     def scan(self, buf: bytes, base: int, fmt: StampFormat, ref_time: float) -> ChunkResult:
         """Events of ``buf`` (complete lines, starting at byte ``base`` of its file).
@@ -79,13 +93,17 @@ class Scanner:
         result.last_time = split_line(fmt, buf[last_start:-1], ref_time)[0]
         if fmt.syslog:
             self._scan_lines(buf, base, fmt, ref_time, result.events)
-        else:
+            return result
+        try:
             self._scan_buffer(buf, base, fmt, ref_time, result)
+        except TimeoutError:  # a hostile line, or a slow rule: each line on its own
+            result.events = []
+            self._scan_lines(buf, base, fmt, ref_time, result.events)
         return result
 
     # -- the fast path: one search per rule over the whole buffer ---------------------
 
-    def _patterns(self, fmt: StampFormat) -> list[tuple[Rule | None, re.Pattern[bytes]]] | None:
+    def _patterns(self, fmt: StampFormat) -> list[tuple[Rule | None, regex.Pattern]] | None:
         """Each rule's pattern, anchored by a look-behind at newline + stamp (None:
         connections); None if this format's stamp is not of fixed width.
 
@@ -99,9 +117,9 @@ class Scanner:
             return self._compiled[fmt.name]
         stamp = fmt.prefix.pattern if fmt.prefix is not None else b""
         try:
-            patterns = [(rule, re.compile(_anchored(literal, stamp, rest), re.MULTILINE))
+            patterns = [(rule, regex.compile(_anchored(literal, stamp, rest), _FLAGS))
                         for rule, literal, rest in self._sources()]
-        except re.error:  # "look-behind requires fixed-width pattern"
+        except regex.error:  # "look-behind requires fixed-width pattern"
             patterns = None
         self._compiled[fmt.name] = patterns
         return patterns
@@ -133,7 +151,7 @@ class Scanner:
             events: list[Event] = []
             append = events.append
             veto = rule.veto if rule is not None else None
-            for m in pattern.finditer(data):
+            for m in pattern.finditer(data, timeout=BUFFER_TIMEOUT):
                 hi, lo, raw = m.group(1, 2, "addr") if tai64n else (None, None, m["addr"])
                 when = (int(hi, 16) - TAI64_UNIX_OFFSET + int(lo, 16) / 1e9 if tai64n
                         else parse(m, ref))
@@ -150,7 +168,8 @@ class Scanner:
                     if pos in claimed:
                         continue
                     claimed.add(pos)
-                if address is None or (veto is not None and veto.search(data, m.end(), le)):
+                if address is None or (veto is not None and veto.search(
+                        data, m.end(), le, timeout=LINE_TIMEOUT)):
                     append(self._classify(rule, m, data, pos, le, when, base + le + 1))
                 else:
                     append(Match(rule.name, address, when,
@@ -163,12 +182,13 @@ class Scanner:
             result.events = sorted((e for run in runs for e in run), key=_offset)
 
     @staticmethod
-    def _classify(rule: Rule, m: re.Match[bytes], buf: bytes, pos: int, le: int,
+    def _classify(rule: Rule, m: regex.Match, buf: bytes, pos: int, le: int,
                   when: float | None, offset: int) -> Event:
         """Match, Ignored or ParseError for one anchored hit of ``rule``."""
         address = canonical_bytes(m.group("addr"))
-        if rule.veto is not None and rule.veto.search(buf, m.end(), le):
-            ig = next(ig for ig in rule.ignores if ig.regex.search(buf, m.end(), le))
+        if rule.veto is not None and rule.veto.search(buf, m.end(), le, timeout=LINE_TIMEOUT):
+            ig = next(ig for ig in rule.ignores
+                      if ig.regex.search(buf, m.end(), le, timeout=LINE_TIMEOUT))
             text = buf[pos:le]
             zone = _dnsbl_zone(text) if ig.kind == "dnsbl-error" else None
             return Ignored(rule.name, ig.name, ig.kind, zone, address, when,
@@ -191,6 +211,13 @@ class Scanner:
         patterns = None if fmt.syslog or not self._disjoint() else self._patterns(fmt)
         if patterns is None:
             return _as_counts(self.scan(buf, base, fmt, ref_time))
+        try:
+            return self._tally_buffer(buf, base, fmt, ref_time)
+        except TimeoutError:  # as in scan(): each line on its own, each one bounded
+            return _as_counts(self.scan(buf, base, fmt, ref_time))
+
+    def _tally_buffer(self, buf: bytes, base: int, fmt: StampFormat,
+                      ref_time: float) -> ChunkResult:
         result = ChunkResult(lines=buf.count(b"\n"), end_offset=base + len(buf))
         if not buf:
             return result
@@ -202,9 +229,11 @@ class Scanner:
         events: list[Event] = []
         for rule, count_pattern, full, veto_pattern, literals in self._count_patterns(fmt):
             if rule is None:
-                result.connection_count = len(count_pattern.findall(data))
+                result.connection_count = len(count_pattern.findall(
+                    data, timeout=BUFFER_TIMEOUT))
                 continue
-            found = count_pattern.findall(data)  # (address, rest of line) per hit, in C
+            # (address, rest of line) per hit, in C
+            found = count_pattern.findall(data, timeout=BUFFER_TIMEOUT)
             index = count_pattern.groupindex["addr"] - 1
             tail = count_pattern.groupindex[_TAIL] - 1
             raw_counts = Counter(map(itemgetter(index), found))
@@ -231,7 +260,7 @@ class Scanner:
         return result
 
     def _count_patterns(self, fmt: StampFormat) -> list[tuple[
-            Rule | None, re.Pattern[bytes], re.Pattern[bytes], re.Pattern[bytes] | None,
+            Rule | None, regex.Pattern, regex.Pattern, regex.Pattern | None,
             list[bytes] | None]]:
         """For tally(): each pattern without the stamp's groups and with the rest of the
         line captured (findall then returns little more than the addresses), the full
@@ -245,12 +274,12 @@ class Scanner:
             uncaptured = _STAMP_GROUP.sub(b"(?:", stamp)  # findall: only what it counts
             patterns = self._patterns(fmt) or []
             for (rule, literal, rest), (_, full) in zip(self._sources(), patterns, strict=True):
-                count = re.compile(_anchored(literal, uncaptured, rest)
-                                   + b"(?P<" + _TAIL.encode() + b">[^\n]*)", re.MULTILINE)
+                count = regex.compile(_anchored(literal, uncaptured, rest)
+                                      + b"(?P<" + _TAIL.encode() + b">[^\n]*)", _FLAGS)
                 veto = None
                 if rule is not None and rule.veto is not None:
-                    veto = re.compile(full.pattern + b"(?=[^\n]*?(?:" + rule.veto.pattern
-                                      + b"))", re.MULTILINE)
+                    veto = regex.compile(full.pattern + b"(?=[^\n]*?(?:" + rule.veto.pattern
+                                         + b"))", _FLAGS)
                 literals = None
                 if rule is not None and rule.ignores:
                     parts = [_literal_alternatives(ig.regex.pattern) for ig in rule.ignores]
@@ -269,18 +298,38 @@ class Scanner:
     # -- the line path: syslog, samples, and anything whose message is rebuilt ---------
 
     def classify_message(self, message: bytes, when: float | None, offset: int) -> Event | None:
-        """The event one message gives, or None: the same decision as the fast path."""
+        """The event one message gives, or None: the same decision as the fast path.
+
+        A rule that takes longer than LINE_TIMEOUT on this message gives a ParseError
+        with reason "timeout" (said once per rule in the log): the line is skipped for
+        that rule, and every other line goes on being matched.
+        """
         for rule in self.rules:
-            m = rule.regex.match(message)
-            if m is not None and b"\n" not in message[: m.end()]:
-                return self._classify(rule, m, message, 0, len(message), when, offset)
+            try:
+                m = rule.regex.match(message, timeout=LINE_TIMEOUT)
+                if m is not None and b"\n" not in message[: m.end()]:
+                    return self._classify(rule, m, message, 0, len(message), when, offset)
+            except TimeoutError:
+                return self._timeout(rule, message, when, offset)
         if self.connections:
-            m = CONNECTION.match(message)
+            m = CONNECTION.match(message, timeout=LINE_TIMEOUT)
             if m is not None:
                 address = canonical_address(m.group("addr").decode("ascii", "replace"))
                 if address is not None:
                     return Connection(address, when, offset)
         return None
+
+    def _timeout(self, rule: Rule, message: bytes, when: float | None,
+                 offset: int) -> ParseError:
+        if rule.name not in self._timed_out:
+            self._timed_out.add(rule.name)
+            log.warning("%s:%d: rule %s took over %.1f s on one line (at byte %d): that "
+                        "line is skipped for it; the pattern backtracks catastrophically "
+                        "(nested or overlapping repetition, like (\\d+)+ or (a|a)*): "
+                        "rewrite it", rule.file, rule.lineno, rule.name, LINE_TIMEOUT,
+                        offset - len(message) - 1)
+        text = message[:200].decode("utf-8", "replace")
+        return ParseError(rule.name, text, when, offset, reason="timeout")
 
     def _scan_lines(self, buf: bytes, base: int, fmt: StampFormat, ref: float,
                     events: list[Event]) -> None:
@@ -313,7 +362,7 @@ def _literal_alternatives(pattern: bytes) -> list[bytes] | None:
     return texts
 
 
-def _vetoed_tails(tails: list[bytes], veto: re.Pattern[bytes],
+def _vetoed_tails(tails: list[bytes], veto: regex.Pattern,
                   literals: list[bytes] | None) -> set[bytes]:
     """The whole tails (rest of line after a hit) in which ``veto`` matches.
 
@@ -327,7 +376,7 @@ def _vetoed_tails(tails: list[bytes], veto: re.Pattern[bytes],
     joined = sep.join(tails)
     positions: list[int] = []
     if literals is None:
-        positions = [m.start() for m in veto.finditer(joined)]
+        positions = [m.start() for m in veto.finditer(joined, timeout=BUFFER_TIMEOUT)]
     else:
         for text in literals:
             at = joined.find(text)
@@ -342,9 +391,9 @@ def _vetoed_tails(tails: list[bytes], veto: re.Pattern[bytes],
     return {tails[bisect.bisect_right(starts, at) - 1] for at in positions}
 
 
-def _vetoed_hits(veto: re.Pattern[bytes], full: re.Pattern[bytes],
-                 veto_pattern: re.Pattern[bytes], data: bytes,
-                 texts: set[bytes] | None) -> Iterator[tuple[re.Match[bytes], int]]:
+def _vetoed_hits(veto: regex.Pattern, full: regex.Pattern,
+                 veto_pattern: regex.Pattern, data: bytes,
+                 texts: set[bytes] | None) -> Iterator[tuple[regex.Match, int]]:
     """The hits of ``full`` in ``data`` whose rest of line ``veto`` matches, with the
     index of their line's end: what ``veto_pattern.finditer`` finds, in line order.
 
@@ -357,7 +406,7 @@ def _vetoed_hits(veto: re.Pattern[bytes], full: re.Pattern[bytes],
     if texts is not None and not texts:
         return
     if texts is None or len(texts) > 8 or b"" in texts:
-        for m in veto_pattern.finditer(data):
+        for m in veto_pattern.finditer(data, timeout=BUFFER_TIMEOUT):
             le = data.find(b"\n", m.start())
             if le >= m.end():
                 yield m, le
@@ -370,8 +419,8 @@ def _vetoed_hits(veto: re.Pattern[bytes], full: re.Pattern[bytes],
             at = data.find(text, at + 1)
     for ls in sorted(starts):
         le = data.find(b"\n", ls + 1)
-        m = full.search(data, ls, le)  # the line's own hit (anchored after its stamp)
-        if m is not None and veto.search(data, m.end(), le):
+        m = full.search(data, ls, le, timeout=LINE_TIMEOUT)  # the line's own hit
+        if m is not None and veto.search(data, m.end(), le, timeout=LINE_TIMEOUT):
             yield m, le
 
 
