@@ -21,7 +21,7 @@ import pytest
 from tests.netns import IN_CI, require_root_tools
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "rblguard.service"
-INSTALLED = "/usr/local/sbin/rblguard"
+INSTALLED = "/usr/bin/rblguard"
 
 
 def runnable_copy(tmp_path: Path, extra: str = "") -> Path:
