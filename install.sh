@@ -47,7 +47,8 @@ apt-get build-dep -y -qq ./ >/dev/null
 build=$(mktemp -d)
 chmod 755 "$build"  # apt reads the .deb as its unprivileged _apt user
 mkdir "$build/src"
-tar --exclude=./.git --exclude=./.venv -cf - . | tar -C "$build/src" -xf -
+tar --exclude=./.git --exclude=./.venv --exclude="*.egg-info" --exclude=__pycache__ \
+    --exclude=.pytest_cache --exclude=.ruff_cache -cf - . | tar -C "$build/src" -xf -
 (cd "$build/src" && dpkg-buildpackage -us -uc -b >"$build/build.log" 2>&1) || {
     tail -40 "$build/build.log" >&2
     echo "install.sh: the package did not build" >&2
