@@ -2,8 +2,8 @@
 # The whole test suite, on a fresh Debian machine, as root:  sudo ./run-tests.sh
 #
 # It installs what the tests need (Debian's nftables, ipset, iptables, ucspi-tcp,
-# daemontools, dnsmasq, promtool, systemd-analyze; the Python packages in .venv), then
-# runs ruff and pytest.  Tests that need root, network namespaces or those tools run for
+# daemontools, dnsmasq, promtool, systemd-analyze, the packaging tools, lintian,
+# piuparts; the Python packages in .venv), then runs ruff and pytest.  Tests that need root, network namespaces or those tools run for
 # real; under CI=true a missing one fails the run instead of skipping.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -15,7 +15,13 @@ fi
 
 APT_PACKAGES=(nftables ipset iptables iproute2 ucspi-tcp daemontools dnsmasq-base
               prometheus systemd python3 python3-venv python3-pip
-              e2fsprogs util-linux mount)  # a loop-device ext4 for the read-only state test
+              e2fsprogs util-linux mount  # a loop-device ext4 for the read-only state test
+              # tests/test_package.py: build (debian/control's Build-Depends), check,
+              # install (the package's Depends) and piuparts
+              dpkg-dev build-essential debhelper dh-python pybuild-plugin-pyproject
+              python3-all python3-setuptools python3-argparse-manpage lintian
+              piuparts debootstrap python3-yaml python3-watchdog
+              python3-prometheus-client python3-pyroute2 python3-nftables)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
