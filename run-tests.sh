@@ -21,7 +21,7 @@ APT_PACKAGES=(nftables ipset iptables iproute2 ucspi-tcp daemontools dnsmasq-bas
               dpkg-dev build-essential debhelper dh-python pybuild-plugin-pyproject
               python3-all python3-setuptools python3-argparse-manpage lintian
               piuparts debootstrap python3-yaml python3-watchdog
-              python3-prometheus-client python3-pyroute2 python3-nftables)
+              python3-prometheus-client python3-pyroute2 python3-nftables python3-regex)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
