@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from rblguard import yamlfile
 from rblguard.durations import parse_duration
 from rblguard.firewall.base import FirewallOptions
 
@@ -401,8 +402,10 @@ def parse_config(text: str, path: str | Path = "<config>") -> Config:
     """A Config from YAML text; ``path`` is only used in messages and for relative paths."""
     path = Path(path)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yamlfile.compose(text, str(path))
         data = yaml.safe_load(text)
+    except yamlfile.YamlFileError as exc:
+        raise ConfigError(str(exc)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}: line {mark.line + 1}" if mark is not None else str(path)
@@ -430,11 +433,13 @@ def load_config(path: str | Path, must_exist: bool = False) -> Config:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = yamlfile.read_text(path)
     except FileNotFoundError:
         if must_exist:
             raise ConfigError(f"{path}: no such file") from None
         return Config(path=None)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except yamlfile.YamlFileError as exc:
+        raise ConfigError(str(exc)) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     return parse_config(text, path)

@@ -21,7 +21,7 @@ from pathlib import Path
 from rblguard.matching.rules import RuleError, RuleSet, load_rules
 from rblguard.matching.scanner import Scanner, log_files, read_complete_lines
 from rblguard.model import ChunkResult, Connection, Ignored, Match, ParseError
-from rblguard.sources.stamps import FORMATS, NONE, detect_format
+from rblguard.sources.stamps import FORMATS, NONE, detect_file_format
 
 
 @dataclass
@@ -138,7 +138,7 @@ def _scan_part(part: tuple[str, int, int, str]) -> ScanReport:
 def _parts(path: str, workers: int) -> list[tuple[str, int, int, str]]:
     """The file cut at line boundaries into ``workers`` ranges, with its stamp format."""
     with open(path, "rb") as f:
-        fmt = detect_format(f.read(65536))
+        fmt = detect_file_format(f)
         size = os.fstat(f.fileno()).st_size
         cuts = [0]
         for k in range(1, workers if size >= PARALLEL_MIN_BYTES else 1):

@@ -20,6 +20,7 @@ from typing import Any
 import regex
 import yaml
 
+from rblguard import yamlfile
 from rblguard.durations import parse_duration
 
 ADDR = "<ADDR>"
@@ -275,11 +276,11 @@ class _Loader:
     def __init__(self, path: Path) -> None:
         self.file = str(path)
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RuleError(f"{self.file}: cannot read: {exc}") from exc
-        try:
-            self.root = yaml.compose(text, Loader=yaml.SafeLoader)
+            self.root = yamlfile.compose(yamlfile.read_text(path), self.file)
+        except yamlfile.YamlFileError as exc:
+            raise RuleError(str(exc)) from None
+        except OSError as exc:
+            raise RuleError(f"{self.file}: cannot read: {exc.strerror or exc}") from exc
         except yaml.YAMLError as exc:
             raise RuleError(f"{self.file}: not valid YAML: {exc}") from exc
 

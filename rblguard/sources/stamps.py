@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import BinaryIO
 
 TAI64_UNIX_OFFSET = 4611686018427387914  # 2**62 + 10: TAI64 label of the Unix epoch
 
@@ -155,6 +156,34 @@ def detect_format(buf: bytes, max_lines: int = 50) -> StampFormat:
         if count > best_count:
             best, best_count = fmt, count
     return best if best_count * 2 >= len(heads) else NONE
+
+
+def detect_file_format(f: BinaryIO, max_lines: int = 50,
+                       max_bytes: int = 64 << 20) -> StampFormat:
+    """detect_format() of an open file's first lines, however long they are.
+
+    Reading a fixed amount would find no complete line in a file whose first line is
+    longer than that, and take the file for unstamped; so each line's head is kept and
+    the rest of it skipped, up to ``max_bytes`` read in all.  Leaves ``f`` where it was.
+    """
+    start = f.tell()
+    heads: list[bytes] = []
+    read = 0
+    while len(heads) < max_lines and read < max_bytes:
+        head = f.readline(200)
+        read += len(head)
+        if not head:
+            break
+        while not head.endswith(b"\n"):  # skip the rest of a long line
+            rest = f.readline(1 << 20)
+            read += len(rest)
+            if not rest or read >= max_bytes:
+                break
+            head = head[:200] + rest[-1:]
+        if head.endswith(b"\n"):
+            heads.append(head[:200].rstrip(b"\n") + b"\n")
+    f.seek(start)
+    return detect_format(b"".join(heads), max_lines)
 
 
 def split_message(fmt: StampFormat, line: bytes) -> tuple[re.Match[bytes] | None, bytes]:
