@@ -22,6 +22,7 @@ import socket
 import socketserver
 import stat
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,9 @@ from typing import Any
 log = logging.getLogger("rblguard.daemon.control")
 
 MAX_LINE = 64 * 1024
-MAX_CLIENTS = 32
+MAX_CLIENTS = 32  # connections served at once; when all are taken, the longest idle goes
 CLIENT_TIMEOUT = 60.0  # s of silence before a connection is closed
+BACKLOG = 128  # connections the kernel queues before accept (Python's default is 5)
 COMMANDS = {"status": {}, "list": {}, "reload": {}, "flush": {},
             "ban": {"target": str, "duration": (int, float, type(None)), "reason": str,
                     "force": bool},
@@ -111,12 +113,14 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def handle(self) -> None:
         server: _Server = self.server  # type: ignore[assignment]
-        if not server.slots.acquire(blocking=False):
+        if not server.take_slot():
             self._send({"ok": False, "error": "too many control connections"})
             return
         try:
             while True:
+                server.idle(self.connection, True)
                 line = self.rfile.readline(MAX_LINE + 1)
+                server.idle(self.connection, False)
                 if not line:
                     return
                 if len(line) > MAX_LINE:
@@ -127,6 +131,7 @@ class _Handler(socketserver.StreamRequestHandler):
         except (OSError, TimeoutError):
             return
         finally:
+            server.idle(self.connection, False)
             server.slots.release()
 
     def _send(self, obj: dict[str, Any]) -> None:
@@ -135,11 +140,34 @@ class _Handler(socketserver.StreamRequestHandler):
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    request_queue_size = BACKLOG
 
     def __init__(self, path: str, handler: Callable[[dict], dict]) -> None:
         self.handler = handler
         self.slots = threading.Semaphore(MAX_CLIENTS)
+        self._idle: dict[socket.socket, float] = {}  # waiting for a request, since when
+        self._lock = threading.Lock()
         super().__init__(path, _Handler)
+
+    def idle(self, conn: socket.socket, waiting: bool) -> None:
+        with self._lock:
+            if waiting:
+                self._idle[conn] = time.monotonic()
+            else:
+                self._idle.pop(conn, None)
+
+    def take_slot(self) -> bool:
+        """A slot for a new connection; when all are taken, the connection idle the
+        longest is closed to free one, so idle clients cannot lock the admin out."""
+        if self.slots.acquire(blocking=False):
+            return True
+        with self._lock:
+            oldest = min(self._idle, key=self._idle.__getitem__, default=None)
+            if oldest is not None:
+                del self._idle[oldest]
+                with contextlib.suppress(OSError):
+                    oldest.shutdown(socket.SHUT_RDWR)  # its readline ends: slot freed
+        return self.slots.acquire(timeout=1.0)
 
     def answer(self, line: bytes) -> dict[str, Any]:
         try:
@@ -222,12 +250,26 @@ def _listening(path: str) -> bool:
     return True
 
 
+def _connect(sock: socket.socket, path: str, timeout: float) -> None:
+    """connect(), waiting while the daemon's listen queue is full: a Unix socket with a
+    timeout fails at once with EAGAIN then, instead of waiting as TCP would."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise TimeoutError from None
+            time.sleep(0.01)  # no event tells when a queue slot frees: poll it
+
+
 def request(path: str, body: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
     """Send one request, return its ``result``; ControlError with a clear reason."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(path)
+        _connect(sock, path, timeout)
         sock.sendall(json.dumps(body).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):

@@ -491,7 +491,8 @@ class Follower:
                         "(raise multilog's n, or keep rblguard running)", seen.path)
             after = seen.key
         _close_all(snapshot)
-        if not snapshot and self._layout.directory is not None:
+        if (not snapshot and self._layout.directory is not None
+                and self.source not in _TROUBLE):
             _trouble(self.source, f"a directory with no multilog {LIVE_NAME!r} in it")
         self._after = after
 
