@@ -158,16 +158,27 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def take_slot(self) -> bool:
         """A slot for a new connection; when all are taken, the connection idle the
-        longest is closed to free one, so idle clients cannot lock the admin out."""
-        if self.slots.acquire(blocking=False):
-            return True
+        longest is closed to free one, so idle clients cannot lock the admin out.
+
+        Another newcomer may take the slot freed for this one: then the next idle
+        connection goes, until a slot is ours or a second has passed.
+        """
+        deadline = time.monotonic() + 1.0
+        while not self.slots.acquire(blocking=False):
+            if time.monotonic() > deadline:
+                return False
+            self._close_longest_idle()
+            if self.slots.acquire(timeout=0.05):
+                return True
+        return True
+
+    def _close_longest_idle(self) -> None:
         with self._lock:
             oldest = min(self._idle, key=self._idle.__getitem__, default=None)
             if oldest is not None:
                 del self._idle[oldest]
                 with contextlib.suppress(OSError):
                     oldest.shutdown(socket.SHUT_RDWR)  # its readline ends: slot freed
-        return self.slots.acquire(timeout=1.0)
 
     def answer(self, line: bytes) -> dict[str, Any]:
         try:
