@@ -22,8 +22,7 @@ import pytest
 
 from rblguard.daemon.control import ControlServer, Unreachable, request
 from rblguard.matching.rules import shipped_rules_dir
-from tests.daemon_harness import daemon_namespace, reject_message, tai64n, wait_for
-from tests.netns import require_root_tools
+from tests.daemon_harness import reject_message, tai64n, wait_for
 
 EVIL_RULES = r"""
 rules:
@@ -45,14 +44,6 @@ def rblguard(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str
                           text=True, timeout=timeout)
 
 
-@pytest.fixture
-def harness(tmp_path: Path):
-    require_root_tools("nft")
-    with daemon_namespace(tmp_path) as h:
-        (tmp_path / "log").mkdir()
-        yield h
-
-
 def append(h, *messages: str) -> None:
     with open(h.workdir / "log" / "current", "a") as f:
         for message in messages:
@@ -67,12 +58,12 @@ def banned_within(h, address: str, seconds: float) -> None:
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device", "directory", "dangling symlink"])
-def test_a_followed_path_that_is_no_log_file_blocks_nothing(harness, tmp_path: Path,
+def test_a_followed_path_that_is_no_log_file_blocks_nothing(log_harness, tmp_path: Path,
                                                             kind: str) -> None:
     odd = tmp_path / "odd.log"
     odd.write_text("")
-    harness.write_config(sources=[{"path": str(tmp_path / "log")}, {"path": str(odd)}])
-    harness.start()
+    log_harness.write_config(sources=[{"path": str(tmp_path / "log")}, {"path": str(odd)}])
+    log_harness.start()
     odd.unlink()
     if kind == "fifo":
         os.mkfifo(odd)
@@ -85,56 +76,57 @@ def test_a_followed_path_that_is_no_log_file_blocks_nothing(harness, tmp_path: P
     with open(tmp_path / "other.log", "w") as f:
         f.write("poke\n")  # wake the watcher on the odd path's directory, too
     for i in range(1, 4):
-        append(harness, reject_message(f"192.0.2.{i}"))
-        banned_within(harness, f"192.0.2.{i}", 5)
+        append(log_harness, reject_message(f"192.0.2.{i}"))
+        banned_within(log_harness, f"192.0.2.{i}", 5)
         started = time.monotonic()
-        harness.cli("status", "--json")
+        log_harness.cli("status", "--json")
         assert time.monotonic() - started < 1.0
     expected = {"fifo": "is a FIFO", "device": "is a character device",
                 "directory": "is a directory", "dangling symlink": "is a dangling symlink"}
-    wait_for(lambda: expected[kind] in harness.log(), what="the path's problem logged")
-    assert harness.log().count(expected[kind]) == 1  # said once, not at every wake-up
+    said = f"{odd} {expected[kind]}"
+    wait_for(lambda: said in log_harness.log(), what="the path's problem logged")
+    assert log_harness.log().count(said) == 1  # said once, not at every wake-up
 
 
-def test_a_catastrophic_rule_cannot_stall_the_daemon(harness, tmp_path: Path) -> None:
+def test_a_catastrophic_rule_cannot_stall_the_daemon(log_harness, tmp_path: Path) -> None:
     (tmp_path / "rules.d" / "evil.yaml").write_text(EVIL_RULES)
-    harness.write_config()
-    harness.start()
-    append(harness, HOSTILE_LINE, reject_message("192.0.2.20"))
+    log_harness.write_config()
+    log_harness.start()
+    append(log_harness, HOSTILE_LINE, reject_message("192.0.2.20"))
     started = time.monotonic()
-    banned_within(harness, "192.0.2.20", 1.0)
-    harness.cli("status", "--json")
+    banned_within(log_harness, "192.0.2.20", 1.0)
+    log_harness.cli("status", "--json")
     assert time.monotonic() - started < 1.5
-    wait_for(lambda: "rule evil took over" in harness.log(), what="the slow rule named")
-    assert "evil.yaml:3:" in harness.log()
+    wait_for(lambda: "rule evil took over" in log_harness.log(), what="the slow rule named")
+    assert "evil.yaml:3:" in log_harness.log()
 
 
-def test_client_text_and_garbage_in_the_log_hide_no_reject(harness, tmp_path: Path) -> None:
+def test_client_text_and_garbage_in_the_log_hide_no_reject(log_harness, tmp_path: Path) -> None:
     """The cases that held: a 20 MB line, NUL bytes, invalid UTF-8, imitated rejects."""
-    harness.write_config()
-    harness.start()
+    log_harness.write_config()
+    log_harness.start()
     with open(tmp_path / "log" / "current", "ab") as f:
         f.write(tai64n().encode() + b"x" * (20 << 20) + b"\n")
         f.write(tai64n().encode() + b"rblsmtpd: \0\0 pid 1: 553 \xff\xfe\n")
         f.write(tai64n().encode() + b"qmail-smtpd: HELO rblsmtpd: 203.0.113.9 pid 1: 553 x\n")
         f.write(tai64n().encode() + reject_message("192.0.2.30").encode())
-    banned_within(harness, "192.0.2.30", 10)
-    assert "203.0.113.9" not in harness.kernel_elements()
-    harness.cli("status", "--json")
+    banned_within(log_harness, "192.0.2.30", 10)
+    assert "203.0.113.9" not in log_harness.kernel_elements()
+    log_harness.cli("status", "--json")
 
 
-def test_garbage_and_oversized_control_requests_get_an_answer(harness) -> None:
-    harness.write_config()
-    harness.start()
+def test_garbage_and_oversized_control_requests_get_an_answer(log_harness) -> None:
+    log_harness.write_config()
+    log_harness.start()
     for payload in (b"\xff\xfe garbage\n", b'{"cmd": "ban", "target": 7}\n',
                     b"[1, 2, 3]\n", b'{"cmd": "status"' + b" " * (70 << 10) + b"}\n"):
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(5)
-            s.connect(harness.socket)
+            s.connect(log_harness.socket)
             s.sendall(payload)
             answer = json.loads(s.makefile("rb").readline())
             assert answer["ok"] is False and answer["error"]
-    harness.cli("status", "--json")
+    log_harness.cli("status", "--json")
 
 
 # -- files and commands (no root) -----------------------------------------------------

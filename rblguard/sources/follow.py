@@ -17,6 +17,7 @@ watchdog is imported only inside SourceWatcher.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -178,8 +179,9 @@ class _Seen:
 # What is wrong with a path, said once until it changes: a log path that became a FIFO
 # or a directory is looked at on every wake-up.  Bounded: one entry per path followed.
 _TROUBLE: dict[str, str] = {}
+_NO_LIVE = f"a directory with no multilog {LIVE_NAME!r} in it"
 _KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
-          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
+          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFDIR: _NO_LIVE}
 
 
 def _trouble(path: str, what: str | None) -> None:
@@ -188,7 +190,13 @@ def _trouble(path: str, what: str | None) -> None:
         _TROUBLE.pop(path, None)
     elif _TROUBLE.get(path) != what:
         _TROUBLE[path] = what
-        log.warning("%s is %s, not a log file: waiting for one there", path, what)
+        log.warning("%s is %s: waiting for a log file there", path, what)
+
+
+def _dangling(path: str) -> None:
+    """Say so if ``path``, found missing, is a symlink to nothing (not just missing)."""
+    with contextlib.suppress(OSError):
+        _trouble(path, f"a dangling symlink (to {os.readlink(path)})")
 
 
 def _open(path: str) -> tuple[int, os.stat_result] | None:
@@ -200,15 +208,15 @@ def _open(path: str) -> tuple[int, os.stat_result] | None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
-        if os.path.islink(path):
-            _trouble(path, f"a dangling symlink (to {os.readlink(path)})")
+        _dangling(path)
         return None
-    except IsADirectoryError:
-        _trouble(path, "a directory")
+    except IsADirectoryError:  # a plain file's path that became one: read as multilog's
+        _trouble(path, _NO_LIVE)
         return None
-    except (NotADirectoryError, PermissionError) as e:
-        if isinstance(e, PermissionError):
-            _trouble(path, "unreadable (permission denied)")
+    except NotADirectoryError:
+        return None
+    except PermissionError:
+        _trouble(path, "unreadable (permission denied)")
         return None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
@@ -222,7 +230,10 @@ def _open(path: str) -> tuple[int, os.stat_result] | None:
 def _identity(path: str) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
+    except FileNotFoundError:
+        _dangling(path)
+        return None
+    except NotADirectoryError:
         return None
     return st.st_dev, st.st_ino
 
@@ -491,9 +502,8 @@ class Follower:
                         "(raise multilog's n, or keep rblguard running)", seen.path)
             after = seen.key
         _close_all(snapshot)
-        if (not snapshot and self._layout.directory is not None
-                and self.source not in _TROUBLE):
-            _trouble(self.source, f"a directory with no multilog {LIVE_NAME!r} in it")
+        if not snapshot and self._layout.directory is not None:
+            _trouble(self.source, _NO_LIVE)
         self._after = after
 
     def _resume(self, pos: SourcePosition) -> None:
