@@ -154,7 +154,7 @@ def _compile(pattern: str, where: str, what: str) -> regex.Pattern:
     the daemon (rblguard.matching.scanner bounds every match)."""
     try:
         return regex.compile(pattern.encode(), regex.MULTILINE | regex.VERSION0)
-    except (regex.error, re.error) as exc:
+    except regex.error as exc:
         raise RuleError(f"{where}: {what}: bad regular expression {pattern!r}: {exc}") from exc
 
 

@@ -174,14 +174,15 @@ def detect_file_format(f: BinaryIO, max_lines: int = 50,
         read += len(head)
         if not head:
             break
-        while not head.endswith(b"\n"):  # skip the rest of a long line
+        complete = head.endswith(b"\n")
+        while not complete and read < max_bytes:  # skip the rest of a long line
             rest = f.readline(1 << 20)
-            read += len(rest)
-            if not rest or read >= max_bytes:
+            if not rest:
                 break
-            head = head[:200] + rest[-1:]
-        if head.endswith(b"\n"):
-            heads.append(head[:200].rstrip(b"\n") + b"\n")
+            read += len(rest)
+            complete = rest.endswith(b"\n")
+        if complete:
+            heads.append(head.rstrip(b"\n") + b"\n")
     f.seek(start)
     return detect_format(b"".join(heads), max_lines)
 
