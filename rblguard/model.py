@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The longest log line any stage looks at.  A reject is a few hundred bytes; a longer
+# line is a client's or a broken writer's, and reading it whole would let one line
+# without a newline take all memory.  The follower and the scanner skip such a line.
+MAX_LINE_BYTES = 1 << 20
+
 
 @dataclass(frozen=True, slots=True)
 class FileId:

@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 
 from rblguard.model import SourcePosition
-from rblguard.sources.follow import Chunk, Follower, SourceWatcher, fingerprint, list_files
+from rblguard.sources.follow import (
+    MAX_LINE_BYTES,
+    Chunk,
+    Follower,
+    SourceWatcher,
+    fingerprint,
+    list_files,
+)
 from tests.netns import IN_CI
 
 
@@ -310,7 +317,7 @@ def test_partial_last_line_waits_for_its_newline(tmp_path: Path) -> None:
 
 def test_long_line_and_bounded_backlog(tmp_path: Path) -> None:
     path = tmp_path / "maillog"
-    long_line = b"L" * (1_500_000) + b" 0\n"
+    long_line = b"L" * 900_000 + b" 0\n"
     short = b"".join(b"s %d\n" % i for i in range(1, 20001))
     path.write_bytes(long_line + short)
     follower = Follower(str(path), None)
@@ -322,6 +329,25 @@ def test_long_line_and_bounded_backlog(tmp_path: Path) -> None:
         pieces += chunks
     assert len(pieces) > 2
     assert numbers(first + pieces) == list(range(20001))
+
+
+def test_a_line_past_the_cap_is_skipped_and_said_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "maillog"
+    path.write_bytes(b"s 0\n" + b"L" * (MAX_LINE_BYTES + 10))  # no newline yet
+    follower = Follower(str(path), None)
+    assert numbers(follower.read(65536)) == [0]
+    assert numbers(follower.read(65536)) == []
+    with open(path, "ab") as f:  # the writer goes on: still the same line
+        f.write(b"L" * 3_000_000)
+    assert numbers(follower.read(65536)) == []
+    with open(path, "ab") as f:
+        f.write(b" 99\ns 1\ns 2\n")
+    chunks = follower.read(65536)
+    assert numbers(chunks) == [1, 2], "the overlong line is dropped whole, not its tail"
+    assert chunks[0].start == 4 + MAX_LINE_BYTES + 10 + 3_000_000 + 4
+    skipped = [r for r in caplog.records if "longer than" in r.getMessage()]
+    assert len(skipped) == 1 and "maillog: the line at byte 4 " in skipped[0].getMessage()
 
 
 def test_resume_with_a_fingerprint_taken_when_the_file_was_short(tmp_path: Path) -> None:

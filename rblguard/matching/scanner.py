@@ -30,7 +30,15 @@ import regex
 from rblguard.addresses import _bytes_cache as _BYTES_CACHE
 from rblguard.addresses import canonical_address, canonical_bytes
 from rblguard.matching.rules import RESERVED_GROUP_PREFIX, Rule, RuleSet, split_literal
-from rblguard.model import ChunkResult, Connection, Event, Ignored, Match, ParseError
+from rblguard.model import (
+    MAX_LINE_BYTES,
+    ChunkResult,
+    Connection,
+    Event,
+    Ignored,
+    Match,
+    ParseError,
+)
 from rblguard.sources.stamps import (
     TAI64_UNIX_OFFSET,
     TAI64N,
@@ -457,24 +465,30 @@ def read_complete_lines(path: str | Path, start: int = 0, end: int | None = None
     ``end`` (a line boundary; default: the end of the file).
 
     A last line without its newline is left out: it is not complete yet.  A line longer
-    than a chunk is read whole, however long.
+    than a chunk is read whole up to MAX_LINE_BYTES; a longer one is skipped.
     """
     with open(path, "rb") as f:
         f.seek(start)
-        offset, carry = start, b""
+        offset, carry, skipping = start, b"", False
         while True:
             want = chunk_size if end is None else min(chunk_size, end - offset - len(carry))
             data = f.read(want) if want > 0 else b""
             if not data:
                 return
+            if skipping:
+                cut = data.find(b"\n") + 1
+                offset += cut or len(data)
+                skipping, data = cut == 0, data[cut:] if cut else b""
             data = carry + data if carry else data
             cut = data.rfind(b"\n") + 1
-            if cut == 0:
-                carry = data
-                continue
-            yield offset, data[:cut]
-            offset += cut
+            if cut:
+                yield offset, data[:cut]
+                offset += cut
             carry = data[cut:]
+            if len(carry) > MAX_LINE_BYTES:
+                log.warning("%s: the line at byte %d is longer than %d bytes: skipped",
+                            path, offset, MAX_LINE_BYTES)
+                offset, carry, skipping = offset + len(carry), b"", True
 
 
 def log_files(source: str | Path) -> list[Path]:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rblguard.model import SourcePosition
+from rblguard.model import MAX_LINE_BYTES, SourcePosition
 
 log = logging.getLogger("rblguard.sources.follow")
 
@@ -163,6 +163,7 @@ class _Open:
     floor: str  # newest rotated label that existed when it was opened (all older)
     older: tuple[int, int] | None = None  # an older file still unlabelled at that time
     finished: bool = False  # no longer the live file: read to its end, then move on
+    skipping: bool = False  # inside a line longer than MAX_LINE_BYTES: drop to its end
 
 
 @dataclass(slots=True)
@@ -327,44 +328,31 @@ class Follower:
         A line longer than the budget comes whole when ``whole_line`` (nothing else was
         read in this call), else None says: stop here, it comes first next time.
         """
-        size = os.fstat(f.fd).st_size
-        if size < f.offset and not f.finished:
-            log.warning("%s was truncated in place (copy-and-truncate rotation?): reading "
-                        "it again from its start; lines written just before the "
-                        "truncation may be lost", f.path)
-            f.offset = 0
-            f.fingerprint = _fingerprint_fd(f.fd)
-        if _fingerprint_length(f.fingerprint) < min(size, FINGERPRINT_BYTES):
-            f.fingerprint = _fingerprint_fd(f.fd)  # a young file's head grew
-        available = size - f.offset
-        if available <= 0:
-            return b""
-        data = os.pread(f.fd, min(available, budget), f.offset)
-        cut = data.rfind(b"\n")
-        if cut >= 0:
-            return data[: cut + 1]
-        if len(data) < available:
-            return self._long_line(f, data, size) if whole_line else None
-        if f.finished and data:
-            log.warning("%s ends with %d bytes without a newline (the writer died "
-                        "mid-line): skipped", f.path, len(data))
-            f.offset = size
-        return b""
-
-    def _long_line(self, f: _Open, head: bytes, size: int) -> bytes:
-        """A line longer than the budget: read on to its newline (or give nothing yet)."""
-        parts = [head]
-        got = len(head)
-        while f.offset + got < size:
-            piece = os.pread(f.fd, min(_LONG_LINE_STEP, size - f.offset - got), f.offset + got)
-            if not piece:
-                break
-            cut = piece.find(b"\n")
+        size = _size_now(f)
+        while not f.skipping or _skip_line(f, size):
+            available = size - f.offset
+            if available <= 0:
+                return b""
+            data = os.pread(f.fd, min(available, budget), f.offset)
+            cut = data.rfind(b"\n")
             if cut >= 0:
-                parts.append(piece[: cut + 1])
-                return b"".join(parts)
-            parts.append(piece)
-            got += len(piece)
+                return data[: cut + 1]
+            if len(data) < available and not whole_line:
+                return None
+            if len(data) < available:
+                line = _long_line(f, data, size)
+                if line is not None:
+                    return line
+            elif f.finished:
+                log.warning("%s ends with %d bytes without a newline (the writer died "
+                            "mid-line): skipped", f.path, len(data))
+                f.offset = size
+                return b""
+            elif len(data) <= MAX_LINE_BYTES:
+                return b""  # the line is still being written
+            log.warning("%s: the line at byte %d is longer than %d bytes: skipped (no "
+                        "reject is that long)", f.path, f.offset, MAX_LINE_BYTES)
+            f.skipping = True
         return b""
 
     def _check_rewritten(self, f: _Open) -> None:
@@ -525,6 +513,60 @@ class Follower:
                         "files newer than it; lines after byte %d of it may have been lost",
                         pos.file, pos.dev, pos.inode, pos.offset)
         self._advance(after)
+
+
+def _size_now(f: _Open) -> int:
+    """The file's size, after noticing a truncation in place or a young head's growth."""
+    size = os.fstat(f.fd).st_size
+    if size < f.offset and not f.finished:
+        log.warning("%s was truncated in place (copy-and-truncate rotation?): reading "
+                    "it again from its start; lines written just before the "
+                    "truncation may be lost", f.path)
+        f.offset = 0
+        f.skipping = False
+        f.fingerprint = _fingerprint_fd(f.fd)
+    if _fingerprint_length(f.fingerprint) < min(size, FINGERPRINT_BYTES):
+        f.fingerprint = _fingerprint_fd(f.fd)  # a young file's head grew
+    return size
+
+
+def _long_line(f: _Open, head: bytes, size: int) -> bytes | None:
+    """A line longer than the read budget, read on to its newline.
+
+    b"" while its newline is not written yet; None once it is past MAX_LINE_BYTES.
+    """
+    parts = [head]
+    got = len(head)
+    while f.offset + got < size and got <= MAX_LINE_BYTES:
+        piece = os.pread(f.fd, min(_LONG_LINE_STEP, size - f.offset - got), f.offset + got)
+        if not piece:
+            break
+        cut = piece.find(b"\n")
+        if cut >= 0:
+            parts.append(piece[: cut + 1])
+            return b"".join(parts)
+        parts.append(piece)
+        got += len(piece)
+    return None if got > MAX_LINE_BYTES else b""
+
+
+def _skip_line(f: _Open, size: int) -> bool:
+    """Drop the rest of an overlong line; False while its newline is not written yet.
+
+    The offset moves on without a chunk, so a saved position stays before the line and
+    a restart skips it again.
+    """
+    while f.offset < size:
+        piece = os.pread(f.fd, min(_LONG_LINE_STEP, size - f.offset), f.offset)
+        if not piece:
+            break
+        cut = piece.find(b"\n")
+        if cut >= 0:
+            f.offset += cut + 1
+            f.skipping = False
+            return True
+        f.offset += len(piece)
+    return False
 
 
 def _close_all(snapshot: list[_Seen]) -> None:
