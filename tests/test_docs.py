@@ -43,3 +43,22 @@ def test_cli_help_works_for_every_command() -> None:
                 "unban": ["192.0.2.1"], "firewall": ["status"]}.get(command, [])
         parsed = parser.parse_args([command, *args])
         assert parsed.command == command
+
+
+def test_every_link_between_docs_exists() -> None:
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(((?:docs/)?[\w-]+\.md)(?:#[\w-]+)?\)", doc.read_text()):
+            base = ROOT if doc.name == "README.md" else doc.parent
+            assert (base / target).exists(), f"{doc.name} links to missing {target}"
+
+
+def test_each_limit_in_docs_limits_is_the_constant_in_its_module() -> None:
+    """docs/limits.md names a constant and its module per row: both must exist."""
+    import importlib
+
+    rows = re.findall(r"^\|.*\(`([A-Z_]+)`\).*\| `(rblguard/[\w/]+)\.py` \|$",
+                      (ROOT / "docs" / "limits.md").read_text(), re.MULTILINE)
+    assert len(rows) >= 8, "docs/limits.md lost its rows"
+    for constant, path in rows:
+        module = importlib.import_module(path.replace("/", "."))
+        assert hasattr(module, constant), f"docs/limits.md: {path}.py has no {constant}"
