@@ -97,7 +97,7 @@ class Config:
     sources: tuple[str, ...] = ("/var/log/qmail/smtpd/current",)
     rules_dirs: tuple[str, ...] = ("/etc/rblguard/rules.d",)
     shipped_rules: bool = True
-    firewall: FirewallOptions = _DEFAULT_FIREWALL  # YAML key: backend
+    backend: FirewallOptions = _DEFAULT_FIREWALL
     ban_time: float = 3600.0
     repeat: RepeatSettings | None = _DEFAULT_REPEAT
     ipv6_prefix: int = 64
@@ -121,9 +121,8 @@ class Config:
                 if f.compare and getattr(self, f.name) != getattr(other, f.name)]
 
 
-_ATTRIBUTE = {"backend": "firewall"}  # YAML key -> Config attribute, where they differ
-KEYS = tuple({v: k for k, v in _ATTRIBUTE.items()}.get(f.name, f.name)
-             for f in fields(Config) if f.name != "path")
+DEFAULT_PATH = "/etc/rblguard/rblguard.yaml"
+KEYS = tuple(f.name for f in fields(Config) if f.name != "path")  # the YAML keys
 
 
 class _Reader:
@@ -420,18 +419,21 @@ def parse_config(text: str, path: str | Path = "<config>") -> Config:
         raise ConfigError(f"{path}: the config must be a mapping of keys "
                           f"({', '.join(KEYS)}), not {type(data).__name__}")
     reader.mapping("", data, KEYS)
-    values = {_ATTRIBUTE.get(key, key): _PARSERS[key](reader, data[key])
+    values = {key: _PARSERS[key](reader, data[key])
               for key in KEYS if key in data}
     return Config(path=str(path), **values)
 
 
-def load_config(path: str | Path, must_exist: bool = False) -> Config:
-    """Read and check the config at ``path``; a missing file means every default.
+def load_config(path: str | Path | None = None, must_exist: bool | None = None) -> Config:
+    """Read and check the config at ``path``, or at DEFAULT_PATH when None.
 
-    ``must_exist`` is for a path the admin named explicitly: a typo there must not
-    silently run with defaults.
+    A path the admin named must exist (``must_exist`` defaults to whether one was
+    named): a typo must not silently run with defaults.  The default path may be
+    absent, which means every default.
     """
-    path = Path(path)
+    if must_exist is None:
+        must_exist = path is not None
+    path = Path(DEFAULT_PATH if path is None else path)
     try:
         text = yamlfile.read_text(path)
     except FileNotFoundError:

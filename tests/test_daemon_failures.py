@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from rblguard.daemon.logs import BURST
+from rblguard.logs import BURST
 from tests.daemon_harness import (
     DaemonHarness,
     Multilog,

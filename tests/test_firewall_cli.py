@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -22,8 +23,10 @@ from tests.test_firewall_ipset import (
     probe,
 )
 
+DEFAULTS = os.path.join(ROOT, "tests", "fixtures", "defaults.yaml")
 
-def cli(ns: str | None, *words: str, config: str = "/nonexistent/rblguard.yaml"
+
+def cli(ns: str | None, *words: str, config: str = DEFAULTS
         ) -> subprocess.CompletedProcess[str]:
     """``python -m rblguard firewall WORDS`` (in namespace ``ns``), from the source tree."""
     cmd = [sys.executable, "-m", "rblguard", "firewall", *words, "--config", config]

@@ -247,9 +247,9 @@ def test_full_set_refuses_the_rest_without_crashing(pair: NetnsPair, count: int)
                                  ["ban", entries[:8]], ["health", None]], maxelem=8)
     ban, listed, reban, health = results[1:]
     assert ban["done"] == 8 and len(ban["failed"]) == count - 8
-    assert {t for t, _ in ban["failed"]} == {t for t, _ in entries[8:]}
-    assert all("set is full" in why and f"{count - 8} entries" in why
-               for _, why in ban["failed"])
+    assert {t for t, _, _ in ban["failed"]} == {t for t, _ in entries[8:]}
+    assert all("set is full" in why and f"{count - 8} entries" in why and reason == "set_full"
+               for _, why, reason in ban["failed"])
     assert sorted(listed) == sorted(t for t, _ in entries[:8])
     assert reban == {"done": 8, "failed": []}  # refreshes still work in a full set
     assert health["ok"]

@@ -88,6 +88,7 @@ def test_expiry_refresh_unban_and_overlap(pair: NetnsPair) -> None:
     assert results[2] == {"done": 2, "failed": []}
     overlap = results[3]
     assert overlap["done"] == 1 and overlap["failed"][0][0] == "198.18.2.128/25"
+    assert overlap["failed"][0][2] == "overlap"
     listed = results[4]
     assert listed["198.18.1.21"] > 30 and listed["198.18.2.0/24"] > 30  # refreshed
     assert listed["198.18.1.20"] <= 2

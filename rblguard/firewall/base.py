@@ -11,8 +11,14 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-ALL_PORTS = None  # FirewallOptions.ports value meaning "every TCP port"
+# Why the kernel refused an entry, as a code callers can count and act on: the backend
+# reads its tool's own error once, here at the edge, so nobody matches message text.
+INVALID = "invalid"  # not an address or network
+SET_FULL = "set_full"  # the set reached its size limit
+OVERLAP = "overlap"  # an interval set refused an overlapping network
+REFUSED = "firewall"  # any other refusal
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,24 +72,27 @@ class Health:
     problems: list[str] = field(default_factory=list)
 
 
+class Failure(NamedTuple):
+    """One entry the kernel refused: its target, the kernel's words, and a reason code."""
+
+    target: str
+    error: str
+    reason: str = REFUSED  # INVALID, SET_FULL, OVERLAP or REFUSED
+
+
 @dataclass(slots=True)
 class BatchResult:
     """How a batch went: how many entries were applied and which failed, and why."""
 
     done: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)  # (target, error)
+    failed: list[Failure] = field(default_factory=list)
+
+    def refuse(self, target: str, error: str, reason: str = REFUSED) -> None:
+        self.failed.append(Failure(target, error, reason))
 
 
 class FirewallError(Exception):
     """The kernel refused an operation; the message says which object and why."""
-
-
-class SetFullError(FirewallError):
-    """A set reached its size limit; ``refused`` entries were not added."""
-
-    def __init__(self, message: str, refused: int) -> None:
-        super().__init__(message)
-        self.refused = refused
 
 
 class Backend(abc.ABC):

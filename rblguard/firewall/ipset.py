@@ -34,10 +34,13 @@ import subprocess
 from collections.abc import Iterable, Sequence
 
 from rblguard.firewall.base import (
+    INVALID,
+    SET_FULL,
     Backend,
     BatchResult,
     Counters,
     Entry,
+    Failure,
     FirewallError,
     FirewallOptions,
     Health,
@@ -201,7 +204,7 @@ class IpsetBackend(Backend):
             try:
                 good.append((_family(e.target), e.target, max(1, min(e.timeout, MAX_TIMEOUT))))
             except ValueError:
-                result.failed.append((e.target, "not an address or network"))
+                result.refuse(e.target, "not an address or network", INVALID)
         if len(good) <= NETLINK_MAX and self._netlink_batch(good, True, result):
             return result
         lines = [f"add {self.sets[f]} {t} timeout {s}" for f, t, s in good]
@@ -216,7 +219,7 @@ class IpsetBackend(Backend):
             try:
                 good.append((_family(t), t, 0))
             except ValueError:
-                result.failed.append((t, "not an address or network"))
+                result.refuse(t, "not an address or network", INVALID)
         if len(good) <= NETLINK_MAX and self._netlink_batch(good, False, result):
             return result
         self._restore([f"del {self.sets[f]} {t}" for f, t, _ in good],
@@ -268,7 +271,7 @@ class IpsetBackend(Backend):
 
     def _refused(self, refused: list[str], result: BatchResult) -> None:
         text = f"{FULL_TEXT} (maxelem {self.options.maxelem}): {len(refused)} entries refused"
-        result.failed.extend((t, text) for t in refused)
+        result.failed.extend(Failure(t, text, SET_FULL) for t in refused)
 
     def _restore_rest(self, items: list[tuple[int, str, int]], add: bool,
                       result: BatchResult) -> None:
@@ -315,12 +318,12 @@ class IpsetBackend(Backend):
                 full.setdefault(set_name, []).extend(refused)
                 rest = keep
             else:
-                result.failed.append((target, found.group(2).strip()))
+                result.refuse(target, found.group(2).strip())
             pending = rest
         for set_name, refused in full.items():
             text = f"{FULL_TEXT} ({set_name}, maxelem {self.options.maxelem}): " \
                    f"{len(refused)} entries refused"
-            result.failed.extend((t, text) for t in refused)
+            result.failed.extend(Failure(t, text, SET_FULL) for t in refused)
 
     def _members(self, set_name: str) -> set[ipaddress.IPv4Network | ipaddress.IPv6Network | str]:
         """A set's elements as networks, so "198.18.0.1" and "198.18.0.1/32" compare equal."""

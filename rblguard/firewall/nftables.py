@@ -29,6 +29,9 @@ import re
 from collections.abc import Sequence
 
 from rblguard.firewall.base import (
+    INVALID,
+    OVERLAP,
+    REFUSED,
     Backend,
     BatchResult,
     Counters,
@@ -188,7 +191,7 @@ class NftablesBackend(Backend):
                 try:
                     set_name, element = _set_for(target)
                 except ValueError as exc:
-                    result.failed.append((target, f"not an address or network: {exc}"))
+                    result.refuse(target, f"not an address or network: {exc}", INVALID)
                     continue
             timeout = max(1, min(int(entry.timeout), MAX_TIMEOUT))
             suffix = suffixes.get((timeout, entry.refresh))
@@ -211,7 +214,10 @@ class NftablesBackend(Backend):
             result.done += len(texts)
         except FirewallError as exc:
             if len(texts) == 1:
-                result.failed.append((targets[0], str(exc)))
+                # Its text was checked above: what an interval set refuses one element
+                # for is an overlap with a network already there.
+                result.refuse(targets[0], str(exc),
+                              OVERLAP if set_name.endswith("net") else REFUSED)
                 return
             half = len(texts) // 2  # isolate the entries the kernel refuses
             self._ban_batch(set_name, texts[:half], targets[:half], result)
@@ -233,7 +239,7 @@ class NftablesBackend(Backend):
             try:
                 set_name, element = _set_for(target)
             except ValueError as exc:
-                result.failed.append((target, f"not an address or network: {exc}"))
+                result.refuse(target, f"not an address or network: {exc}", INVALID)
                 continue
             by_set[set_name].append(element)
         lines = []
@@ -249,7 +255,7 @@ class NftablesBackend(Backend):
             result.done += sum(len(v) for v in by_set.values())
         except FirewallError as exc:
             if len(targets) == 1:
-                result.failed.append((targets[0], str(exc)))
+                result.refuse(targets[0], str(exc))
                 return
             half = len(targets) // 2
             self._unban_batch(targets[:half], result)

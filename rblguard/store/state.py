@@ -56,7 +56,24 @@ CREATE TABLE IF NOT EXISTS positions (
 
 
 class StateError(Exception):
-    """The state database cannot be used; the message names the file and the cause."""
+    """The state database cannot be used; the message names the file and the cause.
+
+    ``code`` is SQLite's error name (``SQLITE_FULL``, ``SQLITE_READONLY``, ...), or ""
+    when the error is rblguard's own (a schema too new, a closed database)."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# What an admin can do about each SQLite error class (by prefix of its error name).
+_ADVICE = {
+    "SQLITE_CORRUPT": " (the file is damaged: move it away and rblguard starts a new one)",
+    "SQLITE_NOTADB": " (the file is damaged: move it away and rblguard starts a new one)",
+    "SQLITE_READONLY": " (make {dir} writable for rblguard)",
+    "SQLITE_CANTOPEN": " (make {dir} writable for rblguard)",
+    "SQLITE_FULL": " (free space on the file system of {dir})",
+}
 
 
 class Offender(NamedTuple):
@@ -111,18 +128,19 @@ class State:
                             "ON history(last_ban)")
 
     def _error(self, what: str, exc: BaseException) -> StateError:
+        """A StateError saying what failed and what the admin can do, chosen by
+        SQLite's own error code (``sqlite_errorname``), never by its message text."""
+        code = getattr(exc, "sqlite_errorname", None) or ""
         text = str(exc)
-        if "disk I/O error" in text:  # SQLite keeps the errno to itself
+        if code.startswith("SQLITE_IOERR"):  # SQLite keeps the errno to itself
             cause = self._write_probe()
             if cause:
                 text += f" ({cause})"
-        if "not a database" in text or "malformed" in text:
-            text += " (the file is damaged: move it away and rblguard starts a new one)"
-        elif "readonly" in text or "read-only" in text:
-            text += f" (make {self.dir} writable for rblguard)"
-        elif "full" in text:
-            text += f" (free space on the file system of {self.dir})"
-        return StateError(f"state database {self.path}: {what}: {text}")
+        for prefix, advice in _ADVICE.items():
+            if code.startswith(prefix):
+                text += advice.format(dir=self.dir)
+                break
+        return StateError(f"state database {self.path}: {what}: {text}", code)
 
     def _write_probe(self) -> str | None:
         """Why the state directory cannot be written now, found by writing a byte to a
