@@ -15,20 +15,22 @@ import socket
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _PLAIN_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 _cache: dict[str, str | None] = {}
-_bytes_cache: dict[bytes, str | None] = {}
+# canonical_bytes()'s memory, public so that the scanner's hot loop can try a dict
+# lookup before paying for a call.  Read it; only canonical_bytes() writes it.
+BYTES_CACHE: dict[bytes, str | None] = {}
 _CACHE_LIMIT = 65536
 
 
 def canonical_bytes(raw: bytes) -> str | None:
     """canonical_address() of an address as the log's bytes hold it; the scanner's path."""
     try:
-        return _bytes_cache[raw]
+        return BYTES_CACHE[raw]
     except KeyError:
         pass
     result = _canonical_fast(raw)
-    if len(_bytes_cache) >= _CACHE_LIMIT:
-        _bytes_cache.clear()
-    _bytes_cache[raw] = result
+    if len(BYTES_CACHE) >= _CACHE_LIMIT:
+        BYTES_CACHE.clear()
+    BYTES_CACHE[raw] = result
     return result
 
 
@@ -93,3 +95,16 @@ def canonical_address(text: str) -> str | None:
 def family(target: str) -> int:
     """4 or 6 for a canonical address or network."""
     return 6 if ":" in target else 4
+
+
+def subnet_key(target: str, prefix: int) -> str | None:
+    """The IPv4 /``prefix`` network holding a single IPv4 address ("198.18.5.0/24"), or
+    None for a network or an IPv6 target: the key subnet escalation counts under."""
+    if "/" in target or ":" in target:
+        return None
+    return str(ipaddress.IPv4Network(f"{target}/{prefix}", strict=False))
+
+
+def network_text(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
+    """A network as rblguard spells a target: a full-length one as its bare address."""
+    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)

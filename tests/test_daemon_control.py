@@ -21,7 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from rblguard.store.state import Offender, State
+from rblguard.model import Offender
+from rblguard.store.state import State
 from tests.daemon_harness import DaemonHarness, reject_message, tai64n, wait_for
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from rblguard.config import Config
 from rblguard.daemon.metrics import Metrics
-from rblguard.daemon.pipeline import Pipeline
+from rblguard.daemon.pipeline import Pipeline, lift_allowlisted
 from rblguard.decisions.allowlist import Allowlist
 from rblguard.decisions.allowlist import Entry as AllowEntry
 from rblguard.decisions.decider import Decider, DecisionSettings
@@ -33,8 +33,7 @@ from rblguard.firewall.base import (
     Health,
     Listed,
 )
-from rblguard.matching.rules import BanPolicy
-from rblguard.model import Ban, ChunkResult, Match, SourcePosition
+from rblguard.model import Ban, BanPolicy, ChunkResult, Match, SourcePosition
 from rblguard.store.journal import Journal
 from rblguard.store.state import State
 
@@ -231,7 +230,7 @@ def test_allowlisting_lifts_bans_but_keeps_an_admins(tmp_path: Path) -> None:
     pipe.ban_now(pipe.decider.on_manual("192.0.2.9", 600, "", False, NOW), None)
     pipe.flush()
     allow = Allowlist([AllowEntry(ipaddress.ip_network("192.0.2.0/24"), "ours")])
-    assert pipe.lift_allowlisted(allow, allow) == ["192.0.2.1"]
+    assert lift_allowlisted(pipe, allow, allow) == ["192.0.2.1"]
     assert kernel.elements.keys() == {"192.0.2.9"}
     assert _saved(tmp_path)[0] == {"192.0.2.9"}
 

@@ -7,16 +7,25 @@ why a ban from the CLI and a ban from the log can never race.
 
 from __future__ import annotations
 
+import logging
 import os
+import queue
+import threading
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from rblguard import __version__
+from rblguard.config import ConfigError
+from rblguard.daemon.control import ControlError
 from rblguard.daemon.pipeline import log_unban
 from rblguard.firewall.base import FirewallError
+from rblguard.matching.rules import RuleError
 
 if TYPE_CHECKING:
     from rblguard.daemon.loop import Daemon
+
+log = logging.getLogger("rblguard")
 
 FAMILY_NAMES = {4: "ipv4", 6: "ipv6"}
 
@@ -114,3 +123,42 @@ HANDLERS = {"status": _status, "list": _list, "ban": _ban, "unban": _unban,
 
 def handle(d: Daemon, body: dict[str, Any]) -> dict[str, Any]:
     return HANDLERS[body["cmd"]](d, body)
+
+
+# -- the way there and back: the server thread waits, the main loop answers -----------
+
+
+@dataclass
+class Request:
+    """A control request waiting for the main loop's answer."""
+
+    body: dict[str, Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    answer: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def submit(wakeups: queue.SimpleQueue[Any], body: dict[str, Any]) -> dict[str, Any]:
+    """On the control server's thread: queue ``body`` for the main loop and wait for
+    its answer (ControlError if it gives an error or none within 30 s)."""
+    request = Request(body)
+    wakeups.put(request)
+    if not request.done.wait(30):
+        raise ControlError("the daemon did not answer within 30 s")
+    if request.error is not None:
+        raise ControlError(request.error)
+    assert request.answer is not None
+    return request.answer
+
+
+def answer(d: Daemon, request: Request) -> None:
+    """On the main loop: answer one request; never let a request kill the loop."""
+    try:
+        request.answer = handle(d, request.body)
+    except (ValueError, RuleError, ConfigError, FirewallError) as exc:
+        request.error = str(exc)
+    except Exception as exc:
+        log.exception("control request %r failed", request.body)
+        request.error = f"internal error: {exc}"
+    finally:
+        request.done.set()

@@ -19,20 +19,19 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from rblguard import __version__
 from rblguard.config import Config, ConfigError
+from rblguard.daemon import handlers, sdnotify, startup
 from rblguard.daemon import reload as reloading
-from rblguard.daemon import sdnotify
 from rblguard.daemon.control import ControlError
+from rblguard.daemon.pipeline import lift_allowlisted
 from rblguard.firewall.base import FirewallError
 from rblguard.logs import warn_limited
 from rblguard.matching.rules import RuleError
 from rblguard.matching.scanner import Scanner
-from rblguard.model import SourcePosition
-from rblguard.sources.stamps import StampFormat, detect_format
+from rblguard.sources.stamps import detect_format
 
 log = logging.getLogger("rblguard")
 
@@ -44,26 +43,6 @@ SAVE_EVERY = 10_000
 SAVE_AFTER = 0.5  # seconds: under a constant stream of lines, the state is saved this often
 HOUSEKEEPING = 5.0  # seconds: firewall health (self-repair), counters, expiry
 RELOAD = object()  # the queue item SIGHUP sends (a str would be taken for a source)
-
-
-@dataclass
-class Request:
-    """A control request waiting for the main loop's answer."""
-
-    body: dict[str, Any]
-    done: threading.Event = field(default_factory=threading.Event)
-    answer: dict[str, Any] | None = None
-    error: str | None = None
-
-
-@dataclass
-class Source:
-    """One followed log: its follower, the stamp format of each file, where it stands."""
-
-    follower: Any  # rblguard.sources.follow.Follower
-    formats: dict[tuple[int, int], StampFormat] = field(default_factory=dict)
-    last_time: float | None = None
-    position: SourcePosition | None = None
 
 
 class Daemon:
@@ -78,7 +57,7 @@ class Daemon:
         self.started = time.time()
         self.dirty: set[str] = set()
         self.deferred: list[Any] = []  # wake-ups taken early by _more_came: for _wait
-        self.sources: dict[str, Source] = {}
+        self.sources: dict[str, startup.Source] = {}
         self.triggers = reloading.Triggers()
         # The stages, built by start() (rblguard.daemon.startup):
         self.ruleset: Any = None
@@ -92,9 +71,7 @@ class Daemon:
 
     def start(self, serve_metrics: bool = False) -> None:
         """Everything before the loop (see rblguard.daemon.startup)."""
-        from rblguard.daemon.startup import start
-
-        start(self, serve_metrics)
+        startup.start(self, serve_metrics)
 
     # -- the loop --------------------------------------------------------------------
 
@@ -105,7 +82,8 @@ class Daemon:
         # The socket first: a second rblguard on the same socket stops here, before it
         # touches the firewall or the state of the one already running.  Requests wait
         # in the queue until the loop below answers them.
-        self.control = ControlServer(self.config.control_socket, self._control_request)
+        self.control = ControlServer(self.config.control_socket,
+                                     lambda body: handlers.submit(self.wakeups, body))
         self.control.start()
         ready = False
         try:
@@ -170,8 +148,8 @@ class Daemon:
                 self.reload()
             elif isinstance(item, str):
                 self.dirty.add(item)
-            elif isinstance(item, Request):
-                self._answer(item)
+            elif isinstance(item, handlers.Request):
+                handlers.answer(self, item)
 
     def _install_signals(self) -> None:
         def stop(_sig: int, _frame: Any) -> None:
@@ -196,7 +174,7 @@ class Daemon:
                 self._more_came(read_sources)  # may make sources dirty again
         self._commit()
 
-    def _read(self, source: str, st: Source) -> bool:
+    def _read(self, source: str, st: startup.Source) -> bool:
         """Read one source to its end (READ_BYTES at a time); whether it gave lines."""
         more, read = True, False
         while more and not self.stopping.is_set():
@@ -216,7 +194,7 @@ class Daemon:
                 self._commit()
         return read
 
-    def _scan(self, source: str, st: Source, chunk: Any) -> None:
+    def _scan(self, source: str, st: startup.Source, chunk: Any) -> None:
         key = (chunk.dev, chunk.inode)
         fmt = st.formats.get(key)
         if fmt is None:
@@ -295,7 +273,7 @@ class Daemon:
         self.config, self.ruleset, self.scanner = config, ruleset, Scanner(ruleset)
         old_allowlist, self.allowlist = self.allowlist, Allowlist.from_config(config)
         self.decider.set_allowlist(self.allowlist)
-        lifted = self.pipeline.lift_allowlisted(self.allowlist, old_allowlist)
+        lifted = lift_allowlisted(self.pipeline, self.allowlist, old_allowlist)
         with contextlib.suppress(OSError):
             self.triggers.remember(config)  # the directories and tcprules may be new ones
         self.metrics.reload(True)
@@ -304,31 +282,6 @@ class Daemon:
                  f"; changed: {', '.join(changed)}" if changed else "", len(self.allowlist))
         sdnotify.ready()
         return {"rules": len(ruleset.rules), "changed": changed, "lifted": lifted}
-
-    # -- control requests (answered on the main loop) --------------------------------
-
-    def _control_request(self, body: dict[str, Any]) -> dict[str, Any]:  # server thread
-        request = Request(body)
-        self.wakeups.put(request)
-        if not request.done.wait(30):
-            raise ControlError("the daemon did not answer within 30 s")
-        if request.error is not None:
-            raise ControlError(request.error)
-        assert request.answer is not None
-        return request.answer
-
-    def _answer(self, request: Request) -> None:
-        from rblguard.daemon.handlers import handle
-
-        try:
-            request.answer = handle(self, request.body)
-        except (ValueError, RuleError, ConfigError, FirewallError) as exc:
-            request.error = str(exc)
-        except Exception as exc:  # never let a request kill the loop
-            log.exception("control request %r failed", request.body)
-            request.error = f"internal error: {exc}"
-        finally:
-            request.done.set()
 
 
 def main(args: argparse.Namespace) -> int:

@@ -262,26 +262,6 @@ class Pipeline:
             self.journal.save("save unban", unbans=[*targets, *others])
         return refused
 
-    def lift_allowlisted(self, allowlist: Any, old: Any) -> list[str]:
-        """Lift every active ban on a target ``allowlist`` holds (a network: one holding
-        an allowlisted address).  An admin's own ban (``rblguard ban``, maybe
-        ``--force``) is kept unless this change allowlisted it (``old`` is the allowlist
-        before a reload; None at start-up, when nobody knows)."""
-        hits = allowlist.overlapping(self.decider.active_targets())
-        kept = [t for t in hits if t in self.manual
-                and (old is None or old.overlapping([t]))]
-        lifted = [t for t in hits if t not in set(kept)]
-        if kept:
-            log.warning("keeping %d admin ban(s) on allowlisted targets: %s; "
-                        "`rblguard unban TARGET` lifts one", len(kept),
-                        ", ".join(kept[:10]) + (" ..." if len(kept) > 10 else ""))
-        if lifted:
-            self.unban(lifted, lambda t: f"allowlisted ({allowlist.reason(t)})",
-                       "allowlisted")
-            self.lifted_allowlisted += len(lifted)
-            log.info("lifted %d ban(s) on allowlisted targets", len(lifted))
-        return lifted
-
     def clear(self) -> int:
         """``rblguard flush``: every ban lifted, in the kernel and the state; how many."""
         targets = self.decider.active_targets()
@@ -317,3 +297,24 @@ class Pipeline:
             self.metrics.firewall_error("counters")
             warn_limited(log, "counters", "cannot read firewall counters: %s", exc)
         self.metrics.set_active(self.decider.active_counts())
+
+
+def lift_allowlisted(pipe: Pipeline, allowlist: Any, old: Any) -> list[str]:
+    """Lift every active ban on a target ``allowlist`` holds (a network: one holding
+    an allowlisted address).  An admin's own ban (``rblguard ban``, maybe
+    ``--force``) is kept unless this change allowlisted it (``old`` is the allowlist
+    before a reload; None at start-up, when nobody knows)."""
+    hits = allowlist.overlapping(pipe.decider.active_targets())
+    kept = [t for t in hits if t in pipe.manual
+            and (old is None or old.overlapping([t]))]
+    lifted = [t for t in hits if t not in set(kept)]
+    if kept:
+        log.warning("keeping %d admin ban(s) on allowlisted targets: %s; "
+                    "`rblguard unban TARGET` lifts one", len(kept),
+                    ", ".join(kept[:10]) + (" ..." if len(kept) > 10 else ""))
+    if lifted:
+        pipe.unban(lifted, lambda t: f"allowlisted ({allowlist.reason(t)})",
+                   "allowlisted")
+        pipe.lifted_allowlisted += len(lifted)
+        log.info("lifted %d ban(s) on allowlisted targets", len(lifted))
+    return lifted

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from rblguard.daemon import reload as reloading
-from rblguard.daemon.pipeline import Pipeline
+from rblguard.daemon.pipeline import Pipeline, lift_allowlisted
 from rblguard.matching.scanner import Scanner
 from rblguard.model import SourcePosition
+from rblguard.sources.stamps import StampFormat
 from rblguard.store.journal import Journal
 from rblguard.store.state import State, StateError
 
@@ -25,9 +27,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("rblguard")
 
 
+@dataclass
+class Source:
+    """One followed log: its follower, the stamp format of each file, where it stands."""
+
+    follower: Any  # rblguard.sources.follow.Follower
+    formats: dict[tuple[int, int], StampFormat] = field(default_factory=dict)
+    last_time: float | None = None
+    position: SourcePosition | None = None
+
+
 def start(d: Daemon, serve_metrics: bool) -> None:
     """Build ``d``'s stages; ``serve_metrics`` opens the metrics port first of all."""
-    from rblguard.daemon.loop import Source
     from rblguard.daemon.metrics import Metrics
     from rblguard.decisions.allowlist import Allowlist
     from rblguard.decisions.decider import Decider, DecisionSettings
@@ -81,7 +92,7 @@ def restore(d: Daemon) -> dict[str, SourcePosition]:
     d.prune(now)
     d.pipeline.load(now)
     positions = journal.call("load positions", journal.state.load_positions) or {}
-    d.pipeline.lift_allowlisted(d.allowlist, None)  # it may have grown while we were down
+    lift_allowlisted(d.pipeline, d.allowlist, None)  # it may have grown while we were down
     t0 = time.monotonic()
     restored = d.pipeline.restore(now)
     log.info("restored %d bans into the kernel in %.3f s", restored, time.monotonic() - t0)

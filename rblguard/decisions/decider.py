@@ -20,11 +20,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from rblguard.addresses import family, network_text, subnet_key
 from rblguard.decisions.allowlist import span
 from rblguard.durations import parse_duration
-from rblguard.matching.rules import BanPolicy  # one definition: the rules carry it per rule
-from rblguard.model import Ban, Match
-from rblguard.store.state import Offender
+from rblguard.model import Ban, BanPolicy, Match, Offender
 
 if TYPE_CHECKING:
     from rblguard.config import Config, RepeatSettings, StormSettings, SubnetSettings
@@ -169,9 +168,9 @@ class Decider:
     def _covering_until(self, target: str) -> tuple[str, float] | None:
         """The active subnet ban that already covers a single IPv4 address, if any."""
         sub = self.settings.ipv4_subnet
-        if sub is None or "/" in target or ":" in target:
+        net = subnet_key(target, sub.prefix) if sub is not None else None
+        if net is None:
             return None
-        net = str(ipaddress.IPv4Network(f"{target}/{sub.prefix}", strict=False))
         until = self._active.get(net)
         return (net, until) if until is not None else None
 
@@ -221,10 +220,10 @@ class Decider:
                            source: str, when: float) -> Ban | None:
         """Ban the IPv4 subnet once ``after`` of its addresses are banned (singles stay)."""
         sub = self.settings.ipv4_subnet
-        if sub is None or "/" in target or ":" in target:
+        key = subnet_key(target, sub.prefix) if sub is not None else None
+        if sub is None or key is None:
             return None
-        net = ipaddress.IPv4Network(f"{target}/{sub.prefix}", strict=False)
-        key = str(net)
+        net = ipaddress.IPv4Network(key)
         count = self._subnet_singles.get(key, 0)  # already counts target (_set_active)
         if count < sub.after or key in self._active or self.allowlist.overlaps(net):
             return None
@@ -279,8 +278,7 @@ class Decider:
         except ValueError:
             return Verdict(refused="invalid", message=f"{target!r} is not an address or "
                            "CIDR network")
-        canonical = str(net.network_address) if net.prefixlen == net.max_prefixlen \
-            else str(net)
+        canonical = network_text(net)
         if not force and self.allowlist.overlaps(net):
             return self._refuse("allowlist", f"{canonical} is allowlisted "
                                 f"({self.allowlist.reason(canonical)}); use --force to "
@@ -318,8 +316,7 @@ class Decider:
         found = []
         for plen in range(net.prefixlen, -1, -1):  # target itself and every supernet
             sup = net if plen == net.prefixlen else net.supernet(new_prefix=plen)
-            text = (str(sup.network_address) if sup.prefixlen == sup.max_prefixlen
-                    else str(sup))
+            text = network_text(sup)
             if text in self._active:
                 found.append(text)
         if net.prefixlen < net.max_prefixlen:  # bans inside the network
@@ -367,7 +364,7 @@ class Decider:
     def active_counts(self) -> dict[int, int]:
         counts = {4: 0, 6: 0}
         for target in self._active:
-            counts[6 if ":" in target else 4] += 1
+            counts[family(target)] += 1
         return counts
 
     def active_targets(self) -> list[str]:
@@ -393,8 +390,8 @@ class Decider:
     def _set_active(self, target: str, until: float) -> None:
         if target not in self._active:
             sub = self.settings.ipv4_subnet
-            if sub is not None and "/" not in target and ":" not in target:
-                key = str(ipaddress.IPv4Network(f"{target}/{sub.prefix}", strict=False))
+            key = subnet_key(target, sub.prefix) if sub is not None else None
+            if key is not None:
                 self._subnet_singles[key] = self._subnet_singles.get(key, 0) + 1
         self._active[target] = until
         if until < self._earliest:
@@ -402,9 +399,9 @@ class Decider:
 
     def _single_gone(self, target: str) -> None:
         sub = self.settings.ipv4_subnet
-        if sub is None or "/" in target or ":" in target:
+        key = subnet_key(target, sub.prefix) if sub is not None else None
+        if key is None:
             return
-        key = str(ipaddress.IPv4Network(f"{target}/{sub.prefix}", strict=False))
         left = self._subnet_singles.get(key, 0) - 1
         if left > 0:
             self._subnet_singles[key] = left

@@ -22,6 +22,7 @@ import yaml
 
 from rblguard import yamlfile
 from rblguard.durations import parse_duration
+from rblguard.model import BanPolicy
 
 ADDR = "<ADDR>"
 # What the placeholder captures: anything address-like up to a separator.  Whether it
@@ -46,16 +47,6 @@ _WITHIN_LINE = {"s": r"[^\S\n]", "D": r"[^\d\n]", "W": r"[^\w\n]", "Z": "$"}
 
 class RuleError(Exception):
     """A rule file cannot be used; the message names file, line and problem."""
-
-
-@dataclass(frozen=True, slots=True)
-class BanPolicy:
-    """What a rule asks for: ``count`` matches within ``window`` seconds ban an address
-    for ``duration`` seconds (None: the configured ``ban_time``)."""
-
-    count: int = 1
-    window: float = 3600.0
-    duration: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

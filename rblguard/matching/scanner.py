@@ -27,8 +27,7 @@ from pathlib import Path
 
 import regex
 
-from rblguard.addresses import _bytes_cache as _BYTES_CACHE
-from rblguard.addresses import canonical_address, canonical_bytes
+from rblguard.addresses import BYTES_CACHE, canonical_address, canonical_bytes
 from rblguard.matching.rules import RESERVED_GROUP_PREFIX, Rule, RuleSet, split_literal
 from rblguard.model import (
     MAX_LINE_BYTES,
@@ -154,7 +153,7 @@ class Scanner:
         claimed: set[int] = set()  # lines already taken by an earlier rule
         several = len(self.rules) > 1
         find = data.find
-        cache = _BYTES_CACHE
+        cache = BYTES_CACHE
         for rule, pattern in patterns:
             events: list[Event] = []
             append = events.append

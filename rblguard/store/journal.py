@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from rblguard.logs import warn_limited
-from rblguard.model import Ban, SourcePosition
-from rblguard.store.state import Offender, State, StateError
+from rblguard.model import Ban, Offender, SourcePosition
+from rblguard.store.state import State, StateError
 
 log = logging.getLogger("rblguard.store.journal")
 

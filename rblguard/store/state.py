@@ -23,9 +23,8 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import NamedTuple
 
-from rblguard.model import Ban, SourcePosition
+from rblguard.model import Ban, Offender, SourcePosition
 
 SCHEMA_VERSION = 1
 DB_NAME = "state.db"
@@ -74,14 +73,6 @@ _ADVICE = {
     "SQLITE_CANTOPEN": " (make {dir} writable for rblguard)",
     "SQLITE_FULL": " (free space on the file system of {dir})",
 }
-
-
-class Offender(NamedTuple):
-    """How often a target (address or network) was banned, and when last."""
-
-    target: str
-    bans: int
-    last_ban: float
 
 
 class State:
