@@ -209,7 +209,7 @@ def test_bad_durations_are_refused_and_never_kill_the_daemon(log_harness: Daemon
                              f'"duration": {duration}}}')
         assert answer["ok"] is False, duration
         assert "ban: field 'duration'" in answer["error"], answer
-    time.sleep(0.5)  # the main loop has had its chance to choke on anything queued
+    # every request above was answered by the main loop; one more proves it still runs
     assert alive(log_harness), log_harness.log()
     assert log_harness.kernel_elements() == set()
     assert log_harness.cli("list", "--json")["bans"] == []

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
+from tests.daemon_harness import wait_for
 from tests.netns import NetnsPair, require_root_tools, run
 from tests.test_firewall_ipset import (
     BANNED4,
@@ -92,7 +92,8 @@ def test_expiry_refresh_unban_and_overlap(pair: NetnsPair) -> None:
     listed = results[4]
     assert listed["198.18.1.21"] > 30 and listed["198.18.2.0/24"] > 30  # refreshed
     assert listed["198.18.1.20"] <= 2
-    time.sleep(2.5)
+    wait_for(lambda: not {"198.18.1.20", BANNED6} & set(ops(pair, [["list", None]])[0]), 10,
+             "the kernel to expire the 2 s elements", every=0.2)
     [listed] = ops(pair, [["list", None]])
     assert "198.18.1.20" not in listed and BANNED6 not in listed
     assert probe(pair, [("198.18.1.20", pair.server4, 25), ("198.18.1.21", pair.server4, 25)]

@@ -37,8 +37,6 @@ from rblguard.model import Ban, BanPolicy, ChunkResult, Match, SourcePosition
 from rblguard.store.journal import Journal
 from rblguard.store.state import State
 
-NOW = time.time()
-
 
 class FakeKernel(Backend):
     """Elements in a dict; ``refuse_batches`` whole batches refused, ``refuse`` targets."""
@@ -103,7 +101,7 @@ def _core(state_dir: Path, allow: Sequence[str] = ()) -> tuple[Pipeline, FakeKer
 
 def _matches(*addresses: str, offset: int = 100) -> ChunkResult:
     result = ChunkResult()
-    result.events = [Match("rbl", a, NOW, f"rblsmtpd: {a} pid 1: 451 listed", offset)
+    result.events = [Match("rbl", a, time.time(), f"rblsmtpd: {a} pid 1: 451 listed", offset)
                      for a in addresses]
     return result
 
@@ -124,7 +122,7 @@ def _policy(_rule: str) -> BanPolicy:
 
 def test_a_burst_is_one_kernel_batch_and_one_commit(tmp_path: Path) -> None:
     pipe, kernel = _core(tmp_path)
-    pipe.decide("log", _matches("192.0.2.1", "192.0.2.2", "198.51.100.3"), _policy, NOW)
+    pipe.decide("log", _matches("192.0.2.1", "192.0.2.2", "198.51.100.3"), _policy, time.time())
     pipe.read(_position(300))
     assert pipe.flush() == {}
     assert [sorted(e.target for e in b) for b in kernel.batches] == [
@@ -136,7 +134,7 @@ def test_a_burst_is_one_kernel_batch_and_one_commit(tmp_path: Path) -> None:
 def test_a_refused_batch_is_retried_and_no_position_gets_ahead_of_it(tmp_path: Path) -> None:
     pipe, kernel = _core(tmp_path)
     kernel.refuse_batches = 2  # the batch and its retry after a repair
-    pipe.decide("log", _matches("192.0.2.1"), _policy, NOW)
+    pipe.decide("log", _matches("192.0.2.1"), _policy, time.time())
     pipe.read(_position(100))
     assert pipe.flush() is None
     assert kernel.ensured == 1, "a refused batch is repaired and tried once more"
@@ -150,7 +148,7 @@ def test_a_refused_batch_is_retried_and_no_position_gets_ahead_of_it(tmp_path: P
 def test_a_target_the_kernel_refuses_is_neither_saved_nor_announced(tmp_path: Path) -> None:
     pipe, kernel = _core(tmp_path)
     kernel.refuse = {"192.0.2.2"}
-    pipe.decide("log", _matches("192.0.2.1", "192.0.2.2"), _policy, NOW)
+    pipe.decide("log", _matches("192.0.2.1", "192.0.2.2"), _policy, time.time())
     pipe.read(_position(200))
     assert pipe.flush() == {"192.0.2.2": "refused by the test"}
     assert _saved(tmp_path) == ({"192.0.2.1"}, {"log": 200})
@@ -160,13 +158,13 @@ def test_a_target_the_kernel_refuses_is_neither_saved_nor_announced(tmp_path: Pa
 
 def test_a_crash_between_kernel_and_commit_reads_the_lines_again(tmp_path: Path) -> None:
     pipe, kernel = _core(tmp_path)
-    pipe.decide("log", _matches("192.0.2.1"), _policy, NOW)
+    pipe.decide("log", _matches("192.0.2.1"), _policy, time.time())
     pipe.read(_position(100))
     pipe.flush(save=False)  # in the kernel; the process dies before the commit
     assert kernel.elements.keys() == {"192.0.2.1"}
     assert _saved(tmp_path) == (set(), {}), "the position is not ahead of its ban"
     again, _ = _core(tmp_path)  # the restart reads the same line again
-    again.decide("log", _matches("192.0.2.1"), _policy, NOW)
+    again.decide("log", _matches("192.0.2.1"), _policy, time.time())
     again.read(_position(100))
     again.flush()
     assert _saved(tmp_path) == ({"192.0.2.1"}, {"log": 100})
@@ -175,7 +173,7 @@ def test_a_crash_between_kernel_and_commit_reads_the_lines_again(tmp_path: Path)
 def test_held_back_saves_are_carried_by_the_next_commit(tmp_path: Path) -> None:
     pipe, _kernel = _core(tmp_path)
     db = tmp_path / "state.db"
-    pipe.decide("log", _matches("192.0.2.1", "192.0.2.2"), _policy, NOW)
+    pipe.decide("log", _matches("192.0.2.1", "192.0.2.2"), _policy, time.time())
     pipe.read(_position(200))
     blocker = sqlite3.connect(db, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")  # every write fails: as good as a full disk
@@ -185,7 +183,7 @@ def test_held_back_saves_are_carried_by_the_next_commit(tmp_path: Path) -> None:
     pipe.unban(["192.0.2.2"], "manual")  # lifted while held back
     blocker.execute("ROLLBACK")
     blocker.close()
-    pipe.decide("log", _matches("198.51.100.9"), _policy, NOW)
+    pipe.decide("log", _matches("198.51.100.9"), _policy, time.time())
     pipe.read(_position(300))
     pipe.flush()
     assert _saved(tmp_path) == ({"192.0.2.1", "198.51.100.9"}, {"log": 300})
@@ -194,7 +192,7 @@ def test_held_back_saves_are_carried_by_the_next_commit(tmp_path: Path) -> None:
 
 def test_restore_puts_every_saved_ban_back_without_refreshing(tmp_path: Path) -> None:
     pipe, _ = _core(tmp_path)
-    pipe.decide("log", _matches("192.0.2.1", "2001:db8::7"), _policy, NOW)
+    pipe.decide("log", _matches("192.0.2.1", "2001:db8::7"), _policy, time.time())
     pipe.flush()
     again, kernel = _core(tmp_path)
     assert again.restore(time.time()) == 2
@@ -206,7 +204,7 @@ def test_restore_puts_every_saved_ban_back_without_refreshing(tmp_path: Path) ->
 def test_a_ban_that_cannot_be_a_kernel_entry_is_dropped_not_retried(tmp_path: Path) -> None:
     pipe, kernel = _core(tmp_path)
     pipe.ban([Ban("192.0.2.1", math.inf, "rbl", "x"), Ban("192.0.2.2", math.nan, "rbl", "y"),
-              Ban("192.0.2.3", NOW + 3600, "rbl", "z")], refreshed=False)
+              Ban("192.0.2.3", time.time() + 3600, "rbl", "z")], refreshed=False)
     failed = pipe.flush()
     assert failed is not None and sorted(failed) == ["192.0.2.1", "192.0.2.2"]
     assert pipe.pending == [] and kernel.elements.keys() == {"192.0.2.3"}
@@ -214,11 +212,11 @@ def test_a_ban_that_cannot_be_a_kernel_entry_is_dropped_not_retried(tmp_path: Pa
 
 def test_an_admin_ban_the_kernel_refuses_leaves_the_ban_in_force(tmp_path: Path) -> None:
     pipe, kernel = _core(tmp_path)
-    verdict = pipe.decider.on_manual("192.0.2.5", 600, "test", False, NOW)
+    verdict = pipe.decider.on_manual("192.0.2.5", 600, "test", False, time.time())
     pipe.ban_now(verdict, None)
     before = pipe.decider.until("192.0.2.5")
     kernel.refuse = {"192.0.2.5"}
-    verdict = pipe.decider.on_manual("192.0.2.5", 7200, "longer", False, NOW)
+    verdict = pipe.decider.on_manual("192.0.2.5", 7200, "longer", False, time.time())
     with pytest.raises(FirewallError, match="the ban already in force is unchanged"):
         pipe.ban_now(verdict, before)
     assert pipe.decider.until("192.0.2.5") == before and pipe.pending == []
@@ -226,8 +224,8 @@ def test_an_admin_ban_the_kernel_refuses_leaves_the_ban_in_force(tmp_path: Path)
 
 def test_allowlisting_lifts_bans_but_keeps_an_admins(tmp_path: Path) -> None:
     pipe, kernel = _core(tmp_path)
-    pipe.decide("log", _matches("192.0.2.1"), _policy, NOW)
-    pipe.ban_now(pipe.decider.on_manual("192.0.2.9", 600, "", False, NOW), None)
+    pipe.decide("log", _matches("192.0.2.1"), _policy, time.time())
+    pipe.ban_now(pipe.decider.on_manual("192.0.2.9", 600, "", False, time.time()), None)
     pipe.flush()
     allow = Allowlist([AllowEntry(ipaddress.ip_network("192.0.2.0/24"), "ours")])
     assert lift_allowlisted(pipe, allow, allow) == ["192.0.2.1"]
@@ -237,7 +235,7 @@ def test_allowlisting_lifts_bans_but_keeps_an_admins(tmp_path: Path) -> None:
 
 def test_flush_lifts_everything_and_saves_it(tmp_path: Path) -> None:
     pipe, kernel = _core(tmp_path)
-    pipe.decide("log", _matches("192.0.2.1", "192.0.2.2"), _policy, NOW)
+    pipe.decide("log", _matches("192.0.2.1", "192.0.2.2"), _policy, time.time())
     pipe.flush()
     assert pipe.clear() == 2
     assert kernel.elements == {} and _saved(tmp_path)[0] == set()

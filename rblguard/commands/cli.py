@@ -18,7 +18,7 @@ COMMANDS: dict[str, str] = {
     "scan": "rblguard.commands.scan:main",
     "test-rules": "rblguard.commands.testrules:main",
     "simulate": "rblguard.commands.simulate:main",
-    "run": "rblguard.daemon.loop:main",
+    "run": "rblguard.commands.run:main",
     "status": "rblguard.commands.client:main",
     "list": "rblguard.commands.client:main",
     "ban": "rblguard.commands.client:main",

@@ -11,26 +11,19 @@ batch.  The durability order (kernel, then state) is the pipeline's and its jour
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import queue
 import signal
-import sys
 import threading
 import time
 from typing import Any
 
 from rblguard import __version__
-from rblguard.config import Config, ConfigError
+from rblguard.config import Config
 from rblguard.daemon import handlers, sdnotify, startup
 from rblguard.daemon import reload as reloading
-from rblguard.daemon.control import ControlError
-from rblguard.daemon.pipeline import lift_allowlisted
-from rblguard.firewall.base import FirewallError
 from rblguard.logs import warn_limited
-from rblguard.matching.rules import RuleError
-from rblguard.matching.scanner import Scanner
 from rblguard.sources.stamps import detect_format
 
 log = logging.getLogger("rblguard")
@@ -249,71 +242,5 @@ class Daemon:
     # -- reload ----------------------------------------------------------------------
 
     def reload(self, *, raise_errors: bool = False) -> dict[str, Any]:
-        """Re-read the config file's allowlist, tcprules and rule directories, the rules
-        and the host's addresses, then lift the bans the new allowlist holds.  A bad
-        edit (config or rule) keeps everything as it was and is raised only for
-        `rblguard reload`, whose caller shows it; a signal or a file change just logs
-        it (file, line, problem)."""
-        from rblguard.decisions.allowlist import Allowlist
-
-        sdnotify.reloading()
-        try:
-            config = reloading.reread_config(self.config, self.config_arg)
-            ruleset = reloading.ruleset_of(config)
-        except (ConfigError, RuleError) as exc:
-            self.metrics.reload(False)
-            log.error("reload failed, keeping the config and the %d rules in use: %s",
-                      len(self.ruleset.rules), exc)
-            sdnotify.ready()
-            if raise_errors:
-                raise
-            return {"rules": len(self.ruleset.rules), "changed": [], "lifted": [],
-                    "error": str(exc)}
-        changed = sorted({r.name for r in self.ruleset.rules} ^ {r.name for r in ruleset.rules})
-        self.config, self.ruleset, self.scanner = config, ruleset, Scanner(ruleset)
-        old_allowlist, self.allowlist = self.allowlist, Allowlist.from_config(config)
-        self.decider.set_allowlist(self.allowlist)
-        lifted = lift_allowlisted(self.pipeline, self.allowlist, old_allowlist)
-        with contextlib.suppress(OSError):
-            self.triggers.remember(config)  # the directories and tcprules may be new ones
-        self.metrics.reload(True)
-        log.info("reloaded %d rule(s) from %d file(s)%s; allowlist of %d entries",
-                 len(ruleset.rules), len(ruleset.files),
-                 f"; changed: {', '.join(changed)}" if changed else "", len(self.allowlist))
-        sdnotify.ready()
-        return {"rules": len(ruleset.rules), "changed": changed, "lifted": lifted}
-
-
-def main(args: argparse.Namespace) -> int:
-    from rblguard.config import load_config
-    from rblguard.daemon.metrics import MetricsAddressError
-    from rblguard.logs import setup_logging
-
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"rblguard: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(config.log_level)
-    if args.check:
-        try:
-            ruleset = reloading.ruleset_of(config)
-        except RuleError as exc:
-            print(f"rblguard: {exc}", file=sys.stderr)
-            return 2
-        print(f"config {config.path or args.config or 'defaults'} OK; "
-              f"{len(ruleset.rules)} rule(s) from {len(ruleset.files)} file(s)")
-        return 0
-    try:
-        return Daemon(config, args.config).run()
-    except RuleError as exc:
-        log.error("%s", exc)
-    except FirewallError as exc:
-        log.error("firewall: %s", exc)
-        return 1
-    except (ControlError, MetricsAddressError) as exc:  # socket taken, port taken, ...
-        log.error("cannot start: %s", getattr(exc, "strerror", None) or exc)
-    except OSError as exc:  # a directory or file the daemon needs cannot be made
-        where = f" {exc.filename}" if exc.filename else ""
-        log.error("cannot start:%s %s", where, exc.strerror or exc)
-    return 2
+        """Re-read what a reload applies (see rblguard.daemon.reload.apply)."""
+        return reloading.apply(self, raise_errors=raise_errors)

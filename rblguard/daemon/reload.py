@@ -7,13 +7,21 @@ a restart, and a reload says so instead of half-applying them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rblguard.config import Config, load_config
-from rblguard.matching.rules import RuleSet, load_rules, rule_files, shipped_rules_dir
+from rblguard.config import Config, ConfigError, load_config
+from rblguard.daemon import sdnotify
+from rblguard.daemon.pipeline import lift_allowlisted
+from rblguard.decisions.allowlist import Allowlist
+from rblguard.matching.rules import RuleError, RuleSet, load_rules, rule_files, shipped_rules_dir
+from rblguard.matching.scanner import Scanner
+
+if TYPE_CHECKING:
+    from rblguard.daemon.loop import Daemon
 
 log = logging.getLogger("rblguard")
 
@@ -68,3 +76,37 @@ class Triggers:
         when = (os.stat(tcprules).st_mtime
                 if tcprules and os.path.exists(tcprules) else None)
         return rules, when
+
+
+def apply(d: Daemon, *, raise_errors: bool = False) -> dict[str, Any]:
+    """Re-read the config file's allowlist, tcprules and rule directories, the rules
+    and the host's addresses, then lift the bans the new allowlist holds.  A bad
+    edit (config or rule) keeps everything as it was and is raised only for
+    `rblguard reload`, whose caller shows it; a signal or a file change just logs
+    it (file, line, problem)."""
+    sdnotify.reloading()
+    try:
+        config = reread_config(d.config, d.config_arg)
+        ruleset = ruleset_of(config)
+    except (ConfigError, RuleError) as exc:
+        d.metrics.reload(False)
+        log.error("reload failed, keeping the config and the %d rules in use: %s",
+                  len(d.ruleset.rules), exc)
+        sdnotify.ready()
+        if raise_errors:
+            raise
+        return {"rules": len(d.ruleset.rules), "changed": [], "lifted": [],
+                "error": str(exc)}
+    changed = sorted({r.name for r in d.ruleset.rules} ^ {r.name for r in ruleset.rules})
+    d.config, d.ruleset, d.scanner = config, ruleset, Scanner(ruleset)
+    old_allowlist, d.allowlist = d.allowlist, Allowlist.from_config(config)
+    d.decider.set_allowlist(d.allowlist)
+    lifted = lift_allowlisted(d.pipeline, d.allowlist, old_allowlist)
+    with contextlib.suppress(OSError):
+        d.triggers.remember(config)  # the directories and tcprules may be new ones
+    d.metrics.reload(True)
+    log.info("reloaded %d rule(s) from %d file(s)%s; allowlist of %d entries",
+             len(ruleset.rules), len(ruleset.files),
+             f"; changed: {', '.join(changed)}" if changed else "", len(d.allowlist))
+    sdnotify.ready()
+    return {"rules": len(ruleset.rules), "changed": changed, "lifted": lifted}
