@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 
 from rblguard.addresses import canonical_address
 from rblguard.matching.rules import load_rules, shipped_rules_dir
-from rblguard.matching.scanner import Scanner, read_complete_lines, scan_file
+from rblguard.matching.scanner import Scanner, scan_file
 from rblguard.model import MAX_LINE_BYTES, Connection, Ignored, Match, ParseError
+from rblguard.sources.files import read_complete_lines
 from rblguard.sources.stamps import FORMATS, NONE, TAI64_UNIX_OFFSET, TAI64N, detect_format
 
 FIXTURES = Path(__file__).parent / "fixtures" / "logs"

@@ -347,17 +347,21 @@ class Frontend:
 
     # -- after a run ------------------------------------------------------------------------
 
-    def _settled(self) -> bool:
-        """Every session's end is in the log and the daemon has read all of it."""
+    def _settled(self, rejected: int) -> bool:
+        """The log holds every reject a client saw (rblsmtpd logs before it answers)
+        and every session's end, and the daemon has read all of it."""
         text = "".join(p.read_text(errors="replace") for p in
                        [*sorted(self.logdir.glob("@*")), self.logdir / "current"])
-        if text.count("tcpserver: pid ") != text.count("tcpserver: end "):
+        if (text.count("tcpserver: pid ") != text.count("tcpserver: end ")
+                or text.count(" rblsmtpd: ") < rejected):
             return False
         status = self.daemon.cli("status", "--json") if self.daemon else None
         return status is None or all(s["lag_bytes"] == 0 for s in status["sources"])
 
     def measure(self, plan: list[Planned], outcomes: list[Outcome]) -> Measured:
-        self._wait(self._settled, "the last lines through multilog and the daemon")
+        rejected = sum(o.outcome == "rejected" for o in outcomes)
+        self._wait(lambda: self._settled(rejected),
+                   "the last lines through multilog and the daemon")
         first_reject: dict[str, float] = {}
         rejects = connections = ended = max_in_use = files = 0
         for path in [*sorted(self.logdir.glob("@*")), self.logdir / "current"]:
