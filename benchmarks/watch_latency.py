@@ -20,7 +20,8 @@ Watchers, each in the same run over the same sequence of changes:
   event of the directory (the plain use of the library);
 - ``inotify``: the floor, one thread reading a raw inotify descriptor (ctypes).
 
-Last line: JSON with p50_ms, p95_ms, max_ms per watcher and kind (write, rotation).
+Last line: JSON with p50_ms, p95_ms, max_ms per watcher and kind (write,
+rotation, moved-away).
 """
 
 from __future__ import annotations
@@ -137,6 +138,32 @@ def rotate(directory: Path, label: int, current: int) -> int:
     return fd
 
 
+def moved_away(kind: str, rotations: int) -> list[float]:
+    """Latencies (ms) of the first write to a plain file after the old one was moved
+    to another directory (no IN_MOVED_TO in the watched one)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        directory, away = Path(tmp) / "log", Path(tmp) / "old"
+        directory.mkdir()
+        away.mkdir()
+        path = directory / "maillog"
+        path.write_bytes(b"")
+        calls = Calls()
+        watcher = WATCHERS[kind]([str(path) if kind == "rblguard" else str(directory)], calls)
+        watcher.start()  # type: ignore[attr-defined]
+        found = []
+        try:
+            for n in range(rotations):
+                os.rename(path, away / f"maillog.{n}")
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                start = time.perf_counter()
+                os.write(fd, b"Jan 13 00:00:00 line\n")
+                os.close(fd)
+                found.append(calls.first_after(start) * 1000)
+        finally:
+            watcher.stop()  # type: ignore[attr-defined]
+    return found
+
+
 def measure(kind: str, rotations: int, writes: int) -> dict[str, list[float]]:
     """Latencies (ms) of writes right after each rotation, and of the rotations."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -182,7 +209,9 @@ def main() -> None:
     print("| watcher | kind | p50 ms | p95 ms | max ms | over 100 ms |")
     print("|---|---|---:|---:|---:|---:|")
     for kind in args.watchers.split(","):
-        for what, values in measure(kind, args.rotations, args.writes).items():
+        found = measure(kind, args.rotations, args.writes)
+        found["moved-away"] = moved_away(kind, max(1, args.rotations // 10))
+        for what, values in found.items():
             figures = {"p50_ms": round(percentile(values, 0.5), 3),
                        "p95_ms": round(percentile(values, 0.95), 3),
                        "max_ms": round(max(values), 3),
