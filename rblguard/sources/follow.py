@@ -631,8 +631,8 @@ class SourceWatcher:
     Debian 12) holds an IN_MOVED_FROM whose IN_MOVED_TO did not come in the same read
     for 0.5 s, and every event behind it waits too.  A multilog rename usually comes
     whole, but not always (28 of 19,300 measured waited 500 ms), and a file moved out
-    of the directory (logrotate's olddir) always waits; watchdog 7 adds a 1 ms
-    coalescing window to every write.  benchmarks/watch_latency.py measures both, and
+    of the directory (logrotate's olddir) always waits; watchdog 7.1 holds them too
+    and adds a 1 ms coalescing window.  benchmarks/watch_latency.py measures both, and
     docs/following.md has the figures.  Instead one thread reads inotify through
     watchdog's ctypes bindings (the same in watchdog 2.x and 7.x) and calls back once
     per source per batch of events.  ``on_change`` runs
