@@ -352,19 +352,25 @@ def test_source_watcher_calls_back_within_milliseconds(tmp_path: Path) -> None:
     try:
         write_delays = [delay_after(lambda: log.write_lines(1), sources[0]) for _ in range(20)]
         rotate_delays = []
-        for _ in range(5):  # a rotation, then the first write to the new current
-            log.write_lines(120)
-            time.sleep(0.05)
+        for _ in range(5):  # a rotation (its callback seen), then the first write after it
+            delay_after(lambda: log.write_lines(120), sources[0])
             rotate_delays.append(delay_after(lambda: log.write_lines(1), sources[0]))
         plain_delay = delay_after(lambda: plain.write_bytes(b"x\n"), sources[1])
         missing.parent.mkdir(parents=True)
         appear_delay = delay_after(lambda: missing.write_bytes(b"x\n"), sources[2])
-        unrelated = tmp_path / "other"
+        # settle: the second write's callback comes in a later batch than the first's,
+        # so every event of `missing` (one inotify queue, read in order) is handled
+        for _ in range(2):
+            delay_after(lambda: plain.write_bytes(b"x\n"), sources[1])
+        # a file no source names is not reported: its event comes before the next
+        # write's, in the same directory, so once that one is seen it has been handled
         with cond:
             calls.clear()
-        unrelated.write_bytes(b"x\n")
-        time.sleep(0.1)
-        assert not calls, "a file no source names is not reported"
+        (tmp_path / "other").write_bytes(b"x\n")
+        plain.write_bytes(b"y\n")
+        with cond:
+            assert cond.wait_for(lambda: any(s == sources[1] for s, _ in calls), timeout=5)
+            assert {s for s, _ in calls} == {sources[1]}, "a file no source names is reported"
     finally:
         watcher.stop()
         log.close()

@@ -627,12 +627,16 @@ class SourceWatcher:
     """Calls ``on_change(source)`` within milliseconds of a change to a source's files.
 
     Directories are watched, not files, so renames, creations and deletions are seen.
-    watchdog's Observer is not used on Linux: its inotify emitter holds every
-    IN_MOVED_FROM up to 0.5 s to pair it with its IN_MOVED_TO, and the events queued
-    behind it wait as well, so every multilog rotation would delay the next lines by
-    half a second.  Instead one thread reads inotify through watchdog's ctypes bindings
-    (the same in watchdog 2.x and 7.x) and calls back once per source per batch of
-    events.  ``on_change`` runs in that thread and must only hand work over.
+    watchdog's Observer is not used on Linux: its inotify buffer (watchdog 2.2.1, as in
+    Debian 12) holds an IN_MOVED_FROM whose IN_MOVED_TO did not come in the same read
+    for 0.5 s, and every event behind it waits too.  A multilog rename usually comes
+    whole, but not always (28 of 19,300 measured waited 500 ms), and a file moved out
+    of the directory (logrotate's olddir) always waits; watchdog 7.1 holds them too
+    and adds a 1 ms coalescing window.  benchmarks/watch_latency.py measures both, and
+    docs/following.md has the figures.  Instead one thread reads inotify through
+    watchdog's ctypes bindings (the same in watchdog 2.x and 7.x) and calls back once
+    per source per batch of events.  ``on_change`` runs
+    in that thread and must only hand work over.
     """
 
     def __init__(self, paths: list[str], on_change: Callable[[str], None]) -> None:
