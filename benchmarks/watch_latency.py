@@ -15,7 +15,7 @@ happens to multilog's renames in practice.
 
 Watchers, each in the same run over the same sequence of changes:
 
-- ``rblguard``: ``rblguard.sources.follow.SourceWatcher``, as the daemon uses it;
+- ``rblguard``: ``rblguard.sources.watch.SourceWatcher``, as the daemon uses it;
 - ``observer``: watchdog's public ``Observer`` with a handler that calls back on every
   event of the directory (the plain use of the library);
 - ``inotify``: the floor, one thread reading a raw inotify descriptor (ctypes).
@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import watchdog.version
 
-from rblguard.sources.follow import SourceWatcher
+from rblguard.sources.watch import SourceWatcher
 
 Callback = Callable[[str], None]
 

@@ -12,15 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from rblguard.model import SourcePosition
-from rblguard.sources.follow import (
-    MAX_LINE_BYTES,
-    Chunk,
-    Follower,
-    SourceWatcher,
-    fingerprint,
-    list_files,
-)
+from rblguard.model import MAX_LINE_BYTES, SourcePosition
+from rblguard.sources.follow import Chunk, Follower
+from rblguard.sources.layout import fingerprint, list_files
+from rblguard.sources.watch import SourceWatcher
 from tests.multilog import Multilog
 
 

@@ -16,7 +16,21 @@ MAX_MODULE_LINES = 450
 MAX_CLASS_LINES = 250
 MAX_FUNCTION_LINES = 60
 # Allowed to be longer, and why.  Keep this short; shrink it rather than grow it.
-LONGER: dict[str, str] = {}
+LONGER: dict[str, str] = {
+    "rblguard/commands/cli.py::build_parser":
+        "one declarative table of every command and option, read top to bottom",
+    "rblguard/daemon/metrics.py::__init__":
+        "the declaration of every metric family, one after another: a list, not logic",
+    "rblguard/decisions/decider.py::Decider":
+        "the one owner of active bans, offender history and subnet counts, which must "
+        "change together; each method is short",
+    "rblguard/firewall/ipset.py::IpsetBackend":
+        "one Backend: the interface's eight methods and the batching that keeps them fast",
+    "rblguard/firewall/nftables.py::NftablesBackend":
+        "one Backend: the interface's eight methods and the batching that keeps them fast",
+    "rblguard/matching/scanner.py::Scanner":
+        "scan() and tally() share the compiled patterns and the classification of a hit",
+}
 
 
 def _modules() -> list[tuple[str, ast.Module, int]]:

@@ -70,7 +70,7 @@ class Daemon:
 
     def run(self) -> int:
         from rblguard.daemon.control import ControlServer
-        from rblguard.sources.follow import SourceWatcher
+        from rblguard.sources.watch import SourceWatcher
 
         # The socket first: a second rblguard on the same socket stops here, before it
         # touches the firewall or the state of the one already running.  Requests wait

@@ -47,8 +47,7 @@ def log_unban(target: str, reason: str) -> None:
 
 
 class Pipeline:
-    """Decider → kernel → journal, with public ``decide``, ``ban``, ``unban``,
-    ``flush`` and ``commit``; ``metrics`` is the daemon's Metrics."""
+    """Decider → kernel → journal: ``decide``, ``ban``, ``flush``, ``commit``, ``unban``."""
 
     def __init__(self, decider: Any, backend: Backend, journal: Journal,
                  metrics: Any) -> None:

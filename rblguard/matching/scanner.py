@@ -42,7 +42,7 @@ from rblguard.model import (
     ParseError,
 )
 from rblguard.sources.files import read_complete_lines
-from rblguard.sources.follow import list_files
+from rblguard.sources.layout import list_files
 from rblguard.sources.stamps import (
     TAI64_UNIX_OFFSET,
     TAI64N,

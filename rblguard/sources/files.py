@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rblguard.model import MAX_LINE_BYTES
-from rblguard.sources.follow import list_files
+from rblguard.sources.layout import list_files
 
 log = logging.getLogger("rblguard.sources.files")
 
