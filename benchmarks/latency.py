@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rblguard.model import Ban
 from rblguard.store.state import State
-from tests.daemon_harness import ElementMonitor, Multilog, daemon_namespace, reject_message
+from tests.daemon_harness import ElementMonitor, daemon_namespace, reject_message
+from tests.multilog import Multilog
 from tests.netns import run
 
 
