@@ -239,3 +239,20 @@ def test_flush_lifts_everything_and_saves_it(tmp_path: Path) -> None:
     pipe.flush()
     assert pipe.clear() == 2
     assert kernel.elements == {} and _saved(tmp_path)[0] == set()
+
+
+def test_positions_alone_wait_but_never_past_a_stop(tmp_path: Path) -> None:
+    pipe, _ = _core(tmp_path)
+    pipe.decide("log", _matches("192.0.2.1"), _policy, time.time())
+    pipe.read(_position(100))
+    pipe.flush()  # a ban: saved at once, with its position
+    assert _saved(tmp_path) == ({"192.0.2.1"}, {"log": 100})
+    pipe.read(_position(900))  # lines without a ban: the position may wait ...
+    assert pipe.commit() == [] and _saved(tmp_path)[1] == {"log": 100}
+    pipe.decide("log", _matches("192.0.2.2"), _policy, time.time())
+    pipe.read(_position(1000))
+    pipe.flush()  # ... but goes with the next ban
+    assert _saved(tmp_path) == ({"192.0.2.1", "192.0.2.2"}, {"log": 1000})
+    pipe.read(_position(1200))
+    assert [p.offset for p in pipe.commit(force=True)] == [1200]  # a stop saves it
+    assert _saved(tmp_path)[1] == {"log": 1200}

@@ -23,6 +23,7 @@ from rblguard import __version__
 from rblguard.config import Config
 from rblguard.daemon import handlers, sdnotify, startup
 from rblguard.daemon import reload as reloading
+from rblguard.daemon.pipeline import housekeeping
 from rblguard.logs import warn_limited
 from rblguard.sources.stamps import detect_format
 
@@ -116,6 +117,8 @@ class Daemon:
 
     def _stop(self, ready: bool) -> None:
         sdnotify.stopping()
+        if ready:
+            self._commit(force=True)  # the positions read since the last save
         if self.watcher is not None:
             self.watcher.stop()
         self.control.stop()
@@ -210,9 +213,9 @@ class Daemon:
         queued meanwhile are taken, and the sources just read are read once more;
         anything else queued (a control request, a signal) waits for the main loop.
         At least every SAVE_AFTER seconds the state is saved all the same."""
-        if time.monotonic() - self.pipeline.journal.last_commit >= SAVE_AFTER \
-                or not read_sources:
-            return False
+        if (not read_sources or not self.pipeline.waiting
+                or time.monotonic() - self.pipeline.journal.last_commit >= SAVE_AFTER):
+            return False  # nothing to hold up, or held up long enough
         with contextlib.suppress(queue.Empty):
             while True:
                 item = self.wakeups.get_nowait()
@@ -221,13 +224,13 @@ class Daemon:
         read_sources.clear()
         return True
 
-    def _commit(self) -> None:
-        for position in self.pipeline.commit():
+    def _commit(self, force: bool = False) -> None:
+        for position in self.pipeline.commit(force):
             self.sources[position.source].position = position
 
     def _housekeeping(self) -> None:
         now = time.time()
-        self.pipeline.housekeeping(now)
+        housekeeping(self.pipeline, now)
         for source, st in self.sources.items():
             self.metrics.source_lag(source, st.follower.lag_bytes())
         self.prune(now)

@@ -70,7 +70,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from rblguard import __version__
 from rblguard.firewall.base import Counters
-from rblguard.model import ChunkResult, Connection, Ignored, Match, ParseError
+from rblguard.model import ChunkResult, Connection, Event, Ignored, Match, ParseError
 
 FAMILIES = {4: "ipv4", 6: "ipv6"}
 REFUSAL_REASONS = ("allowlist", "storm_active", "storm_rate", "set_full", "firewall",
@@ -211,6 +211,7 @@ class Metrics:
                  queries_per_day: int = 300_000, *,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = r = CollectorRegistry()
         self.zones = zones
         self.limits = (connections_per_day, queries_per_day)
@@ -320,46 +321,74 @@ class Metrics:
 
     def observe_chunk(self, source: str, result: ChunkResult) -> None:
         """Count what the scanner found in one chunk: one pass of local counting, then
-        one ``inc`` per label set (a chunk may hold thousands of events)."""
+        one ``inc`` per label set (a chunk may hold thousands of events).  Called once
+        per wake-up of the daemon, so the labelled children are looked up once each and
+        kept: ``labels()`` costs more than the ``inc``."""
         if result.lines:
-            self.lines.labels(source).inc(result.lines)
-        matches: Counter[str] = Counter()
+            self._child(self.lines, source).inc(result.lines)
+        connections = result.connection_count
+        if result.events or result.match_counts:
+            connections += self._count_events(result)
+        if connections:
+            self.connections.inc(connections)
+            self.connection_total += connections
+
+    def _count_events(self, result: ChunkResult) -> int:
+        """Matches, ignored lines, DNSBL and parse errors of one chunk; its connections.
+        Connections and matches are nearly every event: counted in the first pass."""
+        matches: dict[str, int] = {}
+        rare: list[Event] = []
+        connections = 0
+        for (rule, _address), n in (result.match_counts or {}).items():
+            matches[rule] = matches.get(rule, 0) + n
+        for event in result.events:
+            kind = type(event)
+            if kind is Connection:
+                connections += 1
+            elif kind is Match:
+                matches[event.rule] = matches.get(event.rule, 0) + 1
+            else:
+                rare.append(event)
+        for rule, n in matches.items():
+            self._child(self.matches, rule).inc(n)
+        self.match_total.update(matches)
+        if rare:
+            self._count_rare(rare)
+        return connections
+
+    def _count_rare(self, events: list[Event]) -> None:
         ignored: Counter[tuple[str, str]] = Counter()
         dnsbl_errors: Counter[tuple[str, str]] = Counter()
         parse_errors: Counter[str] = Counter()
         lookup_errors = 0
-        connections = result.connection_count
-        if result.match_counts:
-            for (rule, _address), n in result.match_counts.items():
-                matches[rule] += n
-        for event in result.events:
-            kind = type(event)
-            if kind is Match:
-                matches[event.rule] += 1
-            elif kind is Connection:
-                connections += 1
-            elif kind is Ignored:
+        for event in events:
+            if type(event) is Ignored:
                 ignored[event.rule, event.reason] += 1
                 if event.kind == "dnsbl-error":
                     dnsbl_errors[event.zone or "unknown", dnsbl_error_kind(event.line)] += 1
                 elif event.kind == "lookup-error":
                     lookup_errors += 1
-            elif kind is ParseError:
+            elif type(event) is ParseError:
                 parse_errors[event.rule] += 1
-        for rule, n in matches.items():
-            self.matches.labels(rule).inc(n)
-        for (rule, reason), n in ignored.items():
-            self.ignored.labels(rule, reason).inc(n)
-        for (zone, kind), n in dnsbl_errors.items():
-            self.dnsbl_errors.labels(zone, kind).inc(n)
+        for labels, n in ignored.items():
+            self._child(self.ignored, *labels).inc(n)
+        for labels, n in dnsbl_errors.items():
+            self._child(self.dnsbl_errors, *labels).inc(n)
         for rule, n in parse_errors.items():
-            self.parse_errors.labels(rule).inc(n)
+            self._child(self.parse_errors, rule).inc(n)
         if lookup_errors:
             self.lookup_errors.inc(lookup_errors)
-        self.match_total.update(matches)
-        if connections:
-            self.connections.inc(connections)
-            self.connection_total += connections
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered.  Bounded: label values are rules,
+        sources, ignore names and DNSBL zones, all few; past 10,000 it starts again."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) >= 10_000:
+                self._children.clear()
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def matches_by_rule(self) -> dict[str, int]:
         return dict(self.match_total)

@@ -104,6 +104,11 @@ class Pipeline:
     def read(self, position: SourcePosition) -> None:
         self.journal.read(position)
 
+    @property
+    def waiting(self) -> bool:
+        """Bans in the kernel to save and log: worth reading on before committing."""
+        return bool(self.announce or self.journal.in_kernel)
+
     # -- to the kernel and the state ---------------------------------------------------
 
     def flush(self, save: bool = True) -> dict[str, str] | None:
@@ -170,13 +175,13 @@ class Pipeline:
                          failure.target, failure.error)
         return {f.target: f.error for f in sent.result.failed}
 
-    def commit(self) -> list[SourcePosition]:
+    def commit(self, force: bool = False) -> list[SourcePosition]:
         """Save the bans now in the kernel with the positions after their lines, then
         log them.  Nothing is saved while the kernel refuses a batch: a position must
         never get ahead of a ban that is not in the kernel.  The positions saved."""
         if self.pending:
             return []
-        positions = self.journal.commit()
+        positions = self.journal.commit(force)
         for ban, refreshed in self.announce:
             self.metrics.ban(ban.rule, family(ban.target))
             log_ban(ban, refreshed)
@@ -273,29 +278,6 @@ class Pipeline:
         log_unban("*", f"flush of {len(targets)} bans")
         return len(targets)
 
-    # -- every few seconds -------------------------------------------------------------
-
-    def housekeeping(self, now: float) -> None:
-        """Expire bans, repair damaged firewall objects, refresh the kernel's counters."""
-        self.manual.difference_update(self.decider.expire(now))
-        health = self.backend.health()
-        self.metrics.firewall_health(health.ok)
-        if not health.ok:
-            log.warning("firewall objects damaged (%s): restoring them with %d bans",
-                        "; ".join(health.problems),
-                        sum(self.decider.active_counts().values()))
-            self.metrics.firewall_error("health")
-            try:
-                self.backend.ensure()
-                self.restore(now)
-            except FirewallError as exc:
-                log.error("cannot restore firewall objects: %s", exc)
-        try:
-            self.metrics.set_kernel_counters(self.backend.counters())
-        except FirewallError as exc:
-            self.metrics.firewall_error("counters")
-            warn_limited(log, "counters", "cannot read firewall counters: %s", exc)
-        self.metrics.set_active(self.decider.active_counts())
 
 
 def lift_allowlisted(pipe: Pipeline, allowlist: Any, old: Any) -> list[str]:
@@ -317,3 +299,26 @@ def lift_allowlisted(pipe: Pipeline, allowlist: Any, old: Any) -> list[str]:
         pipe.lifted_allowlisted += len(lifted)
         log.info("lifted %d ban(s) on allowlisted targets", len(lifted))
     return lifted
+
+
+def housekeeping(pipe: Pipeline, now: float) -> None:
+    """Expire bans, repair damaged firewall objects, refresh the kernel's counters."""
+    pipe.manual.difference_update(pipe.decider.expire(now))
+    health = pipe.backend.health()
+    pipe.metrics.firewall_health(health.ok)
+    if not health.ok:
+        log.warning("firewall objects damaged (%s): restoring them with %d bans",
+                    "; ".join(health.problems),
+                    sum(pipe.decider.active_counts().values()))
+        pipe.metrics.firewall_error("health")
+        try:
+            pipe.backend.ensure()
+            pipe.restore(now)
+        except FirewallError as exc:
+            log.error("cannot restore firewall objects: %s", exc)
+    try:
+        pipe.metrics.set_kernel_counters(pipe.backend.counters())
+    except FirewallError as exc:
+        pipe.metrics.firewall_error("counters")
+        warn_limited(log, "counters", "cannot read firewall counters: %s", exc)
+    pipe.metrics.set_active(pipe.decider.active_counts())

@@ -24,6 +24,12 @@ from rblguard.store.state import State, StateError
 
 log = logging.getLogger("rblguard.store.journal")
 
+# Positions with no ban to save beside them wait this long: a busy log moves them on
+# every wake-up, and a write to SQLite for each one was a quarter of the daemon's CPU.
+# A crash loses at most this much reading, and the lines read again decide the same bans
+# (a ban's end comes from its line's time).
+POSITIONS_EVERY = 1.0
+
 
 class Journal:
     """What the kernel holds that the state does not yet, saved in one transaction.
@@ -65,10 +71,15 @@ class Journal:
     def unsaved(self) -> int:
         return len(self.in_kernel)
 
-    def commit(self) -> list[SourcePosition]:
+    def commit(self, force: bool = False) -> list[SourcePosition]:
         """Save the bans in the kernel with the positions after their lines; the
-        positions saved (or held with the bans if the save failed)."""
-        self.last_commit = time.monotonic()
+        positions saved (or held with the bans if the save failed).  Positions alone
+        wait up to POSITIONS_EVERY, unless ``force`` (a stop)."""
+        now = time.monotonic()
+        if (not self.in_kernel and not force and now - self.last_commit < POSITIONS_EVERY
+                and not self.unsaved_bans and not self.unsaved_unbans):
+            return []
+        self.last_commit = now
         bans, self.in_kernel = self.in_kernel, []
         positions, self.read_to = list(self.read_to.values()), {}
         if bans or positions:
