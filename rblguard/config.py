@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from rblguard import yamlfile
+from rblguard import DEFAULT_CONFIG, yamlfile
 from rblguard.durations import parse_duration
 from rblguard.firewall.base import FirewallOptions
 
@@ -121,7 +121,7 @@ class Config:
                 if f.compare and getattr(self, f.name) != getattr(other, f.name)]
 
 
-DEFAULT_PATH = "/etc/rblguard/rblguard.yaml"
+DEFAULT_PATH = DEFAULT_CONFIG
 KEYS = tuple(f.name for f in fields(Config) if f.name != "path")  # the YAML keys
 
 

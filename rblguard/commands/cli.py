@@ -10,8 +10,8 @@ import argparse
 import importlib
 import sys
 
+from rblguard import DEFAULT_CONFIG as DEFAULT_PATH
 from rblguard import __version__
-from rblguard.config import DEFAULT_PATH
 
 # command -> "module:function"; the function takes the parsed arguments, returns the exit status
 COMMANDS: dict[str, str] = {
