@@ -41,10 +41,12 @@ def _status(d: Daemon, _body: dict[str, Any]) -> dict[str, Any]:
         size = None
         if current and os.path.exists(current):
             size = os.stat(current).st_size
+        # read to here: the saved position may lag by up to a second (Journal.commit)
+        where = d.pipeline.journal.read_to.get(path) or st.position
         sources.append({
             "path": path,
-            "file": st.position.file if st.position else current,
-            "offset": st.position.offset if st.position else 0,
+            "file": where.file if where else current,
+            "offset": where.offset if where else 0,
             "size": size,
             "lag_bytes": follower.lag_bytes(),
             "last_time": st.last_time,

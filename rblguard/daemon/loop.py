@@ -26,6 +26,7 @@ from rblguard.daemon import reload as reloading
 from rblguard.daemon.pipeline import housekeeping
 from rblguard.logs import warn_limited
 from rblguard.sources.stamps import detect_format
+from rblguard.store.journal import COMMIT_EVERY
 
 log = logging.getLogger("rblguard")
 
@@ -34,7 +35,7 @@ TICK = 1.0  # seconds: safety-net re-read of every source, rule-file and tcprule
 # Bans in the kernel but not yet in the state: saved (with their positions) once every
 # source is read to its end, or once this many wait (a long backlog).
 SAVE_EVERY = 10_000
-SAVE_AFTER = 0.5  # seconds: under a constant stream of lines, the state is saved this often
+SAVE_AFTER = 0.5  # seconds a due commit may wait while more lines keep coming
 HOUSEKEEPING = 5.0  # seconds: firewall health (self-repair), counters, expiry
 RELOAD = object()  # the queue item SIGHUP sends (a str would be taken for a source)
 
@@ -187,7 +188,7 @@ class Daemon:
                 read = True
             self.pipeline.flush(save=False)
             if self.pipeline.journal.unsaved >= SAVE_EVERY:
-                self._commit()
+                self._commit(force=True)
         return read
 
     def _scan(self, source: str, st: startup.Source, chunk: Any) -> None:
@@ -207,15 +208,16 @@ class Daemon:
         return self.ruleset.by_name(rule).policy
 
     def _more_came(self, read_sources: set[str]) -> bool:
-        """Before saving and logging: did more lines come while we read?  A burst often
-        arrives in pieces (multilog writes as it reads), and the commit and the journal
-        lines of one piece must not hold up the bans of the next.  Source wake-ups
-        queued meanwhile are taken, and the sources just read are read once more;
-        anything else queued (a control request, a signal) waits for the main loop.
-        At least every SAVE_AFTER seconds the state is saved all the same."""
-        if (not read_sources or not self.pipeline.waiting
-                or time.monotonic() - self.pipeline.journal.last_commit >= SAVE_AFTER):
-            return False  # nothing to hold up, or held up long enough
+        """Before a due commit and its journal lines: did more lines come while we read?
+        A burst often arrives in pieces (multilog writes as it reads), and the commit of
+        one piece must not hold up the bans of the next.  Source wake-ups queued
+        meanwhile are taken, and the sources just read are read once more; anything
+        else queued (a control request, a signal) waits for the main loop.  A commit
+        waits at most SAVE_AFTER past its due time."""
+        journal, now = self.pipeline.journal, time.monotonic()
+        if (not read_sources or not journal.due(now)
+                or now - journal.last_commit >= COMMIT_EVERY + SAVE_AFTER):
+            return False  # no commit to hold up now, or held up long enough
         with contextlib.suppress(queue.Empty):
             while True:
                 item = self.wakeups.get_nowait()

@@ -104,15 +104,12 @@ class Pipeline:
     def read(self, position: SourcePosition) -> None:
         self.journal.read(position)
 
-    @property
-    def waiting(self) -> bool:
-        """Bans in the kernel to save and log: worth reading on before committing."""
-        return bool(self.announce or self.journal.in_kernel)
 
     # -- to the kernel and the state ---------------------------------------------------
 
     def flush(self, save: bool = True) -> dict[str, str] | None:
-        """Send every pending ban to the kernel in one batch, then (``save``) commit.
+        """Send every pending ban to the kernel in one batch, then (``save``) commit at
+        once (the loop passes False and commits at its own pace, see Journal.commit).
 
         Returns the targets that failed for good with why, or None if the kernel
         refused the whole batch (it stays pending and is tried again).  A ban that
@@ -136,7 +133,7 @@ class Pipeline:
         if failed:  # never logged as banned
             self.announce = [(b, r) for b, r in self.announce if b.target not in failed]
         if save:
-            self.commit()
+            self.commit(force=True)
         return failed
 
     def _send(self, bans: list[Ban], failed: dict[str, str]) -> dict[str, str] | None:

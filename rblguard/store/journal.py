@@ -14,6 +14,7 @@ carries them, so the first commit that works saves all of it.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -24,11 +25,13 @@ from rblguard.store.state import State, StateError
 
 log = logging.getLogger("rblguard.store.journal")
 
-# Positions with no ban to save beside them wait this long: a busy log moves them on
-# every wake-up, and a write to SQLite for each one was a quarter of the daemon's CPU.
-# A crash loses at most this much reading, and the lines read again decide the same bans
-# (a ban's end comes from its line's time).
-POSITIONS_EVERY = 1.0
+# The daemon saves at most this often: a busy log moves the positions on every wake-up
+# and a wave makes a few bans in each, and one SQLite transaction per wake-up was a
+# quarter of the daemon's CPU.  Waiting is safe because bans and positions wait
+# together: a crash loses at most this much saving, the lines after the last saved
+# position are read again, and they decide the same bans (a ban's end comes from its
+# line's time; the kernel kept its elements meanwhile).
+COMMIT_EVERY = 1.0
 
 
 class Journal:
@@ -49,7 +52,9 @@ class Journal:
         self.read_to: dict[str, SourcePosition] = {}  # source -> read to here, not saved
         self.unsaved_bans: dict[str, Ban] = {}  # a commit failed: carried by the next
         self.unsaved_unbans: set[str] = set()
-        self.last_commit = time.monotonic()
+        # The first commit is due at once: until a source's position is saved, a
+        # restart would start that source at its end and skip what came meanwhile.
+        self.last_commit = -math.inf
 
     @property
     def saving(self) -> bool:
@@ -71,18 +76,22 @@ class Journal:
     def unsaved(self) -> int:
         return len(self.in_kernel)
 
+    def due(self, now: float | None = None) -> bool:
+        """Whether a commit() now would save (COMMIT_EVERY has passed)."""
+        now = time.monotonic() if now is None else now
+        return now - self.last_commit >= COMMIT_EVERY
+
     def commit(self, force: bool = False) -> list[SourcePosition]:
         """Save the bans in the kernel with the positions after their lines; the
-        positions saved (or held with the bans if the save failed).  Positions alone
-        wait up to POSITIONS_EVERY, unless ``force`` (a stop)."""
+        positions saved (or held with the bans if the save failed).  At most once per
+        COMMIT_EVERY unless ``force`` (an admin's ban, a long backlog, a stop)."""
         now = time.monotonic()
-        if (not self.in_kernel and not force and now - self.last_commit < POSITIONS_EVERY
-                and not self.unsaved_bans and not self.unsaved_unbans):
+        if not force and not self.due(now):
             return []
-        self.last_commit = now
         bans, self.in_kernel = self.in_kernel, []
         positions, self.read_to = list(self.read_to.values()), {}
-        if bans or positions:
+        if bans or positions:  # nothing to save keeps the next commit due at once
+            self.last_commit = now
             self.save("save bans and position", bans=bans, positions=positions)
         return positions
 
