@@ -87,6 +87,7 @@ class Daemon:
             self.watcher.start()
             self._install_signals()
             self._pump()  # the backlog up to now, before we call ourselves ready
+            self.pipeline.timing = True  # from now on each ban's latency is measured
             sdnotify.ready()
             ready = True
             sdnotify.status(f"following {len(self.sources)} source(s)")

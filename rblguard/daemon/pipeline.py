@@ -64,6 +64,10 @@ class Pipeline:
         self.fresh: set[str] = set()
         self.state_loaded = False
         self.latency_start: dict[str, float] = {}  # target -> its log line's time
+        # Off while the start-up catches up on its backlog: a line written while the
+        # daemon was down (or read again after a crash) is old, and its "latency" would
+        # say how long the daemon was away, not how fast it bans.
+        self.timing = False
         self.manual: set[str] = set()  # active targets whose ban an admin made
         self.lifted_allowlisted = 0  # bans lifted because their target became allowlisted
 
@@ -98,7 +102,7 @@ class Pipeline:
                 self.fresh.discard(ban.target)
             elif "/" not in ban.target and self.state_loaded:
                 self.fresh.add(ban.target)  # no element yet: no need to reset its clock
-            if since is not None:
+            if since is not None and self.timing:
                 self.latency_start.setdefault(ban.target, since)
 
     def read(self, position: SourcePosition) -> None:
