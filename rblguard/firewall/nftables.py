@@ -26,7 +26,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import socket
 from collections.abc import Sequence
+from operator import attrgetter
 
 from rblguard.firewall.base import (
     INVALID,
@@ -47,14 +49,35 @@ MAX_TIMEOUT = 365 * 86400
 SEEN_TIMEOUT = 130  # s: a SYN's retransmits (1, 3, 7, 15, 31, 63 s) stay one connection
 SEEN_SIZE = 262_144
 SETS = ("v4", "v4net", "v6", "v6net")
+_TIMEOUT = attrgetter("timeout")
+_REFRESH = attrgetter("refresh")
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _PLAIN_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
+_PLAIN_IPV4_LINES = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}(?:\n{_OCTET}(?:\.{_OCTET}){{3}})*")
+
+
+def _element_texts(elements: list[str], entries: list[Entry], refresh: bool) -> list[str]:
+    """``<element> timeout <s>s [expires <s>s]`` for each entry, its timeout clamped to
+    1 s .. MAX_TIMEOUT; formatted by ``map`` (a C loop: ~0.2 us an element)."""
+    seconds = list(map(int, map(_TIMEOUT, entries)))
+    if seconds and (min(seconds) < 1 or max(seconds) > MAX_TIMEOUT):
+        seconds = [max(1, min(s, MAX_TIMEOUT)) for s in seconds]
+    if refresh:
+        return list(map("%s timeout %ds expires %ds".__mod__,
+                        zip(elements, seconds, seconds, strict=True)))
+    return list(map("%s timeout %ds".__mod__, zip(elements, seconds, strict=True)))
 
 
 def _set_for(target: str) -> tuple[str, str]:
     """(set name, element text) for a canonical address or CIDR network."""
     if _PLAIN_IPV4.fullmatch(target):  # the common case, without the ipaddress module
         return "v4", target
+    if "/" not in target and ":" in target:
+        try:  # an IPv6 single: inet_pton checks it in 0.2 us, ipaddress in 10 us
+            socket.inet_pton(socket.AF_INET6, target)
+            return "v6", target
+        except OSError:
+            pass  # let ipaddress say what is wrong with it
     if "/" in target:
         net = ipaddress.ip_network(target, strict=False)
         if net.prefixlen == net.max_prefixlen:
@@ -177,35 +200,63 @@ class NftablesBackend(Backend):
 
     def ban(self, entries: Sequence[Entry]) -> BatchResult:
         """Add or refresh in batches; ``expires`` resets the clock of an existing element
-        (only for entries that may be refreshes: it costs about a third of the add)."""
+        (only for entries that may be refreshes: it costs about a fifth of the add).
+
+        libnftables parses ~350,000 elements a second, so the Python side must stay
+        well under a microsecond an element: entries are sorted into sets with one
+        cheap test each, IPv4 text is checked by one regex over the whole group, and
+        element texts are formatted by C-level ``map`` calls, not a Python loop."""
         result = BatchResult()
-        texts: dict[str, list[str]] = {name: [] for name in SETS}
-        targets: dict[str, list[str]] = {name: [] for name in SETS}
-        suffixes: dict[tuple[int, bool], str] = {}
-        plain_ipv4 = _PLAIN_IPV4.fullmatch
+        plain: list[Entry] = []  # no ":" and no "/": IPv4 singles, if the text is valid
+        other: list[Entry] = []
         for entry in entries:
             target = entry.target
-            if plain_ipv4(target):
-                set_name, element = "v4", target
+            if ":" in target or "/" in target:
+                other.append(entry)
             else:
-                try:
-                    set_name, element = _set_for(target)
-                except ValueError as exc:
-                    result.refuse(target, f"not an address or network: {exc}", INVALID)
-                    continue
-            timeout = max(1, min(int(entry.timeout), MAX_TIMEOUT))
-            suffix = suffixes.get((timeout, entry.refresh))
-            if suffix is None:
-                suffix = suffixes[timeout, entry.refresh] = (
-                    f" timeout {timeout}s expires {timeout}s" if entry.refresh
-                    else f" timeout {timeout}s")
-            texts[set_name].append(element + suffix)
-            targets[set_name].append(target)
-        for name in SETS:
-            for start in range(0, len(texts[name]), BATCH):
-                self._ban_batch(name, texts[name][start:start + BATCH],
-                                targets[name][start:start + BATCH], result)
+                plain.append(entry)
+        for name, (group, elements) in self._sort(plain, other, result).items():
+            refreshes = sum(map(_REFRESH, group))
+            if refreshes in (0, len(group)):  # the usual case: one kind per batch
+                parts = [(group, elements, bool(refreshes))]
+            else:
+                parts = [([e for e in group if bool(e.refresh) is flag],
+                          [t for e, t in zip(group, elements, strict=True)
+                           if bool(e.refresh) is flag], flag) for flag in (False, True)]
+            for picked, texts, refresh in parts:
+                items = _element_texts(texts, picked, refresh)
+                targets = [e.target for e in picked]
+                for start in range(0, len(items), BATCH):
+                    self._ban_batch(name, items[start:start + BATCH],
+                                    targets[start:start + BATCH], result)
         return result
+
+    @staticmethod
+    def _sort(plain: list[Entry], other: list[Entry],
+              result: BatchResult) -> dict[str, tuple[list[Entry], list[str]]]:
+        """Entries by set, each with its element text; bad text refused as INVALID."""
+        groups: dict[str, tuple[list[Entry], list[str]]] = {n: ([], []) for n in SETS}
+        texts = [e.target for e in plain]
+        joined = "\n".join(texts)  # one line per target, unless a target holds a newline
+        if texts and not (joined.count("\n") == len(texts) - 1
+                          and _PLAIN_IPV4_LINES.fullmatch(joined)):
+            good = []
+            for entry in plain:  # rare: find the bad ones
+                if _PLAIN_IPV4.fullmatch(entry.target):
+                    good.append(entry)
+                else:
+                    other.append(entry)
+            plain, texts = good, [e.target for e in good]
+        groups["v4"] = (plain, texts)
+        for entry in other:
+            try:
+                set_name, element = _set_for(entry.target)
+            except ValueError as exc:
+                result.refuse(entry.target, f"not an address or network: {exc}", INVALID)
+                continue
+            groups[set_name][0].append(entry)
+            groups[set_name][1].append(element)
+        return groups
 
     def _ban_batch(self, set_name: str, texts: list[str], targets: list[str],
                    result: BatchResult) -> None:
