@@ -13,7 +13,8 @@ import ipaddress
 import re
 import socket
 from functools import partial
-from operator import attrgetter
+from itertools import compress, repeat
+from operator import attrgetter, not_, or_
 
 from rblguard.firewall.base import INVALID, BatchResult, Entry
 
@@ -22,6 +23,7 @@ SETS = ("v4", "v4net", "v6", "v6net")
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 PLAIN_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 _TIMEOUT = attrgetter("timeout")
+_TARGET = attrgetter("target")
 REFRESH = attrgetter("refresh")
 _PTON4 = partial(socket.inet_pton, socket.AF_INET)  # strict: 4 octets, no leading zeros
 
@@ -50,16 +52,17 @@ def set_for(target: str) -> tuple[str, str]:
 
 def sort_entries(entries: list[Entry], result: BatchResult) -> Groups:
     """Entries by set, with element texts and, for single addresses, packed keys; bad
-    text refused as INVALID.  One cheap test per entry picks the IPv4 singles."""
-    plain: list[Entry] = []  # no ":" and no "/": IPv4 singles, if the text is valid
-    other: list[Entry] = []
-    for entry in entries:
-        target = entry.target
-        if ":" in target or "/" in target:
-            other.append(entry)
-        else:
-            plain.append(entry)
-    texts = [e.target for e in plain]
+    text refused as INVALID.  Targets that are not text are refused too."""
+    texts = list(map(_TARGET, entries))
+    # an IPv6 address or a prefix has ":" or "/"; tested by C-level maps, not a loop
+    odd = list(map(or_, map(str.__contains__, texts, repeat(":")),
+                   map(str.__contains__, texts, repeat("/"))))
+    if any(odd):
+        plain = list(compress(entries, map(not_, odd)))
+        other = list(compress(entries, odd))
+        texts = list(compress(texts, map(not_, odd)))
+    else:
+        plain, other = entries, []
     try:
         keys4 = list(map(_PTON4, texts))
     except (OSError, TypeError, ValueError):  # rare: some text is not an address
