@@ -208,9 +208,9 @@ class Pipeline:
     def restore(self, now: float) -> int:
         """Every active ban back into the kernel (start-up, repair); how many."""
         restored = 0
-        active = ((t, u) for t in self.decider.active_targets()
-                  if (u := self.decider.until(t)) is not None)
-        for batch in restore_batches(active, now):
+        targets = self.decider.active_targets()
+        for batch in restore_batches(zip(targets, self.decider.untils(targets), strict=True),
+                                     now):
             self.to_kernel(batch)
             restored += len(batch)
         return restored
