@@ -117,11 +117,13 @@ class Decider:
         once at the end (C-level passes over the dict)."""
         active = self._active
         get = active.get
-        for target, until in bans:
-            old = get(target)
-            if old is None or until > old:
-                active[target] = until
-        self._recount()
+        try:
+            for target, until in bans:
+                old = get(target)
+                if old is None or until > old:
+                    active[target] = until
+        finally:  # a read error part-way: what was read counts
+            self._recount()
 
     def _recount(self) -> None:
         """Subnet singles, family counts and earliest end, from _active."""
