@@ -21,6 +21,8 @@ from operator import not_, or_
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rblguard.addresses import interface_addresses
+
 if TYPE_CHECKING:
     from rblguard.config import Config
 
@@ -201,20 +203,15 @@ class Allowlist:
 def host_addresses() -> list[Network]:
     """This host's own addresses, as /32 and /128 networks (re-read on every reload).
 
-    Netlink (pyroute2) sees every address of this network namespace; if it is missing
-    or refused, /proc/net/if_inet6 and the host name's addresses are the fallback.
+    Netlink (one RTM_GETADDR dump, addresses.interface_addresses) sees every address
+    of this network namespace; if it is refused, /proc/net/if_inet6 and the host
+    name's addresses are the fallback.
     """
     found: set[Network] = set()
     try:
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
-            for msg in ipr.get_addr():
-                addr = msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL")
-                if addr:
-                    found.add(ipaddress.ip_network(addr.split("%")[0]))
-            return sorted(found, key=lambda n: (n.version, n))
-    except Exception as exc:  # any netlink trouble: use the fallbacks
+        found.update(ipaddress.ip_network(a) for a in interface_addresses())
+        return sorted(found, key=lambda n: (n.version, n))
+    except (OSError, ValueError) as exc:  # any netlink trouble: use the fallbacks
         log.debug("netlink address listing failed (%s); using fallbacks", exc)
     try:
         for line in Path("/proc/net/if_inet6").read_text().splitlines():
