@@ -121,6 +121,22 @@ def parse_address(address: object) -> tuple[str, int]:
     return host or "::", port
 
 
+class _ActiveBans:
+    """``rblguard_active_bans{family}``, computed when scraped (no work between scrapes)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], dict[int, int]] | None = None
+        self.last: dict[int, int] = dict.fromkeys(FAMILIES, 0)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = self.source() if self.source is not None else self.last
+        metric = GaugeMetricFamily("rblguard_active_bans", "Bans in force",
+                                   labels=["family"])
+        for family, label in FAMILIES.items():
+            metric.add_metric([label], counts.get(family, 0))
+        yield metric
+
+
 class _KernelCounters:
     """The kernel's drop counters as Prometheus counters, and the budget's estimates.
 
@@ -244,7 +260,8 @@ class Metrics:
                                ["reason"], registry=r)
         for reason in UNBAN_REASONS:
             self.unbans.labels(reason)
-        self.active = Gauge("rblguard_active_bans", "Bans in force", ["family"], registry=r)
+        self.active = _ActiveBans()
+        r.register(self.active)
         self.latency = Histogram("rblguard_ban_latency_seconds",
                                  "Log line time to kernel commit", buckets=LATENCY_BUCKETS,
                                  registry=r)
@@ -274,8 +291,6 @@ class Metrics:
         self.window = _RateWindow(clock)
         self.fw_healthy.set(1)
         self.heartbeat.set(wall_clock())
-        for family in FAMILIES.values():
-            self.active.labels(family).set(0)
         for reason in REFUSAL_REASONS:
             self.refusals.labels(reason)
         for result in ("success", "failure"):
@@ -375,11 +390,18 @@ class Metrics:
         self.unbans.labels(reason).inc(count)
 
     def set_active(self, counts: dict[int, int]) -> None:
-        """Bans in force per family.  The daemon's housekeeping calls this every round,
-        so it also beats the heartbeat that the "main loop stuck" alert watches."""
-        for family, n in counts.items():
-            self.active.labels(FAMILIES[family]).set(n)
+        """Bans in force per family, for when no live count is watched (watch_active).
+        The daemon's housekeeping calls this every round, so it also beats the
+        heartbeat that the "main loop stuck" alert watches."""
+        self.active.last = dict(counts)
         self.heartbeat.set(self.wall_clock())
+
+    def watch_active(self, counts: Callable[[], dict[int, int]]) -> None:
+        """Read ``rblguard_active_bans`` from ``counts`` at every scrape: exact right
+        after a burst, where a value set in the 5 s housekeeping round lags.  It runs
+        on prometheus_client's HTTP thread: ``counts`` must be safe to call from any
+        thread (the decider's active_counts copies two ints it keeps up to date)."""
+        self.active.source = counts
 
     def set_kernel_counters(self, counters: dict[int, Counters]) -> None:
         """Absolute drop counters as read from the kernel, keyed by family 4/6."""
