@@ -109,7 +109,7 @@ class Decider:
             self._history[target] = int(last_ban) << _COUNT_BITS | min(count, _COUNT_MASK)
 
     def load_active(self, bans: Iterable[tuple[str, float]]) -> None:
-        """Take saved (target, until) pairs, e.g. streamed by State.each_active_ban;
+        """Take saved (target, until) pairs, e.g. from State.active_ban_chunks;
         a target given twice keeps its latest end.
 
         A restart loads every saved ban before it is ready, so the loop does only the
