@@ -9,8 +9,8 @@ import sys
 
 from rblguard.config import ConfigError, load_config
 from rblguard.daemon.control import ControlError
+from rblguard.daemon.listen import MetricsAddressError
 from rblguard.daemon.loop import Daemon
-from rblguard.daemon.metrics import MetricsAddressError
 from rblguard.daemon.reload import ruleset_of
 from rblguard.firewall.base import FirewallError
 from rblguard.logs import setup_logging

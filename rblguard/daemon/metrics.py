@@ -69,6 +69,7 @@ from prometheus_client import Counter as PCounter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from rblguard import __version__
+from rblguard.daemon.listen import MetricsAddressError, parse_address
 from rblguard.firewall.base import Counters
 from rblguard.model import ChunkResult, Connection, Event, Ignored, Match, ParseError
 
@@ -102,23 +103,20 @@ def dnsbl_error_kind(text: str) -> str:
     return "other"
 
 
-class MetricsAddressError(OSError):
-    """The metrics endpoint cannot listen where the config says (port taken, bad host)."""
+class _ActiveBans:
+    """``rblguard_active_bans{family}``, computed when scraped (no work between scrapes)."""
 
+    def __init__(self) -> None:
+        self.source: Callable[[], dict[int, int]] | None = None
+        self.last: dict[int, int] = dict.fromkeys(FAMILIES, 0)
 
-def parse_address(address: object) -> tuple[str, int]:
-    """``127.0.0.1:9731``, ``[::1]:9731``, ``:9731`` (every interface), or a config
-    ListenAddress (``.host``/``.port``) -> (host for bind, port)."""
-    if hasattr(address, "host") and hasattr(address, "port"):
-        host, port = str(address.host), int(address.port)
-    else:
-        text = str(address).strip()
-        host, sep, port_text = text.rpartition(":")
-        if not sep or not port_text.isdigit():
-            raise MetricsAddressError(f"metrics address {text!r} must be host:port")
-        port = int(port_text)
-    host = host.strip("[]")
-    return host or "::", port
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = self.source() if self.source is not None else self.last
+        metric = GaugeMetricFamily("rblguard_active_bans", "Bans in force",
+                                   labels=["family"])
+        for family, label in FAMILIES.items():
+            metric.add_metric([label], counts.get(family, 0))
+        yield metric
 
 
 class _KernelCounters:
@@ -245,7 +243,8 @@ class Metrics:
                                ["reason"], registry=r)
         for reason in UNBAN_REASONS:
             self.unbans.labels(reason)
-        self.active = Gauge("rblguard_active_bans", "Bans in force", ["family"], registry=r)
+        self.active = _ActiveBans()
+        r.register(self.active)
         self.latency = Histogram("rblguard_ban_latency_seconds",
                                  "Log line time to kernel commit", buckets=LATENCY_BUCKETS,
                                  registry=r)
@@ -275,8 +274,6 @@ class Metrics:
         self.window = _RateWindow(clock)
         self.fw_healthy.set(1)
         self.heartbeat.set(wall_clock())
-        for family in FAMILIES.values():
-            self.active.labels(family).set(0)
         for reason in REFUSAL_REASONS:
             self.refusals.labels(reason)
         for result in ("success", "failure"):
@@ -404,11 +401,18 @@ class Metrics:
         self.unbans.labels(reason).inc(count)
 
     def set_active(self, counts: dict[int, int]) -> None:
-        """Bans in force per family.  The daemon's housekeeping calls this every round,
-        so it also beats the heartbeat that the "main loop stuck" alert watches."""
-        for family, n in counts.items():
-            self.active.labels(FAMILIES[family]).set(n)
+        """Bans in force per family, for when no live count is watched (watch_active).
+        The daemon's housekeeping calls this every round, so it also beats the
+        heartbeat that the "main loop stuck" alert watches."""
+        self.active.last = dict(counts)
         self.heartbeat.set(self.wall_clock())
+
+    def watch_active(self, counts: Callable[[], dict[int, int]]) -> None:
+        """Read ``rblguard_active_bans`` from ``counts`` at every scrape: exact right
+        after a burst, where a value set in the 5 s housekeeping round lags.  It runs
+        on prometheus_client's HTTP thread: ``counts`` must be safe to call from any
+        thread (the decider's active_counts copies two ints it keeps up to date)."""
+        self.active.source = counts
 
     def set_kernel_counters(self, counters: dict[int, Counters]) -> None:
         """Absolute drop counters as read from the kernel, keyed by family 4/6."""

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
+from itertools import chain
 from typing import Any
 
 from rblguard.addresses import family
@@ -196,15 +197,9 @@ class Pipeline:
         if state is None:
             return
         manual: set[str] = set()
-
-        def running() -> Iterator[tuple[str, float]]:
-            for target, until, by_admin in state.each_active_ban(now):
-                if by_admin:
-                    manual.add(target)
-                yield target, until
-
         try:
-            self.decider.load_active(running())
+            manual = state.manual_targets(now)
+            self.decider.load_active(chain.from_iterable(state.active_ban_chunks(now)))
             self.decider.load((), state.each_offender())
             self.state_loaded = True
         except StateError as exc:
@@ -214,9 +209,9 @@ class Pipeline:
     def restore(self, now: float) -> int:
         """Every active ban back into the kernel (start-up, repair); how many."""
         restored = 0
-        active = ((t, u) for t in self.decider.active_targets()
-                  if (u := self.decider.until(t)) is not None)
-        for batch in restore_batches(active, now):
+        targets = self.decider.active_targets()
+        for batch in restore_batches(zip(targets, self.decider.untils(targets), strict=True),
+                                     now):
             self.to_kernel(batch)
             restored += len(batch)
         return restored

@@ -56,6 +56,7 @@ def start(d: Daemon, serve_metrics: bool) -> None:
         d.metrics.serve(cfg.metrics)
     d.allowlist = Allowlist.from_config(cfg)
     d.decider = Decider(DecisionSettings.from_config(cfg), d.allowlist)
+    d.metrics.watch_active(lambda: d.decider.active_counts())
     journal = Journal(open_state(cfg.state_dir),
                       lambda t: d.decider.until(t) is not None, d.decider.history_updates)
     d.backend = make_backend(cfg.backend)

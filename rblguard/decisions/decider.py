@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import TYPE_CHECKING
 
 from rblguard.addresses import family, network_text, subnet_key
@@ -81,6 +82,9 @@ class Decider:
         self.settings = settings
         self.allowlist = allowlist
         self._active: dict[str, float] = {}  # target -> until (Unix time)
+        # active bans per family, kept with _active: read by the metrics scrape in its
+        # own thread, where iterating _active would race the main loop (two ints: safe)
+        self._counts = {4: 0, 6: 0}
         self._history: dict[str, int] = {}  # target -> int(last_ban) << 8 | bans
         self._recent: dict[tuple[str, str], list[float]] = {}
         self._subnet_singles: dict[str, int] = {}  # "198.18.5.0/24" -> active singles in it
@@ -98,15 +102,43 @@ class Decider:
 
     def load(self, bans: Iterable[Ban], history: Iterable[Offender]) -> None:
         """Take the saved bans and history (from State) at start-up."""
-        self.load_active((ban.target, ban.until) for ban in bans)
+        pairs = [(ban.target, ban.until) for ban in bans]
+        if pairs:  # the daemon streams its bans through load_active, and passes none
+            self.load_active(pairs)
         for target, count, last_ban in history:
             self._history[target] = int(last_ban) << _COUNT_BITS | min(count, _COUNT_MASK)
 
     def load_active(self, bans: Iterable[tuple[str, float]]) -> None:
-        """Take saved (target, until) pairs, e.g. streamed by State.each_active_ban."""
+        """Take saved (target, until) pairs, e.g. from State.active_ban_chunks;
+        a target given twice keeps its latest end.
+
+        A restart loads every saved ban before it is ready, so the loop does only the
+        dict work; the subnet and family counts and the earliest end are recomputed
+        once at the end (C-level passes over the dict)."""
         active = self._active
-        for target, until in bans:
-            self._set_active(target, max(until, active.get(target, 0.0)))
+        get = active.get
+        try:
+            for target, until in bans:
+                old = get(target)
+                if old is None or until > old:
+                    active[target] = until
+        finally:  # a read error part-way: what was read counts
+            self._recount()
+
+    def _recount(self) -> None:
+        """Subnet singles, family counts and earliest end, from _active."""
+        active = self._active
+        sub = self.settings.ipv4_subnet
+        self._subnet_singles.clear()
+        if sub is not None:
+            singles = self._subnet_singles
+            for target in active:
+                key = subnet_key(target, sub.prefix)
+                if key is not None:
+                    singles[key] = singles.get(key, 0) + 1
+        v6 = sum(map(str.__contains__, active, repeat(":")))
+        self._counts = {4: len(active) - v6, 6: v6}
+        self._earliest = min(active.values(), default=float("inf"))
 
     def set_allowlist(self, allowlist: Allowlist) -> None:
         self.allowlist = allowlist
@@ -306,6 +338,7 @@ class Decider:
         if until is None:
             return False
         self._single_gone(target)
+        self._counts[family(target)] -= 1
         return True
 
     def overlapping(self, target: str) -> list[str]:
@@ -331,6 +364,7 @@ class Decider:
     def flush(self) -> None:
         self._active.clear()
         self._subnet_singles.clear()
+        self._counts = {4: 0, 6: 0}
         self._earliest = float("inf")
 
     # -- housekeeping and reporting ----------------------------------------------------
@@ -343,6 +377,7 @@ class Decider:
         for target in gone:
             del self._active[target]
             self._single_gone(target)
+            self._counts[family(target)] -= 1
         self._earliest = min(self._active.values(), default=float("inf"))
         # history past forget_after, checked at the same pace
         horizon = int(now - self.forget_after)
@@ -362,10 +397,14 @@ class Decider:
         return out
 
     def active_counts(self) -> dict[int, int]:
-        counts = {4: 0, 6: 0}
-        for target in self._active:
-            counts[family(target)] += 1
-        return counts
+        """Active bans per family (4, 6): kept as bans come and go, so any thread may
+        ask at any time (the metrics scrape does, from prometheus_client's thread)."""
+        counts = self._counts
+        return {4: counts[4], 6: counts[6]}
+
+    def untils(self, targets: Iterable[str]) -> Iterator[float | None]:
+        """The end of each target's ban (None if it has none), by a C-level map."""
+        return map(self._active.get, targets)
 
     def active_targets(self) -> list[str]:
         """Every target with a running ban: a snapshot of the keys (cheap beside
@@ -389,6 +428,7 @@ class Decider:
 
     def _set_active(self, target: str, until: float) -> None:
         if target not in self._active:
+            self._counts[family(target)] += 1
             sub = self.settings.ipv4_subnet
             key = subnet_key(target, sub.prefix) if sub is not None else None
             if key is not None:

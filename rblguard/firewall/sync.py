@@ -12,6 +12,7 @@ import logging
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 
 from rblguard.firewall.base import Backend, BatchResult, Entry, FirewallError
 from rblguard.logs import warn_limited
@@ -19,6 +20,7 @@ from rblguard.logs import warn_limited
 log = logging.getLogger("rblguard.firewall.sync")
 
 RESTORE_BATCH = 50_000  # entries per restore batch: bounded memory at any number of bans
+_FOREVER = 1e15  # s: beyond any timeout a kernel takes; what lies past it is no time
 
 
 def kernel_entry(target: str, until: float, now: float,
@@ -33,20 +35,21 @@ def kernel_entry(target: str, until: float, now: float,
         return None
 
 
-def restore_batches(active: Iterable[tuple[str, float]], now: float,
+def restore_batches(active: Iterable[tuple[str, float | None]], now: float,
                     size: int = RESTORE_BATCH) -> Iterator[list[Entry]]:
     """Every active (target, until) as kernel entries with their remaining time,
-    ``size`` at a time.  Not refreshes: an element the kernel kept holds its time."""
-    batch: list[Entry] = []
-    for target, until in active:
-        entry = kernel_entry(target, until, now, False)
-        if entry is not None:
-            batch.append(entry)
-            if len(batch) >= size:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
+    ``size`` at a time.  Not refreshes: an element the kernel kept holds its time.
+
+    One comprehension per batch, not a call per ban (a restart makes 100,000 of them
+    before it is ready): an ``until`` that is not a finite time (None, NaN, inf) is
+    skipped, one already past gets 1 s, as kernel_entry gives them."""
+    pairs = iter(active)
+    while chunk := list(islice(pairs, size)):
+        batch = [Entry(target, int(seconds) if seconds >= 1 else 1, False)
+                 for target, until in chunk
+                 if until is not None and -_FOREVER < (seconds := until - now) < _FOREVER]
+        if batch:
+            yield batch
 
 
 @dataclass(slots=True)
