@@ -67,33 +67,36 @@ def vetoed_tails(tails: list[bytes], veto: regex.Pattern,
 
 
 def vetoed_hits(veto: regex.Pattern, full: regex.Pattern,
-                 veto_pattern: regex.Pattern, data: bytes,
-                 texts: set[bytes] | None) -> Iterator[tuple[regex.Match, int]]:
-    """The hits of ``full`` in ``data`` whose rest of line ``veto`` matches, with the
-    index of their line's end: what ``veto_pattern.finditer`` finds, in line order.
+                veto_pattern: regex.Pattern, data: bytes | bytearray, stop: int,
+                texts: dict[bytes, int] | None) -> Iterator[tuple[regex.Match, int]]:
+    """The hits of ``full`` in ``data[:stop]`` whose rest of line ``veto`` matches, with
+    the index of their line's end: what ``veto_pattern.finditer`` finds, in line order.
 
-    ``texts`` are the whole tails in which the veto matched.  Vetoed lines are rare (a
-    lookup error, an error reply) and their tails long and few, so finding them with
-    bytes.find and checking only their lines is several times cheaper than another
-    regex pass over the whole buffer; with many different texts, or None (not known),
-    that pass it is.
+    ``texts`` are the whole tails in which the veto matched, each with the number of
+    hits that end in it.  Vetoed lines are rare (a lookup error, an error reply) and
+    their tails long and few, so finding them with bytes.find and checking only their
+    lines is several times cheaper than another regex pass over the whole buffer, and
+    the search for a tail stops once all of its hits are found; with many different
+    texts, or None (not known), that pass it is.
     """
     if texts is not None and not texts:
         return
     if texts is None or len(texts) > 8 or b"" in texts:
-        for m in veto_pattern.finditer(data, timeout=BUFFER_TIMEOUT):
+        for m in veto_pattern.finditer(data, 0, stop, timeout=BUFFER_TIMEOUT):
             le = data.find(b"\n", m.start())
             if le >= m.end():
                 yield m, le
         return
-    starts: set[int] = set()  # the newline before each line holding a veto text
-    for text in texts:
-        at = data.find(text)
-        while at >= 0:
-            starts.add(data.rfind(b"\n", 0, at))
-            at = data.find(text, at + 1)
-    for ls in sorted(starts):
-        le = data.find(b"\n", ls + 1)
-        m = full.search(data, ls, le, timeout=LINE_TIMEOUT)  # the line's own hit
-        if m is not None and veto.search(data, m.end(), le, timeout=LINE_TIMEOUT):
-            yield m, le
+    hits: dict[int, tuple[regex.Match, int]] = {}  # by the newline before the line
+    for text, expected in texts.items():
+        at, seen = data.find(text, 0, stop), 0
+        while at >= 0 and seen < expected:
+            ls, le = data.rfind(b"\n", 0, at), data.find(b"\n", at)
+            m = full.search(data, ls, le, timeout=LINE_TIMEOUT)  # the line's own hit
+            if m is not None and data[m.end():le] == text:
+                seen += 1
+                if veto.search(data, m.end(), le, timeout=LINE_TIMEOUT):
+                    hits[ls] = (m, le)
+            at = data.find(text, le, stop)
+    for ls in sorted(hits):
+        yield hits[ls]
