@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from rblguard import __version__
 from rblguard.config import ConfigError
 from rblguard.daemon.control import ControlError
+from rblguard.daemon.inbox import Inbox
 from rblguard.daemon.pipeline import log_unban
 from rblguard.firewall.base import FirewallError
 from rblguard.matching.rules import RuleError
@@ -140,7 +140,7 @@ class Request:
     error: str | None = None
 
 
-def submit(wakeups: queue.SimpleQueue[Any], body: dict[str, Any]) -> dict[str, Any]:
+def submit(wakeups: Inbox, body: dict[str, Any]) -> dict[str, Any]:
     """On the control server's thread: queue ``body`` for the main loop and wait for
     its answer (ControlError if it gives an error or none within 30 s)."""
     request = Request(body)

@@ -1,19 +1,19 @@
 """``rblguard run``: the loop that joins sources, rules, decisions and the firewall.
 
 One thread, the loop in Daemon.run(), owns every piece of state: followers, the
-decider, the pipeline with its journal, and the firewall backend.  Other threads only
-hand it work through one queue: the inotify watcher says "this source changed", the
-control socket passes requests and waits for the answer, signals ask for a reload or a
-stop.  Bursts coalesce: however many notifications arrive, each wake-up reads every
+decider, the pipeline with its journal, and the firewall backend.  It waits in one
+poll() for inotify (a source changed: it reads the events itself) and for its inbox
+(rblguard.daemon.inbox), through which other threads hand it work: the control socket
+passes requests and waits for the answer, signals ask for a reload or a stop.  Bursts
+coalesce: however many notifications arrive, each wake-up reads every
 changed source to its end once and sends all the bans it found to the kernel in one
 batch.  The durability order (kernel, then state) is the pipeline's and its journal's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
+import select
 import signal
 import threading
 import time
@@ -23,6 +23,7 @@ from rblguard import __version__
 from rblguard.config import Config
 from rblguard.daemon import handlers, sdnotify, startup
 from rblguard.daemon import reload as reloading
+from rblguard.daemon.inbox import Inbox
 from rblguard.daemon.pipeline import housekeeping
 from rblguard.logs import warn_limited
 from rblguard.sources.stamps import detect_format
@@ -47,7 +48,8 @@ class Daemon:
     def __init__(self, config: Config, config_arg: str | None = None) -> None:
         self.config = config
         self.config_arg = config_arg
-        self.wakeups: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.wakeups = Inbox()
+        self._poller = select.poll()
         self.stopping = threading.Event()
         self.started = time.time()
         self.dirty: set[str] = set()
@@ -84,7 +86,10 @@ class Daemon:
         try:
             self.start(serve_metrics=True)
             self.watcher = SourceWatcher(list(self.sources), self.wakeups.put)
-            self.watcher.start()
+            self.watcher.start(own_thread=False)  # the loop polls its descriptor
+            self._poller.register(self.wakeups.fileno(), select.POLLIN)
+            if self.watcher.fileno() >= 0:
+                self._poller.register(self.watcher.fileno(), select.POLLIN)
             self._install_signals()
             self._pump()  # the backlog up to now, before we call ourselves ready
             self.pipeline.timing = True  # from now on each ban's latency is measured
@@ -124,6 +129,7 @@ class Daemon:
         if self.watcher is not None:
             self.watcher.stop()
         self.control.stop()
+        self.wakeups.close()
         if self.metrics is not None:
             self.metrics.close()
         if self.backend is not None:
@@ -132,15 +138,12 @@ class Daemon:
             log.info("rblguard stopped; bans stay in the kernel until they expire")
 
     def _wait(self, timeout: float) -> None:
-        """Block for the first wake-up, then drain every other one already queued."""
+        """Block for the first wake-up (a source changed, a request, a signal), then
+        take every other one already there."""
         items, self.deferred = self.deferred, []
-        try:
-            if not items:
-                items.append(self.wakeups.get(timeout=timeout))
-            while True:
-                items.append(self.wakeups.get_nowait())
-        except queue.Empty:
-            pass
+        if not items and not self.dirty:
+            self._poller.poll(timeout * 1000)
+        items += self._arrived()
         for item in items:
             if item is RELOAD:
                 self.reload()
@@ -148,6 +151,13 @@ class Daemon:
                 self.dirty.add(item)
             elif isinstance(item, handlers.Request):
                 handlers.answer(self, item)
+
+    def _arrived(self) -> list[Any]:
+        """What the inbox holds, and the sources inotify says changed (never blocks)."""
+        items = self.wakeups.take()
+        if self.watcher is not None:
+            self.dirty |= self.watcher.changed()
+        return items
 
     def _install_signals(self) -> None:
         def stop(_sig: int, _frame: Any) -> None:
@@ -219,10 +229,8 @@ class Daemon:
         if (not read_sources or not journal.due(now)
                 or now - journal.last_commit >= COMMIT_EVERY + SAVE_AFTER):
             return False  # no commit to hold up now, or held up long enough
-        with contextlib.suppress(queue.Empty):
-            while True:
-                item = self.wakeups.get_nowait()
-                (self.dirty.add if isinstance(item, str) else self.deferred.append)(item)
+        for item in self._arrived():
+            (self.dirty.add if isinstance(item, str) else self.deferred.append)(item)
         self.dirty |= read_sources
         read_sources.clear()
         return True

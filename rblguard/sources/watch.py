@@ -118,17 +118,27 @@ class SourceWatcher:
         self._dir_wd: dict[str, int] = {}
         self._by_dir: dict[str, list[tuple[str, str | None, bool]]] = {}
 
-    def start(self) -> None:
+    def start(self, own_thread: bool = True) -> None:
+        """Watch from now on.  With ``own_thread`` False, no thread reads inotify: the
+        caller polls fileno() and calls changed() when it is readable (the daemon's
+        loop does, so that a change costs no hand-over between threads); fileno() is
+        -1 where the fallback Observer calls ``on_change`` from its thread instead."""
         try:
             self._inotify = _Inotify()
         except OSError:  # not Linux, or a libc without inotify
             self._start_observer()
             return
         self._fd = self._inotify.fd
-        self._wakeup = os.pipe()
         self._reshape()
-        self._thread = threading.Thread(target=self._run, name="rblguard-inotify", daemon=True)
-        self._thread.start()
+        if own_thread:
+            self._wakeup = os.pipe()
+            self._thread = threading.Thread(target=self._run, name="rblguard-inotify",
+                                            daemon=True)
+            self._thread.start()
+
+    def fileno(self) -> int:
+        """The inotify descriptor to poll, or -1 when there is none (see start())."""
+        return self._fd
 
     def stop(self) -> None:
         if self._observer is not None:
@@ -170,32 +180,39 @@ class SourceWatcher:
         while True:
             if any(fd == self._wakeup[0] for fd, _ in poller.poll()):
                 return
-            try:
-                buf = os.read(self._fd, 1 << 16)
-            except BlockingIOError:
-                continue
-            touched: set[str] = set()
-            reshape = False
-            for wd, mask, name in _parse_events(buf):
-                if mask & _RESHAPE:
-                    reshape = True
-                if mask & _IN_Q_OVERFLOW:
-                    touched.update(self.sources)
-                if mask & _IN_IGNORED:
-                    directory = self._wd_dir.pop(wd, None)
-                    if directory is not None and self._dir_wd.get(directory) == wd:
-                        del self._dir_wd[directory]
-                for source, wanted, rotated_too in self._by_dir.get(self._wd_dir.get(wd, ""), ()):
-                    if wanted is None or name == wanted or (rotated_too and name[:1] == "@"):
-                        touched.add(source)
-            if reshape:
-                touched |= self._reshape()
-            for source in touched:
+            for source in self.changed():
                 self._notify(source)
+
+    def changed(self) -> set[str]:
+        """The sources touched by the events inotify holds now (none: an empty set;
+        it never blocks)."""
+        if self._fd < 0:
+            return set()
+        try:
+            buf = os.read(self._fd, 1 << 16)
+        except BlockingIOError:
+            return set()
+        touched: set[str] = set()
+        reshape = False
+        for wd, mask, name in _parse_events(buf):
+            if mask & _RESHAPE:
+                reshape = True
+            if mask & _IN_Q_OVERFLOW:
+                touched.update(self.sources)
+            if mask & _IN_IGNORED:
+                directory = self._wd_dir.pop(wd, None)
+                if directory is not None and self._dir_wd.get(directory) == wd:
+                    del self._dir_wd[directory]
+            for source, wanted, rotated_too in self._by_dir.get(self._wd_dir.get(wd, ""), ()):
+                if wanted is None or name == wanted or (rotated_too and name[:1] == "@"):
+                    touched.add(source)
+        if reshape:
+            touched |= self._reshape()
+        return {self.sources[source] for source in touched}
 
     def _notify(self, source: str) -> None:
         try:
-            self._on_change(self.sources[source])
+            self._on_change(source)
         except Exception:
             log.exception("source change callback failed for %s", source)
 
@@ -212,7 +229,7 @@ class SourceWatcher:
                     for source in watcher.sources:
                         parent = os.path.dirname(source)
                         if path == source or os.path.dirname(path) in (source, parent):
-                            watcher._notify(source)
+                            watcher._notify(watcher.sources[source])
 
         self._observer = Observer()
         for directory in {d for s in self.sources for d, _n, _r in _interest(s)}:
