@@ -24,6 +24,13 @@ def setup_logging(level: str = "info") -> None:
         fmt = "%(asctime)s " + fmt
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt,
                         stream=sys.stderr, force=True)
+    # What the format never shows is not gathered for each record: the calling frame
+    # (a walk up the stack), the thread, the process (the logging HOWTO's optimisation
+    # list).  The daemon logs a line per ban, and a wave bans thousands a second.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
 
 
 def warn_limited(log: logging.Logger, key: str, message: str, *args: object,

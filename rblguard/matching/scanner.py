@@ -100,7 +100,8 @@ class Scanner:
         first_end = buf.find(b"\n")
         result.first_time = split_line(fmt, buf[:first_end], ref_time)[0]
         last_start = buf.rfind(b"\n", 0, len(buf) - 1) + 1
-        result.last_time = split_line(fmt, buf[last_start:-1], ref_time)[0]
+        result.last_time = (result.first_time if last_start == 0  # one line, as often
+                            else split_line(fmt, buf[last_start:-1], ref_time)[0])
         if fmt.syslog:
             self._scan_lines(buf, base, fmt, ref_time, result.events)
             return result

@@ -83,6 +83,7 @@ class _Open:
     older: tuple[int, int] | None = None  # an older file still unlabelled at that time
     finished: bool = False  # no longer the live file: read to its end, then move on
     skipping: bool = False  # inside a line longer than MAX_LINE_BYTES: drop to its end
+    size_seen: int = 0  # the size at the last read: lines up to it were taken
 
 
 @dataclass(slots=True)
@@ -139,7 +140,9 @@ class Follower:
                 chunks.append(Chunk(f.path, f.dev, f.inode, f.offset, data, f.fingerprint))
                 f.offset += len(data)
                 budget -= len(data)
-                continue
+                if f.offset < f.size_seen or f.finished:
+                    continue  # a partial line or the budget's cut: look again
+                # at the size we just saw: the next look would find nothing new
             if not f.finished:
                 if not self._replaced(f):
                     break  # at the end of the live file
@@ -345,7 +348,7 @@ def _complete_lines(f: _Open, budget: int, whole_line: bool) -> bytes | None:
     A line longer than the budget comes whole when ``whole_line`` (nothing else was
     read in this call), else None says: stop here, it comes first next time.
     """
-    size = _size_now(f)
+    size = f.size_seen = _size_now(f)
     while not f.skipping or _skip_line(f, size):
         available = size - f.offset
         if available <= 0:
