@@ -141,9 +141,10 @@ class Daemon:
         """Block for the first wake-up (a source changed, a request, a signal), then
         take every other one already there."""
         items, self.deferred = self.deferred, []
+        readable = None  # not polled: look at both
         if not items and not self.dirty:
-            self._poller.poll(timeout * 1000)
-        items += self._arrived()
+            readable = {fd for fd, _event in self._poller.poll(timeout * 1000)}
+        items += self._arrived(readable)
         for item in items:
             if item is RELOAD:
                 self.reload()
@@ -152,10 +153,14 @@ class Daemon:
             elif isinstance(item, handlers.Request):
                 handlers.answer(self, item)
 
-    def _arrived(self) -> list[Any]:
-        """What the inbox holds, and the sources inotify says changed (never blocks)."""
-        items = self.wakeups.take()
-        if self.watcher is not None:
+    def _arrived(self, readable: set[int] | None = None) -> list[Any]:
+        """What the inbox holds, and the sources inotify says changed (never blocks);
+        only from the descriptors in ``readable`` when a poll() said which."""
+        items = []
+        if readable is None or self.wakeups.fileno() in readable:
+            items = self.wakeups.take()
+        if self.watcher is not None and (readable is None
+                                         or self.watcher.fileno() in readable):
             self.dirty |= self.watcher.changed()
         return items
 
