@@ -99,7 +99,7 @@ def raw(target: str = "198.51.100.7", seconds: str = "3600", rule: str = "spamha
 
 def test_a_good_entry_ends_at_its_stream_time_plus_its_seconds() -> None:
     assert parse_entry(raw(), 1_000_000, SETTINGS) == ForeignBan(
-        "198.51.100.7", 1_000_000 + 3_600_000, "spamhaus", "mx1")
+        "198.51.100.7", 1_000_000 + 3_600_000, "spamhaus", "mx1", written_ms=1_000_000)
     assert parse_entry(raw("2001:db8:1:2::/64"), 0, SETTINGS).target == "2001:db8:1:2::/64"
     assert parse_entry(raw("198.51.100.9/24"), 0, SETTINGS).target == "198.51.100.0/24"
     assert parse_entry(raw("2001:DB8::0001"), 0, SETTINGS).target == "2001:db8::1"

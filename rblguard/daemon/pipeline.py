@@ -71,6 +71,10 @@ class Pipeline:
         self.timing = False
         self.manual: set[str] = set()  # active targets whose ban an admin made
         self.lifted_allowlisted = 0  # bans lifted because their target became allowlisted
+        # The fleet's hook (rblguard.daemon.fleet): bans decided from this host's own
+        # log go out once the kernel took them; ``local`` holds them until then.
+        self.publish: Callable[[list[Ban]], None] | None = None
+        self.local: list[Ban] = []
 
     # -- from the log ------------------------------------------------------------------
 
@@ -88,6 +92,8 @@ class Pipeline:
                 warn_limited(log, f"refused {verdict.refused}", "not banning %s (%s): %s",
                              event.address, verdict.refused, event.line)
             self.ban(verdict.bans, verdict.refreshed, event.time)
+            if self.publish is not None:
+                self.local.extend(verdict.bans)
             if self.pending:
                 if self.pending_since is None:
                     self.pending_since = time.monotonic()
@@ -134,6 +140,9 @@ class Pipeline:
             self.pending, self.pending_since = [], None
             for ban in bans:  # mirror the state's rule column: who made the ban in force
                 (self.manual.add if ban.rule == "manual" else self.manual.discard)(ban.target)
+            if self.publish is not None and self.local:
+                own, self.local = [b for b in self.local if b.target not in failed], []
+                self.publish(own)
         self.journal.kernel_took(bans)
         if failed:  # never logged as banned
             self.announce = [(b, r) for b, r in self.announce if b.target not in failed]
@@ -253,6 +262,7 @@ class Pipeline:
             self.manual.discard(target)
             log_unban(target, reason if isinstance(reason, str) else reason(target))
         self.pending = [b for b in self.pending if b.target not in gone]
+        self.local = [b for b in self.local if b.target not in gone]
         self.announce = [(b, r) for b, r in self.announce if b.target not in gone]
         self.journal.forget_pending(gone)
         refused, errors = lift(self.backend, [*targets, *others])

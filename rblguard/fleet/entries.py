@@ -35,12 +35,14 @@ _SECONDS = re.compile(r"^[0-9]{1,10}$")
 
 @dataclass(frozen=True, slots=True)
 class ForeignBan:
-    """A ban another fleet member made, checked; ``expires_ms`` is server time."""
+    """A ban another fleet member made, checked; ``expires_ms`` and ``written_ms``
+    (when the hub took it; 0 for a snapshot row) are the hub's time."""
 
     target: str
     expires_ms: int
     rule: str
     origin: str
+    written_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +110,8 @@ def check_target(target: str | None) -> Refusal | None:
 
 
 def parse_entry(fields: dict[bytes, bytes], expires_base_ms: int,
-                settings: FleetSettings) -> ForeignBan | Refusal | None:
+                settings: FleetSettings,
+                written_ms: int | None = None) -> ForeignBan | Refusal | None:
     """A stream entry's ban, its refusal, or None for this host's own entry (no echo).
 
     ``expires_base_ms`` is the entry id's milliseconds (snapshot rows pass their end and
@@ -137,7 +140,8 @@ def parse_entry(fields: dict[bytes, bytes], expires_base_ms: int,
         return Refusal("malformed", origin, "seconds must be above 0")
     if secs > settings.max_duration:
         return Refusal("too_long", origin, f"{secs} s is above fleet.max_duration")
-    return ForeignBan(target, expires_base_ms + secs * 1000, rule, origin)
+    return ForeignBan(target, expires_base_ms + secs * 1000, rule, origin,
+                      written_ms if written_ms is not None else expires_base_ms)
 
 
 def parse_snapshot_member(member: bytes, score: float, now_ms: int,
@@ -151,4 +155,4 @@ def parse_snapshot_member(member: bytes, score: float, now_ms: int,
         return Refusal("expired")
     fields = {b"v": FORMAT, b"t": parts[0], b"r": parts[1], b"o": parts[2],
               b"s": str(remaining).encode()}
-    return parse_entry(fields, now_ms, settings)
+    return parse_entry(fields, now_ms, settings, written_ms=0)

@@ -1,0 +1,68 @@
+"""The fleet inside the daemon: the link started, own bans out, the others' bans in.
+
+Everything here runs on the daemon loop's thread, the one that owns the decider, the
+pipeline and the state; the link's threads only ever reach it through the loop's queue
+(a Delivery).  Own bans leave through the pipeline's ``publish`` hook, which only the
+bans decided from this host's log pass through: a foreign ban is applied through
+Pipeline.ban and never published again (no echo).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from rblguard.decisions.foreign import on_foreign
+from rblguard.fleet.link import Delivery, Link
+from rblguard.fleet.metrics import FleetMetrics
+
+if TYPE_CHECKING:
+    from rblguard.daemon.loop import Daemon
+
+log = logging.getLogger("rblguard")
+
+
+def start_link(d: Daemon) -> None:
+    """Connect this daemon to its fleet, if the config names one.  Never waits for the
+    hub: the link's threads connect (and reconnect) on their own."""
+    settings = d.config.fleet
+    if settings is None:
+        return
+    journal = d.pipeline.journal
+    stream = f"{settings.prefix}bans"
+    cursor = (journal.call("read the fleet position", journal.state.fleet_cursor, stream)
+              if journal.saving else None)
+    d.fleet = Link(settings, cursor, d.wakeups.put, FleetMetrics(d.metrics.registry))
+    d.pipeline.publish = d.fleet.publish
+    d.fleet.start()
+    log.info("fleet: member %s of the fleet at %s, reading from %s", settings.name,
+             settings.hub, cursor or "the snapshot")
+
+
+def apply(d: Daemon, delivery: Delivery) -> None:
+    """Other members' bans into the kernel in one batch, and the stream position
+    saved with them (Journal.commit)."""
+    link, pipe = d.fleet, d.pipeline
+    if link is None:
+        return
+    now = time.time()
+    made = []
+    for ban in delivery.bans:
+        until = (ban.expires_ms - delivery.offset_ms) / 1000
+        verdict = on_foreign(d.decider, ban.target, until, ban.rule, ban.origin, now)
+        if verdict.refused:
+            link.refuse_allowlisted(ban.origin, ban.target)
+        elif verdict.bans:
+            pipe.ban(verdict.bans, verdict.refreshed)
+            made.append(ban)
+    resyncing = delivery.resync and delivery.cursor is None  # more parts to come
+    if made and not resyncing:
+        pipe.flush(save=False)
+    link.metrics.applied.inc(len(made))
+    if not delivery.resync:
+        here_ms = time.time() * 1000 + delivery.offset_ms
+        for ban in made:
+            link.metrics.propagation.observe(max(0.0, here_ms - ban.written_ms) / 1000)
+    if delivery.cursor is not None:
+        pipe.journal.fleet_cursor = (f"{link.settings.prefix}bans", delivery.cursor)
