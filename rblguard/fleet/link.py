@@ -143,6 +143,7 @@ class Link:
                 job(hub)
             except Exception as exc:  # redis.RedisError, OSError, a bad reply: retried
                 failures += 1
+                self._set_up(name, False)
                 self._failed(name, exc, failures)
                 self.stopping.wait(backoff(failures))
             finally:
