@@ -1,0 +1,164 @@
+"""Three real daemons, each in its own network namespace with its own nftables table,
+joined to a real redis-server in a fourth namespace by veth links: a reject on mx1 is a
+ban in mx2's and mx3's kernels, through a hub that is killed, and a partitioned host."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import statistics
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_harness import (
+    DaemonHarness,
+    ElementMonitor,
+    daemon_namespace,
+    reject_message,
+    tai64n,
+    wait_for,
+)
+from tests.netns import require_root_tools, run
+from tests.redis_hub import RedisHub
+
+
+class Fleet:
+    """The hub's namespace, its redis-server and one daemon per member."""
+
+    def __init__(self, hub: RedisHub, members: list[DaemonHarness]) -> None:
+        self.hub = hub
+        self.members = members
+
+    def reject(self, member: int, *addresses: str) -> float:
+        """rblsmtpd rejects in member's log; the time just before they were written."""
+        written = time.time()
+        with open(self.members[member].workdir / "log" / "current", "a") as f:
+            f.write("".join(tai64n() + reject_message(a) for a in addresses))
+        return written
+
+    def link(self, member: int, up: bool) -> None:
+        h = self.members[member]
+        run(["ip", "-n", h.ns, "link", "set", f"vm{member}", "up" if up else "down"])
+
+    def fleet_status(self, member: int) -> dict:
+        return self.members[member].cli("status", "--json")["fleet"]
+
+
+@contextlib.contextmanager
+def fleet_of(tmp_path: Path, n: int = 3, allowlists: dict[int, list[str]] | None = None
+             ) -> Iterator[Fleet]:
+    require_root_tools("nft", "redis-server")
+    hub_ns = f"rgh-{uuid.uuid4().hex[:6]}"
+    run(["ip", "netns", "add", hub_ns])
+    try:
+        run(["ip", "-n", hub_ns, "link", "set", "lo", "up"])
+        with contextlib.ExitStack() as stack:
+            for i in range(n):
+                (tmp_path / f"mx{i}").mkdir()
+            members = [stack.enter_context(daemon_namespace(tmp_path / f"mx{i}"))
+                       for i in range(n)]
+            for i, h in enumerate(members):  # hub 198.18.10i.1 <-> member 198.18.10i.2
+                run(["ip", "link", "add", f"vh{i}", "netns", hub_ns, "type", "veth",
+                     "peer", "name", f"vm{i}", "netns", h.ns])
+                for ns, dev, addr in ((hub_ns, f"vh{i}", f"198.18.{100 + i}.1/24"),
+                                      (h.ns, f"vm{i}", f"198.18.{100 + i}.2/24")):
+                    run(["ip", "-n", ns, "-batch", "-"],
+                        input=f"link set {dev} up\naddress add {addr} dev {dev}\n")
+            hub = RedisHub(tmp_path / "hub", ns=hub_ns, bind="0.0.0.0")
+            hub.start()
+            stack.callback(hub.kill)
+            for i, h in enumerate(members):
+                (h.workdir / "log").mkdir()
+                h.write_config(fleet={"redis": f"redis://198.18.{100 + i}.1:6379/0",
+                                      "name": f"mx{i}", "timeout": 1},
+                               allowlist=(allowlists or {}).get(i, []))
+                h.start()
+            yield Fleet(hub, members)
+    finally:
+        for pid in subprocess.run(["ip", "netns", "pids", hub_ns], capture_output=True,
+                                  text=True).stdout.split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", hub_ns], capture_output=True)
+
+
+def up(fleet: Fleet) -> None:
+    for i in range(len(fleet.members)):
+        wait_for(lambda i=i: fleet.fleet_status(i)["state"] == "up", 15, f"mx{i}'s link")
+
+
+@pytest.mark.root
+def test_a_reject_on_mx1_is_a_ban_on_mx2_and_mx3_within_milliseconds(tmp_path: Path) -> None:
+    with fleet_of(tmp_path, allowlists={2: ["203.0.113.0/24"]}) as fleet:
+        up(fleet)
+        monitor = ElementMonitor(fleet.members[1].ns)
+        try:
+            delays = []
+            for k in range(40):  # one at a time: each delay is one ban's own
+                address = f"198.51.100.{k + 1}"
+                written = fleet.reject(0, address)
+                wait_for(lambda a=address: a in monitor.seen, 5, f"{address} on mx1")
+                delays.append(monitor.seen[address] - written)
+        finally:
+            monitor.stop()
+        delays.sort()
+        p50, p99 = statistics.median(delays), delays[int(len(delays) * 0.99)]
+        print(f"propagation mx0 log line -> mx1 kernel: p50 {p50 * 1000:.1f} ms, "
+              f"p99 {p99 * 1000:.1f} ms over {len(delays)} bans")
+        assert p99 <= 0.1, delays
+        singles = {f"198.51.100.{k + 1}" for k in range(40)}
+        wait_for(lambda: fleet.members[2].kernel_elements() >= singles, 10, "mx2's kernel")
+        # the allowlist of the receiving host wins; the sender and the others ban
+        fleet.reject(0, "203.0.113.7")
+        wait_for(lambda: "203.0.113.7" in fleet.members[1].kernel_elements(), 10, "mx1")
+        wait_for(lambda: fleet.fleet_status(2)["refused"].get("allowlist") == 1, 10,
+                 "mx2 to refuse the allowlisted ban")
+        assert "203.0.113.7" not in fleet.members[2].kernel_elements()
+        # each ban's origin; no echo: the stream holds only mx0's own 41 entries
+        listed = {b["target"]: b["origin"] for b in fleet.members[1].cli("list", "--json")
+                  ["bans"]}
+        assert listed["198.51.100.1"] == "mx0"
+        assert {b["origin"] for b in fleet.members[0].cli("list", "--json")["bans"]} == {None}
+        assert fleet.hub.client().xlen("rblguard:bans") == 41
+        assert fleet.fleet_status(0)["published"] == 41
+        assert "fleet:       up to redis://" in fleet.members[1].cli("status")
+
+
+@pytest.mark.root
+def test_the_hub_killed_and_a_host_cut_off_lose_no_ban(tmp_path: Path) -> None:
+    with fleet_of(tmp_path) as fleet:
+        up(fleet)
+        fleet.hub.kill()
+        fleet.reject(0, "198.51.100.50")
+        fleet.reject(1, "2001:db8:50::1")
+        # local banning goes on with the hub down
+        wait_for(lambda: "198.51.100.50" in fleet.members[0].kernel_elements(), 5, "mx0")
+        wait_for(lambda: "2001:db8:50::/64" in fleet.members[1].kernel_elements(), 5, "mx1")
+        wait_for(lambda: fleet.fleet_status(0)["state"] == "down", 10, "mx0 to see it")
+        assert fleet.fleet_status(0)["last_error"]
+        fleet.hub.start()  # AOF on: what it held comes back
+        for i in range(3):
+            wait_for(lambda i=i: {"198.51.100.50", "2001:db8:50::/64"}
+                     <= fleet.members[i].kernel_elements(), 20, f"mx{i} after the hub")
+        # mx2 cut off from the hub: it misses bans, then catches up on every one
+        fleet.link(2, up=False)
+        wait_for(lambda: fleet.fleet_status(2)["state"] == "down", 15, "mx2 cut off")
+        missed = {f"198.51.100.{60 + k}" for k in range(20)}
+        fleet.reject(0, *sorted(missed))
+        wait_for(lambda: missed <= fleet.members[1].kernel_elements(), 10, "mx1")
+        assert not missed & fleet.members[2].kernel_elements()
+        fleet.link(2, up=True)
+        wait_for(lambda: missed <= fleet.members[2].kernel_elements(), 20, "mx2 to catch up")
+        # a restart reads on from the saved position: no resync from the snapshot
+        cursor = fleet.fleet_status(2)["cursor"]
+        h = fleet.members[2]
+        h.kill(15)
+        h.start()
+        wait_for(lambda: fleet.fleet_status(2)["state"] == "up", 15, "mx2 back")
+        assert fleet.fleet_status(2)["resyncs"] == 0 and cursor
