@@ -204,3 +204,35 @@ def test_a_new_member_gets_every_active_ban_from_the_snapshot(hub) -> None:
         assert took < 10, took
     finally:
         mx3.stop()
+
+
+# What docs/fleet.md gives the fleet's ACL user: its keys and the commands it uses.
+ACL = ["on", ">s3cret", "resetkeys", "~rblguard:*", "resetchannels", "-@all", "+xadd",
+       "+zadd", "+zremrangebyscore", "+xread", "+xrevrange", "+zrangebyscore", "+time",
+       "+ping", "+client|setname"]
+
+
+def test_an_acl_user_restricted_to_the_prefix_and_the_commands_is_enough(
+        hub, tmp_path: Path) -> None:
+    hub.client().execute_command("ACL", "SETUSER", "rblguard", *ACL)
+    (tmp_path / "pw").write_text("s3cret\n")
+    opts = {"username": "rblguard", "password_file": str(tmp_path / "pw")}
+    mx1, mx2 = Member(hub, "mx1", **opts), Member(hub, "mx2", cursor=None, **opts)
+    try:
+        wait_for(lambda: mx1.link.status.state == mx2.link.status.state == "up", 10,
+                 "both links up as the ACL user")
+        mx1.link.publish([ban("198.51.100.30")])
+        assert [b.target for b in mx2.bans(1)] == ["198.51.100.30"]
+        wait_for(lambda: mx1.link.status.published == 1, 5, "the publish")
+        assert mx1.link.status.last_error is None
+    finally:
+        mx1.stop()
+        mx2.stop()
+    import redis
+
+    limited = redis.Redis(unix_socket_path=hub.socket, username="rblguard",
+                          password="s3cret")
+    with pytest.raises(redis.exceptions.NoPermissionError, match="no permissions"):
+        limited.get("rblguard:bans")  # and the user can do no more
+    with pytest.raises(redis.exceptions.NoPermissionError, match="no permissions"):
+        limited.xadd("other:bans", {"a": "b"})
