@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -162,3 +163,14 @@ def test_the_hub_killed_and_a_host_cut_off_lose_no_ban(tmp_path: Path) -> None:
         h.start()
         wait_for(lambda: fleet.fleet_status(2)["state"] == "up", 15, "mx2 back")
         assert fleet.fleet_status(2)["resyncs"] == 0 and cursor
+        # the hub loses its data: each member tells it its own active bans again
+        fleet.hub.kill()
+        shutil.rmtree(fleet.hub.workdir)
+        fleet.hub.start()
+
+        def told_again() -> set[str]:
+            members = fleet.hub.client().zrange("rblguard:active", 0, -1)
+            return {m.decode().split("|")[0] + "@" + m.decode().split("|")[2]
+                    for m in members}
+        wait_for(lambda: {"198.51.100.50@mx0", "2001:db8:50::/64@mx1"} <= told_again(),
+                 30, "the members to publish their bans again")

@@ -161,11 +161,33 @@ def test_bans_made_while_the_hub_is_down_reach_the_others_when_it_returns(hub) -
         try:
             got = {b.target for b in mx2.bans(3, timeout=30)}
             assert got == {"198.51.100.20", "198.51.100.21", "198.51.100.22"}
-            assert mx1.link.queued == 0 and mx1.link.status.state == "up"
+            assert mx1.link.queued == 0
+            wait_for(lambda: mx1.link.status.state == "up", 15, "mx1's reader back too")
         finally:
             mx2.stop()
     finally:
         mx1.stop()
+
+
+def test_a_hub_that_lost_its_data_is_resynchronised_and_told_again(hub) -> None:
+    mx1, mx2 = Member(hub, "mx1"), Member(hub, "mx2")
+    try:
+        mx1.link.publish([ban("198.51.100.40")])
+        assert [b.target for b in mx2.bans(1)] == ["198.51.100.40"]
+        wait_for(lambda: mx2.link.cursor == mx1.link.cursor != "0-0", 5, "both read it")
+        while not mx2.deliveries.empty():
+            mx2.deliveries.get()
+        hub.kill()
+        shutil.rmtree(hub.workdir)  # a new, empty Redis at the same address
+        hub.start()
+        deliveries = []
+        wait_for(lambda: deliveries.append(mx2.deliveries.get(timeout=20)) or
+                 deliveries[-1].lost, 30, "mx2 to see the loss")
+        assert deliveries[-1].resync and deliveries[-1].cursor == "0-0"
+        assert mx2.metric("rblguard_fleet_resyncs_total") == 1
+    finally:
+        mx1.stop()
+        mx2.stop()
 
 
 def test_the_queue_is_bounded_and_counts_what_it_drops(hub) -> None:
@@ -208,8 +230,8 @@ def test_a_new_member_gets_every_active_ban_from_the_snapshot(hub) -> None:
 
 # What docs/fleet.md gives the fleet's ACL user: its keys and the commands it uses.
 ACL = ["on", ">s3cret", "resetkeys", "~rblguard:*", "resetchannels", "-@all", "+xadd",
-       "+zadd", "+zremrangebyscore", "+xread", "+xrevrange", "+zrangebyscore", "+time",
-       "+ping", "+client|setname"]
+       "+zadd", "+zremrangebyscore", "+xread", "+xrange", "+xrevrange", "+zrangebyscore",
+       "+time", "+ping", "+client|setname"]
 
 
 def test_an_acl_user_restricted_to_the_prefix_and_the_commands_is_enough(

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rblguard")
 
+REPUBLISH_BATCH = 10_000  # bans per pipeline when the hub lost its data
+
 
 def start_link(d: Daemon) -> None:
     """Connect this daemon to its fleet, if the config names one.  Never waits for the
@@ -66,3 +68,18 @@ def apply(d: Daemon, delivery: Delivery) -> None:
             link.metrics.propagation.observe(max(0.0, here_ms - ban.written_ms) / 1000)
     if delivery.cursor is not None:
         pipe.journal.fleet_cursor = (f"{link.settings.prefix}bans", delivery.cursor)
+    if delivery.lost:
+        republish(d, now)
+
+
+def republish(d: Daemon, now: float) -> None:
+    """This host's own active bans from its log (not an admin's, not the fleet's) to
+    the hub again, after the hub lost its data: the others learn them once more."""
+    journal = d.pipeline.journal
+    if not journal.saving or d.fleet is None:
+        return
+    saved = journal.call("read bans to publish again", journal.state.load_bans, now) or []
+    own = [b for b in saved if b.origin is None and b.rule != "manual"]
+    for start in range(0, len(own), REPUBLISH_BATCH):
+        d.fleet.publish(own[start:start + REPUBLISH_BATCH])
+    log.info("fleet: published %d own active ban(s) again", len(own))

@@ -11,9 +11,10 @@ Keys, under the fleet's ``prefix`` (several fleets may share one Redis):
   the longest), trimmed of ended bans with each batch.  A host whose position is lost
   (new, or Redis lost its data) reads it instead of the stream.
 
-The commands are XADD, ZADD, ZREMRANGEBYSCORE, XREAD, XREVRANGE, ZRANGEBYSCORE, TIME
-and PING: what an ACL user restricted to the prefix needs (docs/fleet.md).  Every call
-may raise redis.RedisError; the link (rblguard.fleet.link) owns the retrying.
+The commands are XADD, ZADD, ZREMRANGEBYSCORE, XREAD, XRANGE, XREVRANGE, ZRANGEBYSCORE,
+TIME, PING and CLIENT SETNAME: what an ACL user restricted to the prefix needs
+(docs/fleet.md).  Every call may raise redis.RedisError; the link
+(rblguard.fleet.link) owns the retrying.
 """
 
 from __future__ import annotations
@@ -99,6 +100,11 @@ class Hub:
         """The id of the stream's newest entry, None if it has none (or no stream)."""
         newest = self.client.xrevrange(self.stream, count=1)
         return newest[0][0].decode() if newest else None
+
+    def holds(self, entry_id: str) -> bool:
+        """Whether the stream still has the entry ``entry_id``: after a disconnect, a
+        missing one means the hub lost its data (or it ended long ago)."""
+        return bool(self.client.xrange(self.stream, entry_id, entry_id, count=1))
 
     def read(self, cursor: str, block_ms: int, count: int) -> list[tuple[bytes, dict]]:
         """Up to ``count`` entries after ``cursor``, waiting up to ``block_ms``."""

@@ -50,6 +50,7 @@ class Delivery:
     cursor: str | None
     offset_ms: int
     resync: bool = False
+    lost: bool = False  # the hub lost its data: publish this host's own bans again
 
 
 @dataclass
@@ -189,17 +190,20 @@ class Link:
 
     def _read_loop(self, hub: Hub) -> None:
         newest = hub.last_id()
-        if self.cursor is None or newest is None or _id_less(newest, self.cursor):
-            self._resync(hub, newest)  # new here, or Redis lost the entries we read
+        lost = self.cursor not in (None, "0-0") and not hub.holds(str(self.cursor))
+        if self.cursor is None or lost:
+            self._resync(hub, newest, lost)  # new here, or Redis lost what we read
         while not self.stopping.is_set():
             assert self.cursor is not None
             entries = hub.read(self.cursor, BLOCK_MS, READ_COUNT)
             if entries:
                 self._take(hub, entries)
 
-    def _resync(self, hub: Hub, newest: str | None) -> None:
+    def _resync(self, hub: Hub, newest: str | None, lost: bool) -> None:
         """Every active ban from the snapshot, then the stream from ``newest`` on
-        (entries written meanwhile come twice; applying one twice changes nothing)."""
+        (entries written meanwhile come twice; applying one twice changes nothing).
+        ``lost``: the hub lost the entries this host had read, so the daemon
+        publishes its own active bans again (Delivery.lost) for the others."""
         self.status.resyncs += 1
         self.metrics.resyncs.inc()
         now_ms = int(time.time() * 1000) + hub.offset_ms
@@ -215,7 +219,11 @@ class Link:
             count += len(bans)
             self.deliver(Delivery(bans, None, hub.offset_ms, resync=True))
         self.cursor = newest or "0-0"
-        self.deliver(Delivery([], self.cursor, hub.offset_ms, resync=True))
+        self.deliver(Delivery([], self.cursor, hub.offset_ms, resync=True, lost=lost))
+        if lost:
+            log.warning("fleet: the hub %s no longer holds the entries read up to here "
+                        "(its data was lost?): resynchronised, and this host's own "
+                        "bans are published again", self.settings.hub)
         log.info("fleet: %d active ban(s) from the hub's snapshot; reading on from %s",
                  count, self.cursor)
 
@@ -264,11 +272,6 @@ class Link:
             warn_limited(log, f"fleet {refusal.reason}", "fleet: refused an entry from "
                          "%s (%s): %s", refusal.origin or "?", refusal.reason,
                          refusal.detail)
-
-
-def _id_less(a: str, b: str) -> bool:
-    """Whether stream id ``a`` comes before ``b``."""
-    return (parse_id(a) or (0, 0)) < (parse_id(b) or (0, 0))
 
 
 def status_of(link: Link | None) -> dict[str, Any] | None:
