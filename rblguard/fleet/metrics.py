@@ -1,6 +1,19 @@
 """The ``rblguard_fleet_*`` metrics, registered beside the daemon's only when the fleet
 is on (a host that bans alone exports none of them).  Thread-safe: the link's threads
-and the daemon loop both record here."""
+and the daemon loop both record here.
+
+=========================================  ============================================
+rblguard_fleet_published_total             own bans written to the hub
+rblguard_fleet_applied_total               other members' bans put in the kernel here
+rblguard_fleet_refused_total{reason}       entries not obeyed (REFUSAL_REASONS)
+rblguard_fleet_queue_length                own bans waiting for the hub
+rblguard_fleet_queue_dropped_total         own bans dropped: the queue was full
+rblguard_fleet_link_up                     1 while both connections to the hub work
+rblguard_fleet_resyncs_total               reads of the hub's snapshot of active bans
+rblguard_fleet_quarantined_origins         members whose entries are refused (flood)
+rblguard_fleet_propagation_seconds         hub write of a member's ban -> kernel here
+=========================================  ============================================
+"""
 
 from __future__ import annotations
 
