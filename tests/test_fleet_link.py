@@ -35,11 +35,11 @@ def hub(tmp_path: Path) -> Iterator[RedisHub]:
 class Member:
     """One Link with its deliveries in a queue, as the daemon loop would get them."""
 
-    def __init__(self, hub: RedisHub, name: str, cursor: str | None = "0-0",
+    def __init__(self, url: str | None, name: str, cursor: str | None = "0-0",
                  **settings) -> None:
         self.deliveries: queue.Queue[Delivery] = queue.Queue()
         self.registry = CollectorRegistry()
-        self.link = Link(FleetSettings(redis=hub.url, name=name, **settings), cursor,
+        self.link = Link(FleetSettings(redis=url, name=name, **settings), cursor,
                          self.deliveries.put, FleetMetrics(self.registry))
         self.link.start()
 
@@ -78,7 +78,7 @@ def ban(target: str, seconds: float = 3600, rule: str = "spamhaus") -> Ban:
 
 
 def test_a_ban_published_by_one_member_reaches_the_other_and_never_echoes(hub) -> None:
-    mx1, mx2 = Member(hub, "mx1"), Member(hub, "mx2")
+    mx1, mx2 = Member(hub.url, "mx1"), Member(hub.url, "mx2")
     try:
         wait_for(lambda: mx1.link.status.state == mx2.link.status.state == "up", 10,
                  "both links up")
@@ -109,7 +109,7 @@ def test_a_ban_published_by_one_member_reaches_the_other_and_never_echoes(hub) -
 
 
 def test_hostile_entries_are_refused_and_counted_and_nothing_else_breaks(hub) -> None:
-    mx2 = Member(hub, "mx2", quarantine=3600)
+    mx2 = Member(hub.url, "mx2", quarantine=3600)
     r = hub.client()
     try:
         wait_for(lambda: mx2.link.status.state == "up", 10, "link up")
@@ -146,7 +146,7 @@ def test_hostile_entries_are_refused_and_counted_and_nothing_else_breaks(hub) ->
 
 
 def test_bans_made_while_the_hub_is_down_reach_the_others_when_it_returns(hub) -> None:
-    mx1 = Member(hub, "mx1")
+    mx1 = Member(hub.url, "mx1")
     try:
         wait_for(lambda: mx1.link.status.state == "up", 10, "link up")
         hub.kill()
@@ -157,7 +157,7 @@ def test_bans_made_while_the_hub_is_down_reach_the_others_when_it_returns(hub) -
         assert mx1.metric("rblguard_fleet_link_up") == 0
         assert mx1.link.queued == 3 and mx1.metric("rblguard_fleet_queue_length") == 3
         hub.start()  # its AOF brings the stream back
-        mx2 = Member(hub, "mx2")
+        mx2 = Member(hub.url, "mx2")
         try:
             got = {b.target for b in mx2.bans(3, timeout=30)}
             assert got == {"198.51.100.20", "198.51.100.21", "198.51.100.22"}
@@ -170,7 +170,7 @@ def test_bans_made_while_the_hub_is_down_reach_the_others_when_it_returns(hub) -
 
 
 def test_a_hub_that_lost_its_data_is_resynchronised_and_told_again(hub) -> None:
-    mx1, mx2 = Member(hub, "mx1"), Member(hub, "mx2")
+    mx1, mx2 = Member(hub.url, "mx1"), Member(hub.url, "mx2")
     try:
         mx1.link.publish([ban("198.51.100.40")])
         assert [b.target for b in mx2.bans(1)] == ["198.51.100.40"]
@@ -192,7 +192,7 @@ def test_a_hub_that_lost_its_data_is_resynchronised_and_told_again(hub) -> None:
 
 def test_the_queue_is_bounded_and_counts_what_it_drops(hub) -> None:
     hub.kill()
-    mx1 = Member(hub, "mx1", queue_max=100)
+    mx1 = Member(hub.url, "mx1", queue_max=100)
     try:
         for i in range(15):
             mx1.link.publish([ban(f"198.51.100.{10 * i + j}") for j in range(10)])
@@ -215,7 +215,7 @@ def test_a_new_member_gets_every_active_ban_from_the_snapshot(hub) -> None:
     pipe.xadd("rblguard:bans", stream_fields("198.18.0.0", 3600, "x", "mx1"))
     pipe.execute()
     started = time.monotonic()
-    mx3 = Member(hub, "mx3", cursor=None)
+    mx3 = Member(hub.url, "mx3", cursor=None)
     try:
         got = mx3.bans(100_000, timeout=30)
         took = time.monotonic() - started
@@ -239,7 +239,7 @@ def test_an_acl_user_restricted_to_the_prefix_and_the_commands_is_enough(
     hub.client().execute_command("ACL", "SETUSER", "rblguard", *ACL)
     (tmp_path / "pw").write_text("s3cret\n")
     opts = {"username": "rblguard", "password_file": str(tmp_path / "pw")}
-    mx1, mx2 = Member(hub, "mx1", **opts), Member(hub, "mx2", cursor=None, **opts)
+    mx1, mx2 = Member(hub.url, "mx1", **opts), Member(hub.url, "mx2", cursor=None, **opts)
     try:
         wait_for(lambda: mx1.link.status.state == mx2.link.status.state == "up", 10,
                  "both links up as the ACL user")
