@@ -90,6 +90,22 @@ def test_bad_blocks_name_file_line_key_and_problem(tmp_path: Path, block: str, l
     assert problem in message, message
 
 
+def test_run_check_checks_the_fleet_block(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from rblguard.commands.cli import main
+
+    config = tmp_path / "rblguard.yaml"
+    config.write_text("shipped_rules: true\nrules_dirs: []\nfleet:\n"
+                      "  redis: redis://hub.example:6379/0\n  name: mx1\n")
+    assert main(["run", "--check", "--config", str(config)]) == 0
+    assert "fleet member mx1 of redis://hub.example:6379/0" in capsys.readouterr().out
+    config.write_text("fleet:\n  redis: redis://hub.example:6379/0\n  prefix: 'a b'\n")
+    assert main(["run", "--check", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"rblguard: {config}: line 3: fleet.prefix: 'a b' must be"), err
+    assert "\n" not in err
+
+
 def raw(target: str = "198.51.100.7", seconds: str = "3600", rule: str = "spamhaus",
         origin: str = "mx1", version: str = "1") -> dict[bytes, bytes]:
     fields = stream_fields(target, int(seconds) if seconds.isdigit() else 0, rule, origin)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import queue
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from rblguard.fleet.settings import FleetSettings
 from rblguard.model import Ban
 from tests.daemon_harness import wait_for
 from tests.redis_hub import RedisHub, redis_hub
+from tests.test_metrics import free_port
 
 
 @pytest.fixture
@@ -258,3 +260,53 @@ def test_an_acl_user_restricted_to_the_prefix_and_the_commands_is_enough(
         limited.get("rblguard:bans")  # and the user can do no more
     with pytest.raises(redis.exceptions.NoPermissionError, match="no permissions"):
         limited.xadd("other:bans", {"a": "b"})
+
+
+def make_certificates(d: Path) -> None:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+            "/CN=fleet test CA", "-keyout", "ca.key", "-out", "ca.pem")
+    for name, san in (("server", "IP:127.0.0.1"), ("client", "DNS:mx1")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "1", "-extfile", f"{name}.ext",
+                "-out", f"{name}.pem")
+
+
+def test_tls_with_a_client_certificate(tmp_path: Path) -> None:
+    if shutil.which("openssl") is None or shutil.which("redis-server") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("needs openssl and redis-server: CI must run this test")
+        pytest.skip("needs openssl and redis-server")
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    make_certificates(certs)
+    port = free_port()
+    tls = ("--tls-port", str(port), "--tls-cert-file", str(certs / "server.pem"),
+           "--tls-key-file", str(certs / "server.key"), "--tls-ca-cert-file",
+           str(certs / "ca.pem"), "--tls-auth-clients", "yes")
+    with redis_hub(tmp_path / "redis", extra=tls) as hub:
+        from rblguard.fleet.settings import TlsSettings
+
+        url = f"rediss://127.0.0.1:{port}/0"
+        good = TlsSettings(ca=str(certs / "ca.pem"), cert=str(certs / "client.pem"),
+                           key=str(certs / "client.key"))
+        mx1 = Member(url, "mx1", tls=good)
+        mx2 = Member(url, "mx2", tls=good)
+        stranger = Member(url, "mx9", tls=TlsSettings(ca=str(certs / "ca.pem")))
+        try:
+            mx1.link.publish([ban("198.51.100.80")])
+            assert [b.target for b in mx2.bans(1)] == ["198.51.100.80"]
+            # no client certificate: the hub refuses the connection, and says why
+            wait_for(lambda: stranger.link.status.last_error is not None, 10, "refusal")
+            assert stranger.link.status.state != "up"
+            assert "CERTIFICATE_REQUIRED" in stranger.link.status.last_error
+        finally:
+            for m in (mx1, mx2, stranger):
+                m.stop()
+        assert hub.answers()
