@@ -302,10 +302,12 @@ def test_tls_with_a_client_certificate(tmp_path: Path) -> None:
         try:
             mx1.link.publish([ban("198.51.100.80")])
             assert [b.target for b in mx2.bans(1)] == ["198.51.100.80"]
-            # no client certificate: the hub refuses the connection, and says why
+            # no client certificate: the hub refuses the connection
             wait_for(lambda: stranger.link.status.last_error is not None, 10, "refusal")
             assert stranger.link.status.state != "up"
-            assert "CERTIFICATE_REQUIRED" in stranger.link.status.last_error
+            # TLS 1.3 reports it as the alert or as an EOF, depending on timing
+            assert "ssl" in stranger.link.status.last_error.lower()
+            assert stranger.metric("rblguard_fleet_link_up") == 0
         finally:
             for m in (mx1, mx2, stranger):
                 m.stop()
