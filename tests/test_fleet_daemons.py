@@ -52,8 +52,8 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def fleet_of(tmp_path: Path, n: int = 3, allowlists: dict[int, list[str]] | None = None
-             ) -> Iterator[Fleet]:
+def fleet_of(tmp_path: Path, n: int = 3, allowlists: dict[int, list[str]] | None = None,
+             start: bool = True) -> Iterator[Fleet]:
     require_root_tools("nft", "redis-server")
     hub_ns = f"rgh-{uuid.uuid4().hex[:6]}"
     run(["ip", "netns", "add", hub_ns])
@@ -79,7 +79,8 @@ def fleet_of(tmp_path: Path, n: int = 3, allowlists: dict[int, list[str]] | None
                 h.write_config(fleet={"redis": f"redis://198.18.{100 + i}.1:6379/0",
                                       "name": f"mx{i}", "timeout": 1},
                                allowlist=(allowlists or {}).get(i, []))
-                h.start()
+                if start:
+                    h.start()
             yield Fleet(hub, members)
     finally:
         for pid in subprocess.run(["ip", "netns", "pids", hub_ns], capture_output=True,
@@ -174,3 +175,33 @@ def test_the_hub_killed_and_a_host_cut_off_lose_no_ban(tmp_path: Path) -> None:
                     for m in members}
         wait_for(lambda: {"198.51.100.50@mx0", "2001:db8:50::/64@mx1"} <= told_again(),
                  30, "the members to publish their bans again")
+
+
+# 100,000 active bans in the hub's snapshot, written by Redis itself (fast, and on the
+# hub's clock): 2001:db8:ff::0:1 to 2001:db8:ff::1:86a0, one hour each, from mx9
+SNAPSHOT = """
+local t = redis.call('TIME')
+local ends = tonumber(t[1]) * 1000 + 3600000
+for i = 1, tonumber(ARGV[1]) do
+  redis.call('ZADD', KEYS[1], ends,
+             string.format('2001:db8:ff::%x:%x|x|mx9', math.floor(i / 65536), i % 65536))
+end
+"""
+
+
+@pytest.mark.root
+def test_a_new_host_joining_a_fleet_of_100000_bans_has_them_in_seconds(
+        tmp_path: Path) -> None:
+    with fleet_of(tmp_path, n=1, start=False) as fleet:
+        fleet.hub.client().eval(SNAPSHOT, 1, "rblguard:active", 100_000)
+        h = fleet.members[0]
+        started = time.monotonic()
+        h.start()
+        wait_for(lambda: h.cli("status", "--json")["active_bans"]["ipv6"] == 100_000, 30,
+                 "the snapshot's bans")
+        took = time.monotonic() - started
+        print(f"a new host: start to 100,000 fleet bans applied {took:.2f} s")
+        assert took <= 10, took
+        in_kernel = h.kernel_elements()
+        assert len(in_kernel) == 100_000 and "2001:db8:ff::1:86a0" in in_kernel
+        assert fleet.fleet_status(0)["resyncs"] == 1

@@ -56,12 +56,16 @@ def apply(d: Daemon, delivery: Delivery) -> None:
         if verdict.refused:
             link.refuse_allowlisted(ban.origin, ban.target)
         elif verdict.bans:
-            pipe.ban(verdict.bans, verdict.refreshed)
+            pipe.ban(verdict.bans, verdict.refreshed, quiet=True)
             made.append(ban)
     resyncing = delivery.resync and delivery.cursor is None  # more parts to come
-    if made and not resyncing:
+    if pipe.pending and not resyncing:  # a resync's parts go to the kernel in one batch
         pipe.flush(save=False)
     link.metrics.applied.inc(len(made))
+    if made:
+        shown = ", ".join(b.target for b in made[:5]) + (" ..." if len(made) > 5 else "")
+        log.info("fleet: %d ban(s) from %s: %s", len(made),
+                 ", ".join(sorted({b.origin for b in made})), shown)
     if not delivery.resync:
         here_ms = time.time() * 1000 + delivery.offset_ms
         for ban in made:

@@ -100,11 +100,15 @@ class Pipeline:
                 elif time.monotonic() - self.pending_since >= PUSH_AFTER:
                     self.flush(save=False)
 
-    def ban(self, bans: Iterable[Ban], refreshed: bool, since: float | None = None) -> None:
-        """Queue decided bans for the kernel; ``since`` is their line's time (latency)."""
+    def ban(self, bans: Iterable[Ban], refreshed: bool, since: float | None = None,
+            quiet: bool = False) -> None:
+        """Queue decided bans for the kernel; ``since`` is their line's time (latency).
+        ``quiet``: not logged nor counted one by one (the fleet's bans: a resync brings
+        100,000 at once; rblguard.daemon.fleet logs and counts them)."""
         for ban in bans:
             self.pending.append(ban)
-            self.announce.append((ban, refreshed))
+            if not quiet:
+                self.announce.append((ban, refreshed))
             if refreshed:  # maybe of a ban in this very batch: reset it too
                 self.fresh.discard(ban.target)
             elif "/" not in ban.target and self.state_loaded:

@@ -9,8 +9,6 @@ tell it from this host's own (a foreign ban is never published again: no echo).
 
 from __future__ import annotations
 
-import ipaddress
-
 from rblguard.decisions.decider import Decider, Verdict
 from rblguard.model import Ban
 
@@ -22,9 +20,10 @@ def on_foreign(decider: Decider, target: str, until: float, rule: str, origin: s
     (rblguard.fleet.entries); refusals are ``allowlist`` and ``stale`` verdicts."""
     if until <= now:
         return Verdict(stale=True)
-    if decider.allowlist.overlaps(ipaddress.ip_network(target, strict=False)):
+    allowlist = decider.allowlist
+    if allowlist.overlaps(target) if "/" in target else allowlist.contains(target):
         return Verdict(refused="allowlist", message=f"{target} (from fleet member "
-                       f"{origin}) is allowlisted ({decider.allowlist.reason(target)})")
+                       f"{origin}) is allowlisted ({allowlist.reason(target)})")
     current = decider.until(target)
     if current is not None and current >= until:
         return Verdict()  # in force at least as long already: a duplicate or an echo

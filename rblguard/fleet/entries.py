@@ -21,7 +21,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from rblguard.addresses import canonical_address
+from rblguard.addresses import canonical_address, canonical_bytes
 from rblguard.fleet.settings import FleetSettings, valid_member_name
 
 FORMAT = b"1"
@@ -74,9 +74,11 @@ def parse_id(entry_id: bytes | str) -> tuple[int, int] | None:
 
 
 def canonical_target(text: str) -> str | None:
-    """The canonical spelling of an address or network, or None if it is neither."""
+    """The canonical spelling of an address or network, or None if it is neither.
+    A single address goes by the C library's parser (canonical_bytes): a resync reads
+    100,000 of them, and the ipaddress module takes 15 us for each IPv6 one."""
     if "/" not in text:
-        return canonical_address(text)
+        return canonical_bytes(text.encode("ascii"))
     try:
         net = ipaddress.ip_network(text, strict=False)
     except ValueError:

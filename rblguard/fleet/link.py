@@ -36,6 +36,8 @@ log = logging.getLogger("rblguard.fleet")
 BLOCK_MS = 1000  # one XREAD's wait: how soon a stop is seen
 READ_COUNT = 10_000  # entries per XREAD: a 100,000-ban wave comes in ten reads
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 10.0  # seconds, doubled per failure, jittered
+PUBLISH_MAX = 10_000  # bans per pipeline: a queue that waited for the hub goes in parts
+CLOCK_EVERY = 300.0  # seconds between measures of the hub's clock (a stepped local clock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +120,7 @@ class Link:
         with self.wake:
             self.outbox.append(bans)
             self.queued += len(bans)
-            while self.queued > self.settings.queue_max:
+            while self.queued > self.settings.queue_max and self.outbox:
                 lost = self.outbox.popleft()
                 self.queued -= len(lost)
                 self.status.dropped += len(lost)
@@ -170,34 +172,50 @@ class Link:
 
     def _publish_loop(self, hub: Hub) -> None:
         while not self.stopping.is_set():
-            with self.wake:
-                while not self.outbox and not self.stopping.is_set():
-                    self.wake.wait()
-                batch = list(self.outbox)  # every batch waiting: one pipeline
+            batch = self._take_batch()
             if not batch:
                 return
             now = time.time()
             entries = [(b.target, int(b.until - now), b.rule)
                        for bans in batch for b in bans if b.until - now >= 1]
-            if entries:
-                hub.publish(entries, hub.offset_ms)  # raises: the batch stays queued
+            try:
+                if entries:
+                    hub.publish(entries, hub.offset_ms)
+            except BaseException:
+                with self.wake:  # back to the front of the queue, for the next connection
+                    self.outbox.extendleft(reversed(batch))
+                raise
             with self.wake:
-                for _ in batch:
-                    self.queued -= len(self.outbox.popleft())
+                self.queued -= sum(map(len, batch))
                 self.metrics.queue.set(self.queued)
             self.status.published += len(entries)
             self.metrics.published.inc(len(entries))
+
+    def _take_batch(self) -> list[list[Ban]]:
+        """The batches waiting, up to PUBLISH_MAX bans (one pipeline), once there are
+        any; [] when stopping.  They count as queued until the hub took them."""
+        with self.wake:
+            while not self.outbox and not self.stopping.is_set():
+                self.wake.wait()
+            batch, size = [], 0
+            while self.outbox and (not batch or size + len(self.outbox[0]) <= PUBLISH_MAX):
+                batch.append(self.outbox.popleft())
+                size += len(batch[-1])
+            return batch
 
     def _read_loop(self, hub: Hub) -> None:
         newest = hub.last_id()
         lost = self.cursor not in (None, "0-0") and not hub.holds(str(self.cursor))
         if self.cursor is None or lost:
             self._resync(hub, newest, lost)  # new here, or Redis lost what we read
+        measured = time.monotonic()
         while not self.stopping.is_set():
             assert self.cursor is not None
             entries = hub.read(self.cursor, BLOCK_MS, READ_COUNT)
             if entries:
                 self._take(hub, entries)
+            if time.monotonic() - measured >= CLOCK_EVERY:
+                hub.offset_ms, measured = hub.clock_offset(), time.monotonic()
 
     def _resync(self, hub: Hub, newest: str | None, lost: bool) -> None:
         """Every active ban from the snapshot, then the stream from ``newest`` on
