@@ -126,3 +126,33 @@ def test_a_new_host_joining_a_fleet_of_100000_bans_has_them_in_seconds(
         wait_for(lambda: len(h.kernel_elements()) == 100_000, 20, "the kernel set")
         assert "2001:db8:ff::1:86a0" in h.kernel_elements()
         assert fleet.fleet_status(0)["resyncs"] == 1
+
+
+@pytest.mark.root
+def test_hostile_entries_in_the_hub_are_refused_and_the_hosts_go_on(tmp_path: Path) -> None:
+    from rblguard.fleet.entries import stream_fields
+    from tests.test_fleet_link import FLOOD
+
+    with fleet_of(tmp_path, n=2, allowlists={1: ["192.0.2.0/24"]}) as fleet:
+        fleet.wait_up()
+        r = fleet.hub.client()
+        for target, seconds in (("0.0.0.0/0", 60), ("::/0", 60), ("192.0.2.9", 60),
+                                ("198.51.100.90", 10 * 365 * 86400), ("not an ip", 60)):
+            r.xadd("rblguard:bans", stream_fields(target, seconds, "x", "evil"))
+        r.eval(FLOOD, 1, "rblguard:bans", 50_000, "flood")
+        fleet.reject(0, "203.0.113.90")  # and a real ban after all that
+        h = fleet.members[1]
+        wait_for(lambda: "203.0.113.90" in h.kernel_elements(), 30, "the real ban")
+        refused = fleet.fleet_status(1)["refused"]
+        assert refused["too_wide"] == 2 and refused["too_long"] == 1
+        # 192.0.2.9, and maybe the flood's 198.18.101.2: mx1's own address
+        assert refused["malformed"] == 1 and refused["allowlist"] in (1, 2)
+        assert refused["rate"] == 1 and refused["quarantined"] > 0
+        assert fleet.fleet_status(1)["quarantined"] == ["flood"]
+        elements = h.kernel_elements()
+        assert not {"0.0.0.0/0", "::/0", "192.0.2.9", "198.51.100.90"} & elements
+        flood = sum(e.startswith("198.18.") for e in elements)
+        assert flood + refused["rate"] + refused["quarantined"] + (
+            refused["allowlist"] - 1) == 50_000  # each one obeyed or refused and counted
+        fleet.reject(1, "203.0.113.91")  # local banning unaffected
+        wait_for(lambda: "203.0.113.91" in h.kernel_elements(), 10, "a local ban")
