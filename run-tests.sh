@@ -23,7 +23,7 @@ APT_PACKAGES=(nftables ipset iptables iproute2 ucspi-tcp daemontools dnsmasq-bas
               piuparts debootstrap python3-yaml python3-watchdog
               python3-prometheus-client python3-pyroute2 python3-nftables python3-regex
               python3-redis
-              redis-server)  # the fleet tests' own hubs (never the machine's service)
+              redis-server openssl)  # the fleet tests' own hubs and their TLS certificates
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
