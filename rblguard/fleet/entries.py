@@ -26,6 +26,7 @@ from rblguard.fleet.settings import FleetSettings, valid_member_name
 
 FORMAT = b"1"
 MIN_PREFIX = {4: 24, 6: 48}  # shorter prefixes are refused: never a /8 from the hub
+FIELD_BYTES = 64  # the longest target, rule or origin read from an entry
 # Why a foreign entry was not obeyed: the label of rblguard_fleet_refused_total.
 REFUSAL_REASONS = ("malformed", "too_wide", "too_long", "expired", "rate", "quarantined",
                    "allowlist")
@@ -90,7 +91,7 @@ def canonical_target(text: str) -> str | None:
     return str(net)
 
 
-def _text(value: object, limit: int = 64) -> str | None:
+def _text(value: object, limit: int = FIELD_BYTES) -> str | None:
     if not isinstance(value, bytes) or len(value) > limit:
         return None
     try:

@@ -55,5 +55,6 @@ class OriginGuard:
         return until is not None and now_ms < until
 
     def active(self, now_ms: int) -> dict[str, int]:
-        """Origins quarantined at ``now_ms``, with the end of each (server ms)."""
-        return {o: u for o, u in self.quarantined.items() if now_ms < u}
+        """Origins quarantined at ``now_ms``, with the end of each (server ms).  Any
+        thread may ask (``rblguard status``): it reads a copy, taken in one C call."""
+        return {o: u for o, u in dict(self.quarantined).items() if now_ms < u}
