@@ -49,6 +49,7 @@ def test_a_reject_on_mx1_is_a_ban_on_mx2_and_mx3_within_milliseconds(tmp_path: P
         assert {b["origin"] for b in fleet.members[0].cli("list", "--json")["bans"]} == {None}
         assert fleet.hub.client().xlen("rblguard:bans") == 41
         assert fleet.fleet_status(0)["published"] == 41
+        assert fleet.fleet_status(1)["applied"] == 41 and fleet.fleet_status(0)["applied"] == 0
         assert "fleet:       up to redis://" in fleet.members[1].cli("status")
 
 

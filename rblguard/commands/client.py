@@ -74,7 +74,7 @@ def _print_status(r: dict[str, Any]) -> None:
         lag = "-" if fleet.get("lag_s") is None else f"{fleet['lag_s']} s"
         print(f"fleet:       {fleet.get('state')} to {fleet.get('hub')} as "
               f"{fleet.get('name')}, lag {lag}, {fleet.get('queue', 0)} queued, "
-              f"{fleet.get('published', 0)} published"
+              f"{fleet.get('published', 0)} published, {fleet.get('applied', 0)} applied"
               + (f", last error: {fleet['last_error']}" if fleet.get("last_error") else "")
               + (f", QUARANTINED: {', '.join(fleet['quarantined'])}"
                  if fleet.get("quarantined") else ""))

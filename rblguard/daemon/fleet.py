@@ -62,6 +62,7 @@ def apply(d: Daemon, delivery: Delivery) -> None:
     if pipe.pending and not resyncing:  # a resync's parts go to the kernel in one batch
         pipe.flush(save=False)
     link.metrics.applied.inc(len(made))
+    link.status.applied += len(made)
     if made:
         shown = ", ".join(b.target for b in made[:5]) + (" ..." if len(made) > 5 else "")
         log.info("fleet: %d ban(s) from %s: %s", len(made),

@@ -65,6 +65,7 @@ class LinkStatus:
     lag_s: float | None = None  # hub time of the newest entry read to when it was read
     cursor: str | None = None
     published: int = 0
+    applied: int = 0  # other members' bans put in the kernel (by the daemon loop)
     dropped: int = 0
     resyncs: int = 0
     refused: dict[str, int] = field(default_factory=dict)
@@ -300,6 +301,7 @@ def status_of(link: Link | None) -> dict[str, Any] | None:
     return {"state": s.state, "hub": s.hub, "name": link.settings.name,
             "lag_s": None if s.lag_s is None else round(s.lag_s, 3),
             "last_error": s.last_error, "queue": link.queued, "dropped": s.dropped,
-            "published": s.published, "resyncs": s.resyncs, "refused": dict(s.refused),
+            "published": s.published, "applied": s.applied, "resyncs": s.resyncs,
+            "refused": dict(s.refused),
             "quarantined": sorted(link.guard.active(int(time.time() * 1000))),
             "cursor": s.cursor}
