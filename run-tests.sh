@@ -21,7 +21,9 @@ APT_PACKAGES=(nftables ipset iptables iproute2 ucspi-tcp daemontools dnsmasq-bas
               dpkg-dev build-essential debhelper dh-python pybuild-plugin-pyproject
               python3-all python3-setuptools python3-argparse-manpage lintian
               piuparts debootstrap python3-yaml python3-watchdog
-              python3-prometheus-client python3-pyroute2 python3-nftables python3-regex)
+              python3-prometheus-client python3-pyroute2 python3-nftables python3-regex
+              python3-redis
+              redis-server openssl)  # the fleet tests' own hubs and their TLS certificates
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
@@ -29,7 +31,7 @@ for pkg in "${APT_PACKAGES[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
-    # Debian's prometheus and dnsmasq packages would start their services on install;
+    # Debian's prometheus, dnsmasq and redis-server packages would start their services;
     # the tests run their own, in namespaces.  policy-rc.d (exit 101: "not allowed")
     # is Debian's way to keep a package from starting one; only ours is removed after.
     policy=/usr/sbin/policy-rc.d

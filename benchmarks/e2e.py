@@ -12,6 +12,13 @@ along and retry 2-9 times each, 0.5-5 s apart.
 Then ``rblguard simulate --ban-time 1h`` on the *baseline's* log (a log written with no
 banning, as an admin's log is before rblguard) predicts the rblguard run's queries.
 
+With ``--fleet``, instead: two front ends (tests/e2e/fleet.py) and one spammer
+population, each connection to one of them, once with two lone rblguards and once with
+the two sharing their bans through a Redis hub; the JSON has fleet_queries,
+no_sharing_queries and fleet_ideal_queries (one lookup per spammer for the whole
+fleet); exit status 1 if the fleet is more than 1% over that ideal or a legitimate
+connection failed.
+
 With ``--wave``, also a botnet wave (the e2e test's: 3,000 new spammers within 10 s, about
 1,000 connections a second) three times: no banner, the lean one-``nft``-process-per-ban
 follower of tests/e2e/frontend.py (which differs from rblguard only in that), and
@@ -105,6 +112,45 @@ def wave_comparison() -> dict:
     return rows
 
 
+def fleet_comparison(population: Population, plan: list[Planned], seed: int) -> dict:
+    """Two front ends, one spammer population: without and with fleet sharing."""
+    from tests.e2e import fleet
+
+    parts = fleet.split(plan, 2, seed)
+    ideal = fleet.fleet_ideal(plan, population)
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, sharing in (("no_sharing", False), ("fleet", True)):
+            with fleet.frontends(Path(tmp) / name, population, sharing) as fes:
+                measured = fleet.play(fes, parts)
+            runs[name] = {"queries": sum(m.dns_queries for m in measured),
+                          "legit_failed": sum(len(m.legit_failed) for m in measured),
+                          "per_host": [m.dns_queries for m in measured]}
+    result = {
+        "hosts": 2, "connections": len(plan), "spammers": len(population.spam),
+        "fleet_ideal_queries": ideal,
+        "fleet_queries": runs["fleet"]["queries"],
+        "fleet_excess_pct_of_ideal": round(100 * (runs["fleet"]["queries"] - ideal) / ideal,
+                                           2),
+        "no_sharing_queries": runs["no_sharing"]["queries"],
+        "no_sharing_excess_pct_of_ideal": round(
+            100 * (runs["no_sharing"]["queries"] - ideal) / ideal, 2),
+        "fleet_queries_per_host": runs["fleet"]["per_host"],
+        "no_sharing_queries_per_host": runs["no_sharing"]["per_host"],
+        "legit_failed": runs["fleet"]["legit_failed"] + runs["no_sharing"]["legit_failed"],
+    }
+    print(f"Two MX front ends, {len(plan)} connections from {len(population.spam)} listed "
+          f"spammers and {len(population.legit)} senders, split between them\n")
+    print("| run | DNSBL queries (both hosts) | over the fleet ideal | legitimate failed |")
+    print("|---|---:|---:|---:|")
+    for name in ("no_sharing", "fleet"):
+        r = runs[name]
+        print(f"| {name.replace('_', ' ')} | {r['queries']} | "
+              f"+{round(100 * (r['queries'] - ideal) / ideal, 2)}% | {r['legit_failed']} |")
+    print(f"| fleet ideal (one lookup per spammer) | {ideal} | - | - |")
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=70.0)
@@ -113,9 +159,17 @@ def main() -> int:
     parser.add_argument("--spam", type=int, default=1500, help="listed spammers")
     parser.add_argument("--wave", action="store_true",
                         help="also a botnet wave: no banner, one nft process per ban, rblguard")
+    parser.add_argument("--fleet", action="store_true",
+                        help="instead: two front ends, without and with fleet sharing")
     args = parser.parse_args()
     population = Population.make(args.seed, legit=args.legit, spam=args.spam)
     plan = plan_for(population, args.seconds, args.seed)
+    if args.fleet:
+        fleet_result = fleet_comparison(population, plan, args.seed)
+        print(json.dumps(fleet_result))
+        ok = (fleet_result["fleet_excess_pct_of_ideal"] <= 1.0
+              and fleet_result["legit_failed"] == 0)
+        return 0 if ok else 1
     with tempfile.TemporaryDirectory() as tmp:
         base, _, predicted = one_run(population, plan, None, Path(tmp) / "baseline")
         guarded, cpu, _ = one_run(population, plan, "nftables", Path(tmp) / "rblguard")

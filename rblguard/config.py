@@ -25,6 +25,7 @@ import yaml
 from rblguard import DEFAULT_CONFIG, yamlfile
 from rblguard.durations import parse_duration
 from rblguard.firewall.base import FirewallOptions
+from rblguard.fleet.settings import FleetSettings, parse_fleet
 
 DAY = 86400.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -110,6 +111,7 @@ class Config:
     metrics: ListenAddress | None = _DEFAULT_METRICS
     dnsbl: DnsblSettings = _DEFAULT_DNSBL
     log_level: str = "info"
+    fleet: FleetSettings | None = None  # off: this host bans alone
 
     @property
     def source_paths(self) -> list[str]:
@@ -379,6 +381,7 @@ _PARSERS: dict[str, Callable[[_Reader, Any], Any]] = {
     "metrics": _metrics,
     "dnsbl": _dnsbl,
     "log_level": _log_level,
+    "fleet": parse_fleet,
 }
 assert set(_PARSERS) == set(KEYS)
 

@@ -94,12 +94,14 @@ class Ban:
     ``target`` is a canonical address ("198.18.5.124", "2001:db8::17") or a network in
     CIDR form ("198.18.5.0/24", "2001:db8:1:2::/64").  ``rule`` is the rule's name, or
     "manual" for an admin's ban; ``reason`` is the log line or the admin's text.
+    ``origin`` is the fleet member whose log decided it (None: this host's own).
     """
 
     target: str
     until: float
     rule: str
     reason: str
+    origin: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

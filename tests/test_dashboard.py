@@ -125,7 +125,9 @@ def test_every_metric_is_documented() -> None:
     names = {f"{n}_total" if n in counters else n for n in families}
     assert len(names) >= 25
     assert [n for n in names if f"`{n}" not in docs] == []
-    docstring = rblguard.daemon.metrics.__doc__ or ""
+    import rblguard.fleet.metrics
+
+    docstring = (rblguard.daemon.metrics.__doc__ or "") + (rblguard.fleet.metrics.__doc__ or "")
     shorthand = {"rblguard_dnsbl_queries_per_day_estimate", "rblguard_dnsbl_queries_per_day_limit",
                  "rblguard_dnsbl_connections_per_day_estimate",
                  "rblguard_dnsbl_connections_per_day_limit"}  # one line there: {a,b}_{c,d}

@@ -120,9 +120,12 @@ def test_every_config_key_is_documented_and_every_documented_key_exists() -> Non
 
 def test_every_metric_is_documented_and_every_documented_metric_exists() -> None:
     from rblguard.daemon.metrics import Metrics
+    from rblguard.fleet.metrics import FleetMetrics
 
     suffix = {"counter": "_total"}  # a counter family's samples are NAME_total
-    defined = {f.name + suffix.get(f.type, "") for f in Metrics().registry.collect()}
+    metrics = Metrics()
+    FleetMetrics(metrics.registry)  # a fleet member's families too
+    defined = {f.name + suffix.get(f.type, "") for f in metrics.registry.collect()}
     assert len(defined) >= 20, defined
     documented = {n.split("{")[0] for n in _documented("operations.md",
                                                        "| metric | type | meaning |")}

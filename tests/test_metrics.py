@@ -27,6 +27,7 @@ import pytest
 from rblguard.daemon.listen import MetricsAddressError, parse_address
 from rblguard.daemon.metrics import Metrics
 from rblguard.firewall.base import Counters
+from rblguard.fleet.metrics import FleetMetrics
 from rblguard.model import ChunkResult, Connection, Ignored, Match, ParseError
 from tests.netns import require_root_tools
 
@@ -331,6 +332,14 @@ def busy_metrics() -> Metrics:
     m.source_lag("/var/log/qmail/smtpd/current", 0)
     m.firewall_error("health")
     m.reload(True)
+    fleet = FleetMetrics(m.registry)  # a member of a fleet: its families too
+    fleet.published.inc(3)
+    fleet.applied.inc(5)
+    fleet.refused.labels("too_wide").inc()
+    fleet.queue.set(0)
+    fleet.up.set(1)
+    fleet.propagation.observe(0.004)
+    fleet.quarantined.set(0)
     return m
 
 

@@ -145,7 +145,7 @@ def test_files_are_where_debian_and_the_unit_expect_them(built: Built) -> None:
 def test_dependencies_come_from_debian(built: Built) -> None:
     depends = {d.split(" ")[0] for d in field(built, "Depends")}
     assert {"nftables", "python3-nftables", "python3-regex", "python3-yaml", "python3-watchdog",
-            "python3-prometheus-client", "python3-pyroute2"} <= depends
+            "python3-prometheus-client", "python3-pyroute2", "python3-redis"} <= depends
     assert not [d for d in depends if "pip" in d]  # pyproject's pip-nftables is mapped
     assert field(built, "Recommends") == ["ipset", "iptables"]
     assert field(built, "Suggests") == ["redis-server", "prometheus"]

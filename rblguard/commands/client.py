@@ -69,15 +69,24 @@ def _print_status(r: dict[str, Any]) -> None:
     dnsbl = r.get("dnsbl") or {}
     if dnsbl:
         print("DNSBL budget: " + ", ".join(f"{k}={v}" for k, v in dnsbl.items()))
+    fleet = r.get("fleet")
+    if fleet:
+        lag = "-" if fleet.get("lag_s") is None else f"{fleet['lag_s']} s"
+        print(f"fleet:       {fleet.get('state')} to {fleet.get('hub')} as "
+              f"{fleet.get('name')}, lag {lag}, {fleet.get('queue', 0)} queued, "
+              f"{fleet.get('published', 0)} published, {fleet.get('applied', 0)} applied"
+              + (f", last error: {fleet['last_error']}" if fleet.get("last_error") else "")
+              + (f", QUARANTINED: {', '.join(fleet['quarantined'])}"
+                 if fleet.get("quarantined") else ""))
 
 
 def _print_list(r: dict[str, Any]) -> None:
     bans = r.get("bans", [])
-    print(f"{'target':<40} {'remaining':>10}  {'rule':<16} reason")
+    print(f"{'target':<40} {'remaining':>10}  {'rule':<16} {'origin':<12} reason")
     for ban in bans:
         remaining = format_duration(max(1, ban.get("remaining_s") or 1))
         print(f"{ban.get('target', '?'):<40} {remaining:>10}  {ban.get('rule') or '-':<16} "
-              f"{ban.get('reason') or ''}")
+              f"{ban.get('origin') or 'here':<12} {ban.get('reason') or ''}")
     print(f"{len(bans)} active ban(s)")
 
 

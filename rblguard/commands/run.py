@@ -32,8 +32,10 @@ def main(args: argparse.Namespace) -> int:
         except RuleError as exc:
             print(f"rblguard: {exc}", file=sys.stderr)
             return 2
+        fleet = config.fleet
         print(f"config {config.path or args.config or 'defaults'} OK; "
-              f"{len(ruleset.rules)} rule(s) from {len(ruleset.files)} file(s)")
+              f"{len(ruleset.rules)} rule(s) from {len(ruleset.files)} file(s)"
+              + (f"; fleet member {fleet.name} of {fleet.hub}" if fleet else ""))
         return 0
     try:
         return Daemon(config, args.config).run()

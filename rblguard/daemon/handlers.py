@@ -20,6 +20,7 @@ from rblguard.daemon.control import ControlError
 from rblguard.daemon.inbox import Inbox
 from rblguard.daemon.pipeline import log_unban
 from rblguard.firewall.base import FirewallError
+from rblguard.fleet.link import status_of
 from rblguard.matching.rules import RuleError
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ def _status(d: Daemon, _body: dict[str, Any]) -> dict[str, Any]:
         "dnsbl": d.metrics.budget(),
         "state": d.config.state_dir if d.pipeline.journal.saving else None,
         "allowlist_lifted": d.pipeline.lifted_allowlisted,
+        "fleet": status_of(d.fleet),
     }
 
 
@@ -79,7 +81,9 @@ def _list(d: Daemon, _body: dict[str, Any]) -> dict[str, Any]:
         info = details.get(target)
         bans.append({"target": target, "until": until, "remaining_s": round(until - now, 1),
                      "rule": info.rule if info else None,
-                     "reason": info.reason if info else None})
+                     "reason": info.reason if info else None,
+                     # None: this host's own ban; else the fleet member that made it
+                     "origin": info.origin if info else None})
     return {"bans": bans}
 
 

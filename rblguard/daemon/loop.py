@@ -21,10 +21,11 @@ from typing import Any
 
 from rblguard import __version__
 from rblguard.config import Config
-from rblguard.daemon import handlers, sdnotify, startup
+from rblguard.daemon import fleet, handlers, sdnotify, startup
 from rblguard.daemon import reload as reloading
 from rblguard.daemon.inbox import Inbox
 from rblguard.daemon.pipeline import housekeeping
+from rblguard.fleet.link import Delivery
 from rblguard.logs import warn_limited
 from rblguard.sources.stamps import detect_format
 from rblguard.store.journal import COMMIT_EVERY
@@ -65,6 +66,7 @@ class Daemon:
         self.backend: Any = None
         self.metrics: Any = None
         self.watcher: Any = None
+        self.fleet: Any = None  # rblguard.fleet.link.Link, when the config has a fleet
 
     def start(self, serve_metrics: bool = False) -> None:
         """Everything before the loop (see rblguard.daemon.startup)."""
@@ -85,6 +87,7 @@ class Daemon:
         ready = False
         try:
             self.start(serve_metrics=True)
+            fleet.start_link(self)
             self.watcher = SourceWatcher(list(self.sources), self.wakeups.put)
             self.watcher.start(own_thread=False)  # the loop polls its descriptor
             self._poller.register(self.wakeups.fileno(), select.POLLIN)
@@ -128,6 +131,8 @@ class Daemon:
             self._commit(force=True)  # the positions read since the last save
         if self.watcher is not None:
             self.watcher.stop()
+        if self.fleet is not None:
+            self.fleet.stop()
         self.control.stop()
         self.wakeups.close()
         if self.metrics is not None:
@@ -152,6 +157,8 @@ class Daemon:
                 self.dirty.add(item)
             elif isinstance(item, handlers.Request):
                 handlers.answer(self, item)
+            elif isinstance(item, Delivery):
+                fleet.apply(self, item)
 
     def _arrived(self, readable: set[int] | None = None) -> list[Any]:
         """What the inbox holds, and the sources inotify says changed (never blocks);

@@ -71,6 +71,10 @@ class Pipeline:
         self.timing = False
         self.manual: set[str] = set()  # active targets whose ban an admin made
         self.lifted_allowlisted = 0  # bans lifted because their target became allowlisted
+        # The fleet's hook (rblguard.daemon.fleet): bans decided from this host's own
+        # log go out once the kernel took them; ``local`` holds them until then.
+        self.publish: Callable[[list[Ban]], None] | None = None
+        self.local: list[Ban] = []
 
     # -- from the log ------------------------------------------------------------------
 
@@ -88,17 +92,23 @@ class Pipeline:
                 warn_limited(log, f"refused {verdict.refused}", "not banning %s (%s): %s",
                              event.address, verdict.refused, event.line)
             self.ban(verdict.bans, verdict.refreshed, event.time)
+            if self.publish is not None:
+                self.local.extend(verdict.bans)
             if self.pending:
                 if self.pending_since is None:
                     self.pending_since = time.monotonic()
                 elif time.monotonic() - self.pending_since >= PUSH_AFTER:
                     self.flush(save=False)
 
-    def ban(self, bans: Iterable[Ban], refreshed: bool, since: float | None = None) -> None:
-        """Queue decided bans for the kernel; ``since`` is their line's time (latency)."""
+    def ban(self, bans: Iterable[Ban], refreshed: bool, since: float | None = None,
+            quiet: bool = False) -> None:
+        """Queue decided bans for the kernel; ``since`` is their line's time (latency).
+        ``quiet``: not logged nor counted one by one (the fleet's bans: a resync brings
+        100,000 at once; rblguard.daemon.fleet logs and counts them)."""
         for ban in bans:
             self.pending.append(ban)
-            self.announce.append((ban, refreshed))
+            if not quiet:
+                self.announce.append((ban, refreshed))
             if refreshed:  # maybe of a ban in this very batch: reset it too
                 self.fresh.discard(ban.target)
             elif "/" not in ban.target and self.state_loaded:
@@ -134,6 +144,9 @@ class Pipeline:
             self.pending, self.pending_since = [], None
             for ban in bans:  # mirror the state's rule column: who made the ban in force
                 (self.manual.add if ban.rule == "manual" else self.manual.discard)(ban.target)
+            if self.publish is not None and self.local:
+                own, self.local = [b for b in self.local if b.target not in failed], []
+                self.publish(own)
         self.journal.kernel_took(bans)
         if failed:  # never logged as banned
             self.announce = [(b, r) for b, r in self.announce if b.target not in failed]
@@ -253,6 +266,7 @@ class Pipeline:
             self.manual.discard(target)
             log_unban(target, reason if isinstance(reason, str) else reason(target))
         self.pending = [b for b in self.pending if b.target not in gone]
+        self.local = [b for b in self.local if b.target not in gone]
         self.announce = [(b, r) for b, r in self.announce if b.target not in gone]
         self.journal.forget_pending(gone)
         refused, errors = lift(self.backend, [*targets, *others])

@@ -52,6 +52,9 @@ class Journal:
         self.read_to: dict[str, SourcePosition] = {}  # source -> read to here, not saved
         self.unsaved_bans: dict[str, Ban] = {}  # a commit failed: carried by the next
         self.unsaved_unbans: set[str] = set()
+        # (stream, last id) of the fleet entries applied: saved with the bans they
+        # brought, so a restart reads on from there (rblguard.daemon.fleet)
+        self.fleet_cursor: tuple[str, str] | None = None
         # The first commit is due at once: until a source's position is saved, a
         # restart would start that source at its end and skip what came meanwhile.
         self.last_commit = -math.inf
@@ -90,13 +93,17 @@ class Journal:
             return []
         bans, self.in_kernel = self.in_kernel, []
         positions, self.read_to = list(self.read_to.values()), {}
-        if bans or positions:  # nothing to save keeps the next commit due at once
+        fleet, self.fleet_cursor = self.fleet_cursor, None
+        if bans or positions or fleet:  # nothing to save keeps the next commit due
             self.last_commit = now
-            self.save("save bans and position", bans=bans, positions=positions)
+            if not self.save("save bans and position", bans=bans, positions=positions,
+                             fleet=fleet):
+                self.fleet_cursor = self.fleet_cursor or fleet
         return positions
 
     def save(self, what: str, bans: Sequence[Ban] = (), unbans: Sequence[str] = (),
-             positions: Sequence[SourcePosition] = ()) -> bool:
+             positions: Sequence[SourcePosition] = (),
+             fleet: tuple[str, str] | None = None) -> bool:
         """Commit, together with whatever earlier failed commits held back: all of it
         is saved, or all of it waits for the next commit.  False if it waits."""
         if self.state is None:
@@ -112,7 +119,7 @@ class Journal:
         try:
             self.state.commit(bans=save, unbans=sorted(gone),
                               history=self._history(held.values()),
-                              positions=list(positions))
+                              positions=list(positions), fleet=fleet)
         except StateError as exc:
             self.unsaved_bans, self.unsaved_unbans = held, gone
             warn_limited(log, "state", "cannot %s: %s (kernel bans are unaffected; "

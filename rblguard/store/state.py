@@ -26,7 +26,7 @@ from pathlib import Path
 
 from rblguard.model import Ban, Offender, SourcePosition
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "state.db"
 
 _SCHEMA = """
@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS bans (
     until REAL NOT NULL,
     rule TEXT NOT NULL,
     reason TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    origin TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS bans_until ON bans(until);
 CREATE TABLE IF NOT EXISTS history (
@@ -50,6 +51,18 @@ CREATE TABLE IF NOT EXISTS positions (
     inode INTEGER NOT NULL,
     offset INTEGER NOT NULL,
     fingerprint TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS fleet (
+    stream TEXT PRIMARY KEY,
+    last_id TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+# Schema 1 to 2: the fleet's bans name their origin, and the fleet's read position.
+_UPGRADE_2 = """
+ALTER TABLE bans ADD COLUMN origin TEXT;
+CREATE TABLE IF NOT EXISTS fleet (
+    stream TEXT PRIMARY KEY,
+    last_id TEXT NOT NULL
 ) WITHOUT ROWID;
 """
 
@@ -98,7 +111,8 @@ class State:
                                  f"newer than this rblguard's {SCHEMA_VERSION}: "
                                  "upgrade rblguard or move the file away")
             if version < SCHEMA_VERSION:
-                self.db.executescript(f"BEGIN;{_SCHEMA}"
+                upgrade = _UPGRADE_2 if version == 1 else _SCHEMA
+                self.db.executescript(f"BEGIN;{upgrade}"
                                       f"PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
             self.db.execute("SELECT count(*) FROM positions").fetchone()
             self._history_index()
@@ -172,7 +186,8 @@ class State:
         """Every ban still running at ``now``, soonest expiry first."""
         try:
             rows = self._conn().execute(
-                "SELECT target, until, rule, reason FROM bans WHERE until > ? ORDER BY until",
+                "SELECT target, until, rule, reason, origin FROM bans WHERE until > ? "
+                "ORDER BY until",
                 (now,)).fetchall()
         except sqlite3.Error as exc:
             raise self._error("cannot read bans", exc) from None
@@ -222,6 +237,15 @@ class State:
     def load_history(self) -> list[Offender]:
         return list(self.each_offender())
 
+    def fleet_cursor(self, stream: str) -> str | None:
+        """The id of the last entry of the fleet's ``stream`` this host has applied."""
+        try:
+            row = self._conn().execute("SELECT last_id FROM fleet WHERE stream = ?",
+                                       (stream,)).fetchone()
+        except sqlite3.Error as exc:
+            raise self._error("cannot read the fleet position", exc) from None
+        return row[0] if row else None
+
     def load_positions(self) -> dict[str, SourcePosition]:
         try:
             rows = self._conn().execute(
@@ -235,29 +259,31 @@ class State:
 
     def commit(self, bans: Iterable[Ban] = (), unbans: Iterable[str] = (),
                history: Iterable[Offender] = (),
-               positions: Iterable[SourcePosition] = ()) -> None:
+               positions: Iterable[SourcePosition] = (),
+               fleet: tuple[str, str] | None = None) -> None:
         """Write everything in one transaction: all of it is saved, or none of it.
+        ``fleet`` is (stream, last id applied): saved with the bans it brought.
 
         A ban for a target already saved replaces it (a refresh); ``unbans`` are
         removed after ``bans`` are written, so an unban in the same call wins.
         """
         db = self._conn()
         created = time.time()
-        ban_rows = [(b.target, b.until, b.rule, b.reason, created) for b in bans]
+        ban_rows = [(b.target, b.until, b.rule, b.reason, created, b.origin) for b in bans]
         unban_rows = [(t,) for t in unbans]
         history_rows = [tuple(o) for o in history]
         position_rows = [(p.source, p.file, p.dev, p.inode, p.offset, p.fingerprint)
                          for p in positions]
-        if not (ban_rows or unban_rows or history_rows or position_rows):
+        if not (ban_rows or unban_rows or history_rows or position_rows or fleet):
             return
         try:
             with self._transaction():
                 if ban_rows:
                     db.executemany(
-                        "INSERT INTO bans (target, until, rule, reason, created) "
-                        "VALUES (?, ?, ?, ?, ?) ON CONFLICT(target) DO UPDATE SET "
-                        "until=excluded.until, rule=excluded.rule, reason=excluded.reason",
-                        ban_rows)
+                        "INSERT INTO bans (target, until, rule, reason, created, origin) "
+                        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(target) DO UPDATE SET "
+                        "until=excluded.until, rule=excluded.rule, "
+                        "reason=excluded.reason, origin=excluded.origin", ban_rows)
                 if unban_rows:
                     db.executemany("DELETE FROM bans WHERE target = ?", unban_rows)
                 if history_rows:
@@ -269,6 +295,9 @@ class State:
                         "INSERT OR REPLACE INTO positions "
                         "(source, file, dev, inode, offset, fingerprint) "
                         "VALUES (?, ?, ?, ?, ?, ?)", position_rows)
+                if fleet:
+                    db.execute("INSERT OR REPLACE INTO fleet (stream, last_id) "
+                               "VALUES (?, ?)", fleet)
         except sqlite3.Error as exc:
             raise self._error("cannot save", exc) from None
 

@@ -211,8 +211,9 @@ class Frontend:
 
     def __init__(self, pair: NetnsPair, workdir: Path, population: Population, *,
                  backend: str | None = "nftables", limit: int = 200,
-                 log_size: int = 50_000) -> None:
+                 log_size: int = 50_000, fleet: dict | None = None) -> None:
         self.pair = pair
+        self.fleet = fleet  # rblguard's fleet: block (tests/e2e/fleet.py), if any
         self.workdir = workdir
         self.population = population
         self.backend = backend
@@ -299,7 +300,8 @@ class Frontend:
         self.daemon.write_config(sources=[{"path": str(self.logdir)}], backend=backend,
                                  ban_time="1h", metrics=METRICS,
                                  tcprules=str(self.workdir / "tcp.smtp"),
-                                 dnsbl={"zones": len(ZONES)})
+                                 dnsbl={"zones": len(ZONES)},
+                                 **({"fleet": self.fleet} if self.fleet else {}))
         if self.backend == "nftables":
             self.monitor = ElementMonitor(self.pair.server)
         self.notify = NotifyListener(self.workdir / "notify.sock")
