@@ -59,10 +59,10 @@ def test_every_shipped_rule_file_proves_itself() -> None:
     assert problems == []
 
 
-def test_shipped_rules_load_and_only_rblsmtpd_is_enabled() -> None:
+def test_shipped_qmail_rules_are_enabled() -> None:
+    """The qmail front ends' rules need no config: their prefixes are exact."""
     ruleset = load_rules()
-    assert [r.name for r in ruleset.rules] == ["rblsmtpd"]
-    assert ruleset.disabled_files and "qmail-smtpd" in ruleset.disabled_files[0]
+    assert [r.name for r in ruleset.rules] == ["qmail-smtpd-rbl", "rblsmtpd"]
 
 
 def test_test_rules_command_exit_codes(tmp_path: Path) -> None:
@@ -291,7 +291,7 @@ def test_configured_rule_directories_keep_their_documented_behaviour(tmp_path: P
     """The daemon's rules_dirs: a directory that does not exist is skipped; only when
     asked does having no enabled rule at all become an error."""
     ruleset = load_rules([shipped_rules_dir(), tmp_path / "nonexistent"])
-    assert [r.name for r in ruleset.rules] == ["rblsmtpd"]
+    assert [r.name for r in ruleset.rules] == ["qmail-smtpd-rbl", "rblsmtpd"]
     assert load_rules([tmp_path / "nonexistent"]).rules == []
     with pytest.raises(RuleError, match=r"no enabled rule in .*nonexistent: nothing would"):
         load_rules([tmp_path / "nonexistent"], require_enabled=True)
