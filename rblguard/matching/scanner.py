@@ -29,7 +29,8 @@ import regex
 
 from rblguard.addresses import _bytes_cache as _BYTES_CACHE
 from rblguard.addresses import canonical_address, canonical_bytes
-from rblguard.matching.rules import RESERVED_GROUP_PREFIX, Rule, RuleSet, split_literal
+from rblguard.matching.patterns import RESERVED_GROUP_PREFIX, split_literal
+from rblguard.matching.rules import Rule, RuleSet
 from rblguard.model import ChunkResult, Connection, Event, Ignored, Match, ParseError
 from rblguard.sources.stamps import (
     TAI64_UNIX_OFFSET,
@@ -110,7 +111,7 @@ class Scanner:
         The pattern starts with the rule's fixed text, which the regex engine finds fast,
         and the look-behind then proves the hit stands right after its line's stamp:
         the anchor is checked inside the engine, and the stamp's groups give the time.
-        The rest of a rule's pattern cannot match a newline (rblguard.rules.within_line),
+        The rest of a rule's pattern cannot match a newline (patterns.within_line),
         and the hit is checked to end within its line all the same.
         """
         if fmt.name in self._compiled:
@@ -352,7 +353,7 @@ def _anchored(literal: bytes, stamp: bytes, rest: bytes) -> bytes:
 
 def _literal_alternatives(pattern: bytes) -> list[bytes] | None:
     """``Error:|/returnc/`` -> [b"Error:", b"/returnc/"]; None if it is more than texts.
-    Each alternative is read as a rule's own fixed text is (rules.split_literal)."""
+    Each alternative is read as a rule's own fixed text is (patterns.split_literal)."""
     texts = []
     for part in pattern.decode().split("|"):
         text, rest = split_literal(part)
