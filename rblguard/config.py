@@ -97,6 +97,7 @@ class Config:
     sources: tuple[str, ...] = ("/var/log/qmail/smtpd/current",)
     rules_dirs: tuple[str, ...] = ("/etc/rblguard/rules.d",)
     shipped_rules: bool = True
+    packs: tuple[str, ...] = ()  # rule packs to turn on: postfix, exim
     firewall: FirewallOptions = _DEFAULT_FIREWALL  # YAML key: backend
     ban_time: float = 3600.0
     repeat: RepeatSettings | None = _DEFAULT_REPEAT
@@ -367,6 +368,7 @@ _PARSERS: dict[str, Callable[[_Reader, Any], Any]] = {
     "rules_dirs": lambda r, v: tuple(r.path_value(f"rules_dirs[{i}]", d)
                                      for i, d in enumerate(r.listing("rules_dirs", v or []))),
     "shipped_rules": lambda r, v: r.boolean("shipped_rules", v),
+    "packs": lambda r, v: tuple(str(p) for p in r.listing("packs", v or [])),
     "backend": _backend,
     "ban_time": lambda r, v: r.duration("ban_time", v),
     "repeat": _repeat,

@@ -104,8 +104,10 @@ def _events(paths: list[str], ruleset: RuleSet) -> Iterator[Event]:
 
 
 def simulate(paths: list[str], ban_times: list[float], threshold: tuple[int, float],
-             zones: int, names: list[str], rules_dirs: list[str] | None = None) -> dict:
-    ruleset = load_rules(rules_dirs, explicit=rules_dirs is not None, require_enabled=True)
+             zones: int, names: list[str], rules_dirs: list[str] | None = None,
+             packs: tuple[str, ...] = ()) -> dict:
+    ruleset = load_rules(rules_dirs, explicit=rules_dirs is not None, require_enabled=True,
+                         packs=packs)
     count, window = threshold
     policies = [Policy(b) for b in ban_times]
     baseline = connections = rejects = 0
@@ -211,7 +213,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"rblguard simulate: {path}: no such file or directory", file=sys.stderr)
             return 2
     try:
-        result = simulate(args.paths, ban_times, threshold, zones, names, args.rules)
+        result = simulate(args.paths, ban_times, threshold, zones, names, args.rules,
+                          tuple(args.packs))
     except RuleError as exc:
         print(f"rblguard simulate: {exc}", file=sys.stderr)
         return 2

@@ -151,7 +151,7 @@ def check_samples(rules: list[Rule], samples: list[Sample]) -> list[str]:
         elif got == "ignored" and rule:
             exercised.add(f"{rule}/{detail}")
     for rule in rules:
-        if rule.name not in exercised:
+        if rule.error is None and rule.name not in exercised:
             problems.append(f"{rule.file}:{rule.lineno}: rule {rule.name} has no sample line "
                             "that it bans: add one (samples: - line: ... ban: ADDRESS)")
         for ig in rule.ignores:

@@ -53,7 +53,7 @@ SAVE_AFTER = 0.5  # seconds: under a constant stream of lines, the state is save
 HOUSEKEEPING = 5.0  # seconds: firewall health (self-repair), counters, expiry
 RELOAD = object()  # the queue item SIGHUP sends (a str would be taken for a source)
 # Config keys a reload applies; the others (backend, sources, ...) need a restart.
-RELOADED_KEYS = ("allowlist", "tcprules", "rules_dirs", "shipped_rules")
+RELOADED_KEYS = ("allowlist", "tcprules", "rules_dirs", "shipped_rules", "packs")
 
 
 @dataclass
@@ -189,7 +189,7 @@ class Daemon:
         config = config or self.config
         dirs = ([shipped_rules_dir()] if config.shipped_rules else []) + [
             d for d in config.rules_dirs if os.path.isdir(d)]
-        return load_rules(dirs, require_enabled=True)
+        return load_rules(dirs, require_enabled=True, packs=config.packs)
 
     def _open_state(self) -> None:
         from rblguard.store.state import State, StateError

@@ -13,6 +13,7 @@ Loading checks everything once and reports the file, the line and the problem.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ class Rule:
     ignores: tuple[IgnorePattern, ...]
     policy: BanPolicy
     veto: regex.Pattern | None = None  # all ignores in one pattern: one search a match
+    error: str | None = None  # every match is an error of this kind, never a ban
 
 
 @dataclass
@@ -177,7 +179,7 @@ def _load_policy(ld: _Loader, node: Any, rule_name: str) -> BanPolicy:
 
 
 def _load_rule(ld: _Loader, node: Any) -> Rule:
-    fields = ld.mapping(node, "a rule", {"name", "match", "ignore", "ban"})
+    fields = ld.mapping(node, "a rule", {"name", "match", "ignore", "ban", "error"})
     for required in ("name", "match"):
         if required not in fields:
             raise ld.err(node, f"a rule needs {required!r}")
@@ -196,6 +198,15 @@ def _load_rule(ld: _Loader, node: Any) -> Rule:
     rest = rest.replace(ADDR, ADDR_CAPTURE)
     regex = _compile(re.escape(literal) + rest, where, f"rule {name}")
     ignores = []
+    error = None
+    if "error" in fields:
+        # A line that only ever tells of a failure (Postfix's "RBL lookup error", a
+        # dnsblog answer in 127.255.255.0/24): every match is counted as that error.
+        error = ld.scalar(fields["error"], f"rule {name}: error")
+        if error not in IGNORE_KINDS[:2] or "ignore" in fields or "ban" in fields:
+            raise ld.err(fields["error"], f"rule {name}: error must be lookup-error or "
+                         "dnsbl-error, without ignore or ban: every match is that error")
+        ignores.append(IgnorePattern(error, error, _compile("", where, f"rule {name}")))
     for item in ld.sequence(fields["ignore"], f"rule {name}: ignore") if "ignore" in fields else []:
         ig = ld.mapping(item, f"rule {name}: ignore", {"name", "match", "kind"})
         if "name" not in ig or "match" not in ig:
@@ -225,7 +236,7 @@ def _load_rule(ld: _Loader, node: Any) -> Rule:
             raise RuleError(f"{where}: rule {name}: match and ignores together: bad "
                             f"regular expression {together!r}: {exc}") from exc
     return Rule(name, ld.file, node.start_mark.line + 1, pattern, literal.encode(),
-                rest.encode(), regex, tuple(ignores), policy, veto)
+                rest.encode(), regex, tuple(ignores), policy, veto, error)
 
 
 
@@ -251,18 +262,32 @@ def _load_sample(ld: _Loader, node: Any) -> Sample:
     )
 
 
-def load_rule_file(path: Path) -> tuple[bool, list[Rule], list[Sample]]:
-    """(enabled, rules, samples) of one file; raises RuleError naming file and line."""
+def load_rule_file(path: Path, packs: Collection[str] = ()) -> tuple[bool, list[Rule],
+                                                                     list[Sample]]:
+    """(enabled, rules, samples) of one file; raises RuleError naming file and line.
+
+    A file saying ``pack: NAME`` (the Postfix and Exim rules) is enabled only when NAME
+    is in ``packs`` (the config's ``packs``): those rules must not watch a qmail log.
+    """
+    return _load_file(path, packs)[:3]  # type: ignore[return-value]
+
+
+def _load_file(path: Path, packs: Collection[str]) -> tuple[bool, list[Rule], list[Sample],
+                                                            str | None]:
     ld = _Loader(path)
     if ld.root is None:
         raise RuleError(f"{ld.file}: the file is empty")
-    top = ld.mapping(ld.root, "a rule file", {"description", "enabled", "rules", "samples"})
+    top = ld.mapping(ld.root, "a rule file",
+                     {"description", "enabled", "pack", "rules", "samples"})
     enabled = True
     if "enabled" in top:
         value = ld.scalar(top["enabled"], "enabled").lower()
         if value not in ("true", "false", "yes", "no", "on", "off"):
             raise ld.err(top["enabled"], "enabled must be true or false")
         enabled = value in ("true", "yes", "on")
+    pack = ld.scalar(top["pack"], "pack") if "pack" in top else None
+    if pack is not None and pack not in packs:
+        enabled = False
     if "rules" not in top:
         raise ld.err(ld.root, "a rule file needs 'rules'")
     rules = [_load_rule(ld, item) for item in ld.sequence(top["rules"], "rules")]
@@ -270,7 +295,7 @@ def load_rule_file(path: Path) -> tuple[bool, list[Rule], list[Sample]]:
         raise ld.err(top["rules"], "'rules' is empty")
     samples = [_load_sample(ld, item)
                for item in (ld.sequence(top["samples"], "samples") if "samples" in top else [])]
-    return enabled, rules, samples
+    return enabled, rules, samples, pack
 
 
 def rule_files(dirs: list[str | Path] | None = None, *, explicit: bool = False) -> list[Path]:
@@ -297,7 +322,7 @@ def rule_files(dirs: list[str | Path] | None = None, *, explicit: bool = False) 
 
 
 def load_rules(dirs: list[str | Path] | None = None, *, explicit: bool = False,
-               require_enabled: bool = False) -> RuleSet:
+               require_enabled: bool = False, packs: Collection[str] = ()) -> RuleSet:
     """Every enabled rule of every file in ``dirs`` (None: the shipped rules).
 
     Rule names must be unique across files: metrics, state and bans are keyed by them.
@@ -307,8 +332,11 @@ def load_rules(dirs: list[str | Path] | None = None, *, explicit: bool = False,
     """
     ruleset = RuleSet()
     seen: dict[str, Rule] = {}
+    known_packs: set[str] = set()
     for path in rule_files(dirs, explicit=explicit):
-        enabled, rules, samples = load_rule_file(path)
+        enabled, rules, samples, pack = _load_file(path, packs)
+        if pack is not None:
+            known_packs.add(pack)
         if not enabled:
             ruleset.disabled_files.append(str(path))
             continue
@@ -321,6 +349,10 @@ def load_rules(dirs: list[str | Path] | None = None, *, explicit: bool = False,
         ruleset.rules.extend(rules)
         ruleset.samples.extend(samples)
         ruleset.files.append(str(path))
+    unknown = sorted(set(packs) - known_packs)
+    if unknown:
+        raise RuleError(f"pack {unknown[0]!r} is in no rule file (known: "
+                        f"{', '.join(sorted(known_packs)) or 'none'})")
     if require_enabled and not ruleset.rules:
         searched = [str(d) for d in (dirs if dirs is not None else [shipped_rules_dir()])]
         where = f"in {', '.join(searched)}" if searched else "(no rules directory to read)"
