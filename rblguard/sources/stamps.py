@@ -30,6 +30,9 @@ _RFC3339 = re.compile(
 )
 # A program that prefixes its own lines ("rblsmtpd: ...", "tcpserver: ...").
 _OWN_PREFIX = re.compile(rb"[\w.-]+: ")
+# qmail's splogger starts each message with its own seconds.microseconds stamp
+# ("qmail: 1157520813.485077 rblsmtpd: ..."): qmail's splogger.c.
+_SPLOGGER = re.compile(rb"\d{9,10}\.\d{6} ")
 
 _MONTHS = {m.encode(): i for i, m in enumerate(calendar.month_abbr) if m}
 
@@ -191,7 +194,8 @@ def split_message(fmt: StampFormat, line: bytes) -> tuple[re.Match[bytes] | None
     """A line's stamp match (None if unstamped) and its message; the time is left to
     ``fmt.parse``, so that only lines that matter pay for it.
 
-    Syslog: the message is ``TAG: text`` unless the text names its own program.  A line
+    Syslog: the message is ``TAG: text`` unless the text names its own program, after
+    splogger's stamp if the text starts with one (qmail logging through splogger).  A line
     that lacks the file's stamp has no message: in a stamped log such a line was not
     written by the log's programs, so nothing in it is trusted.
     """
@@ -201,6 +205,8 @@ def split_message(fmt: StampFormat, line: bytes) -> tuple[re.Match[bytes] | None
     if m is None:
         return None, b""
     message = line[m.end():]
+    if fmt.syslog and (splogger := _SPLOGGER.match(message)) is not None:
+        message = message[splogger.end():]
     if fmt.syslog and not _OWN_PREFIX.match(message):
         tag = m.group(2) if fmt is RFC3164 else m.group(4)
         message = tag + b": " + message
