@@ -192,7 +192,8 @@ def _load_rule(ld: _Loader, node: Any) -> Rule:
     if pattern.startswith("^"):
         pattern = pattern[1:]  # every match is anchored at the message start anyway
     literal, rest = split_literal(within_line(pattern, f"{where}: rule {name}: match"))
-    if len(literal) < 4:
+    # Two characters at least: Exim's lines start with just "H=" after the stamp.
+    if len(literal) < 2:
         raise RuleError(f"{where}: rule {name}: match must start with the program's own "
                         f"fixed prefix (like 'rblsmtpd: '), got {pattern!r}")
     rest = rest.replace(ADDR, ADDR_CAPTURE)

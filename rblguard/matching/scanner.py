@@ -384,12 +384,15 @@ def _vetoed_tails(tails: list[bytes], veto: regex.Pattern,
             while at >= 0:
                 positions.append(at)
                 at = joined.find(text, at + 1)
-    if not positions:
+    if not positions or not tails:
         return set()
     starts = list(itertools.accumulate(map(len, tails), initial=0))
     if sep:
         starts = [start + i for i, start in enumerate(starts)]
-    return {tails[bisect.bisect_right(starts, at) - 1] for at in positions}
+    # A match at the very end (an empty pattern, as an error: rule's) names the last
+    # tail; naming one too many is harmless, as _vetoed_hits checks each line again.
+    last = len(tails) - 1
+    return {tails[min(bisect.bisect_right(starts, at) - 1, last)] for at in positions}
 
 
 def _vetoed_hits(veto: regex.Pattern, full: regex.Pattern,

@@ -1,7 +1,8 @@
 """Line stamps: what comes before the message, and the time it tells.
 
 A qmail log line is a stamp followed by a message.  The stamp is multilog's TAI64N
-label, ``tai64nlocal``'s local time, a syslog header (RFC 3164 or RFC 3339), or nothing.
+label, ``tai64nlocal``'s local time, a syslog header (RFC 3164 or RFC 3339, which is
+also ``journalctl -o short-iso``), Exim's mainlog stamp, or nothing.
 One file keeps one format, so the format is detected once per file from its first
 complete lines, and every rule match is then anchored at the message start that the
 format defines: text a client chose later in a line can never look like a reject.
@@ -27,6 +28,11 @@ _RFC3164 = re.compile(
 _RFC3339 = re.compile(
     rb"(?:<\d{1,3}>)?(?:1 )?(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d{1,9})?(Z|[+-]\d\d:?\d\d) "
     rb"\S+ ([^\s:\[\]]+)(?:\[\d+\])?: "
+)
+# Exim's mainlog: local "YYYY-MM-DD HH:MM:SS", with log_selector +millisec a ".mmm",
+# with +timezone a "+hhmm", with +pid a "[pid]" (Exim's log.c).
+_EXIM = re.compile(
+    rb"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(\.\d{3})?( [+-]\d{4})?(?: \[\d+\])? "
 )
 # A program that prefixes its own lines ("rblsmtpd: ...", "tcpserver: ...").
 _OWN_PREFIX = re.compile(rb"[\w.-]+: ")
@@ -113,6 +119,22 @@ def _rfc3164_time(stamp: bytes, ref: float) -> float | None:
     return when
 
 
+def _parse_exim(m: re.Match[bytes], _ref: float) -> float | None:
+    """Local time, or the stated zone's when +timezone is logged."""
+    try:
+        if m.group(3) is None:
+            seconds = _local_seconds(m.group(1))
+        else:
+            zone = m.group(3)[1:]
+            offset = (int(zone[1:3]) * 3600 + int(zone[3:5]) * 60) * (
+                1 if zone[:1] == b"+" else -1)
+            seconds = calendar.timegm(time.strptime(m.group(1).decode(),
+                                                    "%Y-%m-%d %H:%M:%S")) - offset
+    except (ValueError, OverflowError):
+        return None
+    return seconds + (float(m.group(2)) if m.group(2) else 0.0)
+
+
 def _parse_rfc3339(m: re.Match[bytes], _ref: float) -> float | None:
     try:
         base = calendar.timegm(time.strptime(m.group(1).decode(), "%Y-%m-%dT%H:%M:%S"))
@@ -131,8 +153,9 @@ TAI64N = StampFormat("tai64n", _TAI64N, False, _parse_tai64n)
 TAI64NLOCAL = StampFormat("tai64nlocal", _TAI64NLOCAL, False, _parse_tai64nlocal)
 RFC3164 = StampFormat("syslog", _RFC3164, True, _parse_rfc3164)
 RFC3339 = StampFormat("rfc3339", _RFC3339, True, _parse_rfc3339)
+EXIM = StampFormat("exim", _EXIM, False, _parse_exim)
 NONE = StampFormat("none", None, False, lambda _m, _r: None)
-FORMATS = (TAI64N, TAI64NLOCAL, RFC3339, RFC3164)
+FORMATS = (TAI64N, TAI64NLOCAL, EXIM, RFC3339, RFC3164)
 
 
 def detect_format(buf: bytes, max_lines: int = 50) -> StampFormat:
