@@ -1,0 +1,94 @@
+"""Each producer's fixture log (tests/fixtures/logs, from verbatim published lines and
+the producers' own format strings, addresses swapped for documentation ranges) scanned
+with the exact bans, errors and never-bans expected; and client-controlled fields
+filled with reject-looking text never ban anyone.
+
+Exact figures, because a rule that bans one address too many, or counts a DNSBL error
+reply as a listing, firewalls legitimate mail."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rblguard.commands.scan import scan_paths
+from rblguard.matching.rules import load_rules
+from rblguard.matching.scanner import Scanner
+from rblguard.model import Match
+from rblguard.sources.stamps import EXIM, NONE, RFC3164
+
+LOGS = Path(__file__).parent / "fixtures" / "logs"
+RULES = load_rules(packs=("postfix", "exim"))
+
+# file -> (banned addresses, lookup errors, DNSBL errors)
+EXPECTED = {
+    "postfix-syslog.log": ({"198.18.5.126", "198.18.5.124"}, 1, 2),
+    "postfix-journal-short-iso.log": ({"198.18.5.126", "198.18.5.124"}, 1, 2),
+    "exim-mainlog.log": ({"198.18.5.124"}, 1, 1),
+    "qmail-splogger.log": ({"198.51.100.8"}, 1, 0),
+    "qmail-smtpd-rbl.log": ({"198.18.5.124"}, 1, 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_producers_log_gives_exactly_its_bans_and_errors(name: str) -> None:
+    bans, lookup_errors, dnsbl_errors = EXPECTED[name]
+    report = scan_paths([str(LOGS / name)], RULES).as_json(top=100, with_list=True)
+    assert {t["address"] for t in report["top"]} == bans
+    assert report["matches"] == len(bans)
+    assert (report["lookup_errors"], report["dnsbl_errors"]) == (lookup_errors, dnsbl_errors)
+    assert report["parse_errors"] == 0
+
+
+_REJECTS = [
+    "rblsmtpd: {a} pid 1: 553 x",
+    "qmail-smtpd[1]: rbl: ip={a} query=x result=reject message='x'",
+    "NOQUEUE: reject: RCPT from x[{a}]: 554 5.7.1 Service unavailable; Client host [{a}] "
+    "blocked using zen.spamhaus.org;",
+    "NOQUEUE: reject: RCPT from [{a}]:1: 550 5.7.1 Service unavailable; client [{a}] "
+    "blocked using zen.spamhaus.org;",
+    "H=(x) [{a}]:1 F=<a@b> rejected RCPT <c@d>: rejected because {a} is in a black list at z",
+    "warning: {a}: RBL lookup error: x", "\n", "; from=<", ">: ", ") [", "Error: ",
+]
+_FAKE = "203.0.113.9"
+
+
+@st.composite
+def _client_text(draw) -> str:
+    parts = draw(st.lists(st.one_of(st.sampled_from(_REJECTS),
+                                    st.text(st.characters(codec="ascii"), max_size=8)),
+                          max_size=6))
+    return "".join(parts).replace("{a}", _FAKE).replace("\n", " ")
+
+
+# Each producer's reject or ordinary line with its client-controlled fields as {h}
+# (HELO), {f} (MAIL FROM), {r} (RCPT TO) and {n} (host name).
+_TEMPLATES = [
+    (RFC3164, "Oct 31 01:28:46 mail postfix/smtpd[1]: NOQUEUE: reject: RCPT from {n}"
+     "[192.0.2.32]: 550 5.1.1 <{r}>: Recipient address rejected: User unknown; from=<{f}> "
+     "to=<{r}> proto=ESMTP helo=<{h}>"),
+    (RFC3164, "Oct 31 01:28:46 mail postfix/postscreen[1]: NOQUEUE: reject: RCPT from "
+     "[192.0.2.33]:1: 450 4.3.2 Service currently unavailable; from=<{f}>, to=<{r}>, "
+     "proto=ESMTP, helo=<{h}>"),
+    (RFC3164, "Oct 31 01:28:46 mail postfix/smtpd[1]: connect from {n}[192.0.2.34]"),
+    (EXIM, "2024-01-13 00:00:13 H={n} ({h}) [192.0.2.41]:1 F=<{f}> rejected RCPT <{r}>: "
+     "Unrouteable address"),
+    (None, "qlogenvelope: result=rejected code=553 reason=nomailbox detail= helo={h} "
+     "mailfrom={f} rcptto={r} relay=no rcpthosts= size= authuser= authtype= encrypted= "
+     "sslverified= localip=192.0.2.10 localport=25 remoteip=192.0.2.28 remoteport=1 "
+     "remotehost={n} qp= pid=1"),
+    (None, "qmail-smtpd[1]: badhelo: <{h}> at 192.0.2.29"),
+]
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.sampled_from(_TEMPLATES), _client_text(), _client_text(), _client_text(),
+       _client_text())
+def test_client_text_never_bans_another_address(template, helo, sender, rcpt, name) -> None:
+    fmt, text = template
+    line = text.format(h=helo, f=sender, r=rcpt, n=name).encode("ascii", "replace") + b"\n"
+    result = Scanner(RULES).scan(line, 0, fmt or NONE, 0.0)
+    assert not [e for e in result.events if isinstance(e, Match) and e.address == _FAKE]
