@@ -1,4 +1,4 @@
-"""Each producer's fixture log (tests/fixtures/logs, from verbatim published lines and
+"""Each producer's fixture log (tests/fixtures/producers, from verbatim published lines and
 the producers' own format strings, addresses swapped for documentation ranges) scanned
 with the exact bans, errors and never-bans expected; and client-controlled fields
 filled with reject-looking text never ban anyone.
@@ -20,7 +20,7 @@ from rblguard.matching.scanner import Scanner
 from rblguard.model import Match
 from rblguard.sources.stamps import EXIM, NONE, RFC3164
 
-LOGS = Path(__file__).parent / "fixtures" / "logs"
+LOGS = Path(__file__).parent / "fixtures" / "producers"
 RULES = load_rules(packs=("postfix", "exim"))
 
 # file -> (banned addresses, lookup errors, DNSBL errors)
