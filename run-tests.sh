@@ -3,7 +3,7 @@
 #
 # It installs what the tests need (Debian's nftables, ipset, iptables, ucspi-tcp,
 # daemontools, dnsmasq, promtool, systemd-analyze, the packaging tools, lintian,
-# piuparts; the Python packages in .venv), then runs ruff and pytest.  Tests that need root, network namespaces or those tools run for
+# piuparts; the Python packages in .venv), then runs ruff, lint-imports (the layers) and pytest.  Tests that need root, network namespaces or those tools run for
 # real; under CI=true a missing one fails the run instead of skipping.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -49,4 +49,5 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
 .venv/bin/python -m ruff check .
+.venv/bin/lint-imports --no-cache  # the layers in pyproject.toml
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import tempfile
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.e2e.frontend import Measured, Population, frontend
 from tests.e2e.load import Planned, legit_connections, ordered, spammer_connections
+from tests.e2e.peers import tree_cpu_seconds
 
 
 def plan_for(population: Population, seconds: float, seed: int) -> list[Planned]:
@@ -47,12 +47,6 @@ def plan_for(population: Population, seconds: float, seed: int) -> list[Planned]
                                          (0.5, 5.0)))
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a running process, from /proc (it must not have exited)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def one_run(population: Population, plan: list[Planned], backend: str | None,
             workdir: Path) -> tuple[Measured, float | None, dict | None]:
     """(measured, rblguard's CPU seconds, simulate's answer on this run's log)."""
@@ -60,8 +54,9 @@ def one_run(population: Population, plan: list[Planned], backend: str | None,
         outcomes = fe.play(plan, lead=2.0)
         m = fe.measure(plan, outcomes)
         cpu = None
-        if fe.daemon is not None and fe.daemon.proc is not None:
-            cpu = cpu_seconds(fe.daemon.proc.pid)
+        banner = fe.peer or (fe.daemon.proc if fe.daemon is not None else None)
+        if banner is not None:
+            cpu = tree_cpu_seconds(banner.pid)
         predicted = fe.simulate() if backend is None else None
     return m, cpu, predicted
 
@@ -124,6 +119,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         base, _, predicted = one_run(population, plan, None, Path(tmp) / "baseline")
         guarded, cpu, _ = one_run(population, plan, "nftables", Path(tmp) / "rblguard")
+        peer_rows = {name: one_run(population, plan, name, Path(tmp) / name)[:2]
+                     for name in ("swatch", "fail2ban")}
     assert predicted is not None
     p95 = guarded.latency_quantile(0.95)
     excess = guarded.dns_queries - guarded.ideal_queries
@@ -146,6 +143,11 @@ def main() -> int:
         "blocked_connections": guarded.blocked_connections,
         **latency_figures(guarded, 2),
         "rblguard_cpu_s": round(cpu, 2) if cpu is not None else None,
+        **{f"{name}_{what}": value for name, (m, c) in peer_rows.items()
+           for what, value in (("cpu_s", round(c, 2) if c is not None else None),
+                               ("queries", m.dns_queries))},
+        "cpu_vs_swatch": (round(cpu / peer_rows["swatch"][1], 3)
+                          if cpu and peer_rows["swatch"][1] else None),
         "max_sessions_in_use_baseline": base.max_in_use,
         "max_sessions_in_use_rblguard": guarded.max_in_use,
         "simulate_predicted_queries": predicted_queries,
@@ -162,10 +164,16 @@ def main() -> int:
           f"{len(guarded.legit_failed)} |")
     print(f"| ideal (instant ban) | {guarded.ideal_queries} | "
           f"-{100 * (base.dns_queries - guarded.ideal_queries) / base.dns_queries:.2f}% | - |")
+    for name, (m, _cpu) in peer_rows.items():
+        print(f"| {name} | {m.dns_queries} | "
+              f"-{100 * (base.dns_queries - m.dns_queries) / base.dns_queries:.2f}% | "
+              f"{len(m.legit_failed)} |")
     print(f"| simulate's prediction (from the no-banner log) | {predicted_queries} | "
           f"-{100 * (base.dns_queries - predicted_queries) / base.dns_queries:.2f}% | - |")
     print(f"\nreject to ban: p50 {result['reject_to_ban_p50_ms']} ms, p95 {p95 and round(p95, 2)}"
-          f" ms; rblguard CPU {result['rblguard_cpu_s']} s")
+          f" ms; CPU: rblguard {result['rblguard_cpu_s']} s, swatch "
+          f"{result['swatch_cpu_s']} s, fail2ban {result['fail2ban_cpu_s']} s "
+          f"(rblguard / swatch {result['cpu_vs_swatch']})")
     if args.wave:
         result["wave"] = wave_comparison()
     print(json.dumps(result))

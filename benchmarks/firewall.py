@@ -4,7 +4,10 @@ Run as root:  python benchmarks/firewall.py [--count 100000] [--batch 10000]
 
 Inside a network namespace it creates and deletes, for each backend (nftables, ipset):
 ``--count`` addresses (mostly 198.18.0.0/15, 5% from 2001:db8::/32) banned in batches of
-``--batch`` as new offenders (as the daemon bans them: no element to refresh), banned
+``--batch`` as new offenders (as the daemon bans them: no element to refresh), best of
+three rounds alternated with a bulk reference on the same elements (nftables: the text
+``add element`` path through libnftables; ipset: ONE ``ipset -exist restore`` process
+fed the same lines, the tool's own rate), banned
 again as re-bans (each element's clock reset), listed back, and unbanned; the latency
 of a few hundred one-entry ``ban()`` calls (the daemon's steady state); and ``--count``
 bans put into an empty set in ONE ``ban()`` call (what a restart does).  In-run
@@ -12,7 +15,8 @@ reference: one ``nft add element`` / ``ipset add`` process per address for 1,000
 addresses, the way a shell action would.
 
 Prints a Markdown table, then as LAST line one JSON object (nft_bans_per_s,
-ipset_bans_per_s, ref_process_bans_per_s, single_ban_p99_ms, restore_100k_s, ...).
+nft_vs_text, ipset_bans_per_s, ipset_vs_restore, ref_process_bans_per_s,
+single_ban_p99_ms, restore_100k_s, ...).
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rblguard.firewall import make_backend  # noqa: E402
-from rblguard.firewall.base import Entry, FirewallOptions  # noqa: E402
+from rblguard.firewall.base import BatchResult, Entry, FirewallOptions  # noqa: E402
+from rblguard.firewall.nftelements import sort_entries  # noqa: E402
 
 REF_COUNT = 1_000
 SINGLE_BANS = 300
+ROUNDS = 3  # new-offender bans and their in-run reference, alternated, best of each
 
 
 def targets(count: int) -> list[str]:
@@ -75,21 +81,69 @@ def reference(kind: str) -> float:
     return rate
 
 
+def restore_reference(addrs: list[str]) -> float:
+    """``ipset -exist restore``'s own rate: the same elements, as the same ``add ...
+    timeout`` lines, fed to ONE restore process (two fresh sets, one per family)."""
+    names = {4: "rgref4", 6: "rgref6"}
+    create = "".join(f"create {names[f]} hash:net family {fam} timeout 0 maxelem 1048576\n"
+                     for f, fam in ((4, "inet"), (6, "inet6")))
+    subprocess.run(["ipset", "-exist", "restore"], input=create, text=True, check=True)
+    lines = "".join(f"add {names[6 if ':' in a else 4]} {a} timeout 3600\n" for a in addrs)
+    try:
+        start = time.perf_counter()
+        subprocess.run(["ipset", "-exist", "restore"], input=lines, text=True, check=True)
+        return len(addrs) / (time.perf_counter() - start)
+    finally:
+        for name in names.values():
+            subprocess.run(["ipset", "destroy", name], check=False)
+
+
+def text_reference(backend, entries: list[Entry], batch: int) -> float:
+    """The nftables backend's text path (``add element`` through libnftables, what it
+    used for everything before nfnetlink.py) on the same entries."""
+    start = time.perf_counter()
+    for i in range(0, len(entries), batch):
+        part = entries[i:i + batch]
+        groups = sort_entries(part, BatchResult())
+        for name, (group, elements, _) in groups.items():
+            if group:
+                backend._ban_texts(name, group, elements, False, BatchResult())
+    return len(entries) / (time.perf_counter() - start)
+
+
+def new_bans(backend, kind: str, entries: list[Entry], batch: int) -> dict[str, float]:
+    """New offenders in batches, as the daemon bans them (nothing to refresh), and the
+    in-run reference on the same elements, alternated ROUNDS times: best of each."""
+    ours, ref = [], []
+    for _ in range(ROUNDS):
+        backend.flush()
+        start = time.perf_counter()
+        for i in range(0, len(entries), batch):
+            r = backend.ban(entries[i:i + batch])
+            assert not r.failed, r.failed[:3]
+        ours.append(len(entries) / (time.perf_counter() - start))
+        if kind == "ipset":
+            ref.append(restore_reference([e.target for e in entries]))
+        else:
+            backend.flush()
+            ref.append(text_reference(backend, entries, batch))
+    return {"bans_per_s": max(ours), "ref_bulk_bans_per_s": max(ref)}
+
+
 def measure(kind: str, count: int, batch: int) -> dict[str, float]:
     backend = make_backend(FirewallOptions(backend=kind))
     backend.remove()
     backend.ensure()
     addrs = targets(count)
-    # New offenders, as the daemon bans them (no element yet: nothing to refresh), then
-    # the same again as re-bans, which must reset each element's clock.
+    # New offenders (no element yet: nothing to refresh), then the same again as
+    # re-bans, which must reset each element's clock.
     entries = [Entry(a, 3600, refresh=False) for a in addrs]
     res: dict[str, float] = {}
     try:
-        start = time.perf_counter()
+        res.update(new_bans(backend, kind, entries, batch))
+        backend.flush()
         for i in range(0, count, batch):
-            r = backend.ban(entries[i:i + batch])
-            assert not r.failed, r.failed[:3]
-        res["bans_per_s"] = count / (time.perf_counter() - start)
+            assert not backend.ban(entries[i:i + batch]).failed
         again = [Entry(a, 7200) for a in addrs]
         start = time.perf_counter()
         for i in range(0, count, batch):
@@ -125,11 +179,13 @@ def measure(kind: str, count: int, batch: int) -> dict[str, float]:
 def inner(args: argparse.Namespace) -> None:
     results = {kind: measure(kind, args.count, args.batch) for kind in ("nftables", "ipset")}
     n = f"{args.count:,}"
-    print(f"| backend | bans/s (batches of {args.batch:,}) | list {n} s | unbans/s "
-          f"| single ban p50 / p99 ms | {n} in one ban() s | 1 process per ban, /s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| backend | bans/s (batches of {args.batch:,}) | reference bulk /s | list {n} s "
+          f"| unbans/s | single ban p50 / p99 ms | {n} in one ban() s "
+          "| 1 process per ban, /s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for kind, r in results.items():
-        print(f"| {kind} | {r['bans_per_s']:,.0f} | {r['list_s']:.2f} | "
+        print(f"| {kind} | {r['bans_per_s']:,.0f} | {r['ref_bulk_bans_per_s']:,.0f} | "
+              f"{r['list_s']:.2f} | "
               f"{r['unbans_per_s']:,.0f} | {r['single_p50_ms']:.2f} / "
               f"{r['single_p99_ms']:.2f} | {r['restore_s']:.2f} | "
               f"{r['ref_process_bans_per_s']:,.0f} |")
@@ -138,6 +194,10 @@ def inner(args: argparse.Namespace) -> None:
         "count": args.count,
         "nft_bans_per_s": round(nft["bans_per_s"]),
         "ipset_bans_per_s": round(ips["bans_per_s"]),
+        "nft_text_bans_per_s": round(nft["ref_bulk_bans_per_s"]),
+        "nft_vs_text": round(nft["bans_per_s"] / nft["ref_bulk_bans_per_s"], 3),
+        "ipset_restore_bans_per_s": round(ips["ref_bulk_bans_per_s"]),
+        "ipset_vs_restore": round(ips["bans_per_s"] / ips["ref_bulk_bans_per_s"], 3),
         "nft_refreshes_per_s": round(nft["refreshes_per_s"]),
         "ipset_refreshes_per_s": round(ips["refreshes_per_s"]),
         "ref_process_bans_per_s": round(nft["ref_process_bans_per_s"]),

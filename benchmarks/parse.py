@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -48,10 +49,24 @@ print(json.dumps({"matches": matches, "addresses": len(canonical)}))
 '''
 
 
-def write_reference(directory: Path) -> Path:
-    """The reference loop as a script, run with this same interpreter."""
-    path = directory / "reference_loop.py"
-    path.write_text(REFERENCE_LOOP)
+# The minimal loop, as the efficiency issue writes it: text mode, count matches only.
+MINIMAL_LOOP = '''\
+import json, re, sys
+RX = re.compile(r"@[0-9a-f]{24} rblsmtpd: (\\S+) pid \\d+: (?:451|553) ")
+matches = 0
+for line in open(sys.argv[1]):
+    if "rblsmtpd: " in line:
+        if RX.match(line):
+            matches += 1
+print(json.dumps({"matches": matches}))
+'''
+
+
+def write_reference(directory: Path, name: str = "reference_loop.py",
+                    text: str = REFERENCE_LOOP) -> Path:
+    """A reference loop as a script, run with this same interpreter."""
+    path = directory / name
+    path.write_text(text)
     return path
 
 
@@ -64,13 +79,17 @@ def scan_command(log: Path) -> list[str]:
 
 
 def run_json(command: list[str]) -> tuple[float, dict]:
-    """Wall-clock seconds of one whole process, and the JSON object it printed last."""
+    """Wall-clock seconds of one whole process, and the JSON object it printed last,
+    with its CPU seconds (itself and its workers) under the key ``_cpu_s``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stderr}")
-    return seconds, json.loads(proc.stdout.strip().splitlines()[-1])
+    return seconds, {**json.loads(proc.stdout.strip().splitlines()[-1]), "_cpu_s": cpu}
 
 
 def compare_counts(truth: genlog.Truth, ref: dict, scan: dict) -> list[str]:
@@ -107,38 +126,56 @@ def main(argv: list[str] | None = None) -> int:
         log = log_dir / "current"  # the multilog file as `multilog t` writes it
         truth = genlog.write_log(log, "tai64n", args.seed, lines=args.lines)
         script = write_reference(directory)
+        minimal = write_reference(directory, "minimal_loop.py", MINIMAL_LOOP)
         log.read_bytes()  # into the page cache before the first timed run
 
         ref_times: list[float] = []
         scan_times: list[float] = []
-        ref_out = scan_out = {}
-        for _ in range(args.runs):  # interleaved: both see the same noise
+        min_times: list[float] = []
+        cpu = {"ref": [], "scan": [], "minimal": []}
+        ref_out = scan_out = min_out = {}
+        for _ in range(args.runs):  # interleaved: all see the same noise
             seconds, ref_out = run_json(reference_command(script, log))
             ref_times.append(seconds)
+            seconds, min_out = run_json(reference_command(minimal, log))
+            min_times.append(seconds)
             seconds, scan_out = run_json(scan_command(log))
             scan_times.append(seconds)
+            for name, out in (("ref", ref_out), ("scan", scan_out), ("minimal", min_out)):
+                cpu[name].append(out["_cpu_s"])
 
-    ref_best, scan_best = min(ref_times), min(scan_times)
+    ref_best, scan_best, min_best = min(ref_times), min(scan_times), min(min_times)
     ratio = ref_best / scan_best  # scan's speed over the reference's
+    ratio_minimal = min_best / scan_best
+    cpu_ratio = min(cpu["scan"]) / min(cpu["minimal"])  # scan's CPU over the loop's
     problems = compare_counts(truth, ref_out, scan_out)
+    # (the minimal loop's count takes error replies and lookup errors for rejects too:
+    # it is a speed reference, not a correct one, so its count is only shown)
     print(f"log: {truth.lines} lines, {truth.bytes / 1e6:.1f} MB, tai64n, "
           f"{truth.rejects} rejects from {truth.reject_addresses} addresses")
     print(f"{'':<16}{'best s':>9}{'median s':>10}{'lines/s':>13}{'matches':>9}")
     for name, times, out in (("reference loop", ref_times, ref_out),
+                             ("minimal loop", min_times, min_out),
                              ("rblguard scan", scan_times, scan_out)):
         median = sorted(times)[len(times) // 2]
         print(f"{name:<16}{min(times):>9.3f}{median:>10.3f}"
               f"{truth.lines / min(times):>13,.0f}{out.get('matches', '?'):>9}")
-    verdict = "meets the 2.0 aim" if ratio >= 2 else (
-        "meets the 1.0 minimum, short of the 2.0 aim" if ratio >= 1 else
+    verdict = "meets the 2.0 aim" if ratio_minimal >= 2 else (
+        "meets the 1.0 minimum, short of the 2.0 aim" if ratio_minimal >= 1 else
         "FALLS SHORT of the 1.0 minimum")
-    print(f"ratio scan/reference: {ratio:.2f} ({verdict})")
+    print(f"ratio scan/reference: {ratio:.2f}; scan/minimal loop: {ratio_minimal:.2f} "
+          f"({verdict}); CPU scan/minimal loop: {cpu_ratio:.2f}")
     for problem in problems:
         print(f"MISMATCH {problem}")
     print(json.dumps({
         "ref_lines_per_s": round(truth.lines / ref_best),
         "scan_lines_per_s": round(truth.lines / scan_best),
         "ratio": round(ratio, 3),
+        "ratio_minimal": round(ratio_minimal, 3),
+        "cpu_ratio_minimal": round(cpu_ratio, 3),
+        "minimal_seconds": round(min_best, 3),
+        "scan_cpu_s": round(min(cpu["scan"]), 3),
+        "minimal_cpu_s": round(min(cpu["minimal"]), 3),
         "lines": truth.lines,
         "matches": scan_out.get("matches"),
         "ref_matches": ref_out.get("matches"),
@@ -148,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "ref_seconds": round(ref_best, 3),
         "scan_seconds": round(scan_best, 3),
     }))
-    return 0 if not problems and ratio >= 1.0 else 1
+    return 0 if not problems and ratio_minimal >= 1.0 and cpu_ratio <= 1.0 else 1
 
 
 if __name__ == "__main__":

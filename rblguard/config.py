@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from rblguard import yamlfile
+from rblguard import DEFAULT_CONFIG, yamlfile
 from rblguard.durations import parse_duration
 from rblguard.firewall.base import FirewallOptions
 
@@ -98,7 +98,7 @@ class Config:
     rules_dirs: tuple[str, ...] = ("/etc/rblguard/rules.d",)
     shipped_rules: bool = True
     packs: tuple[str, ...] = ()  # rule packs to turn on: postfix, exim
-    firewall: FirewallOptions = _DEFAULT_FIREWALL  # YAML key: backend
+    backend: FirewallOptions = _DEFAULT_FIREWALL
     ban_time: float = 3600.0
     repeat: RepeatSettings | None = _DEFAULT_REPEAT
     ipv6_prefix: int = 64
@@ -122,9 +122,8 @@ class Config:
                 if f.compare and getattr(self, f.name) != getattr(other, f.name)]
 
 
-_ATTRIBUTE = {"backend": "firewall"}  # YAML key -> Config attribute, where they differ
-KEYS = tuple({v: k for k, v in _ATTRIBUTE.items()}.get(f.name, f.name)
-             for f in fields(Config) if f.name != "path")
+DEFAULT_PATH = DEFAULT_CONFIG
+KEYS = tuple(f.name for f in fields(Config) if f.name != "path")  # the YAML keys
 
 
 class _Reader:
@@ -368,7 +367,8 @@ _PARSERS: dict[str, Callable[[_Reader, Any], Any]] = {
     "rules_dirs": lambda r, v: tuple(r.path_value(f"rules_dirs[{i}]", d)
                                      for i, d in enumerate(r.listing("rules_dirs", v or []))),
     "shipped_rules": lambda r, v: r.boolean("shipped_rules", v),
-    "packs": lambda r, v: tuple(str(p) for p in r.listing("packs", v or [])),
+    "packs": lambda r, v: tuple(r.name(f"packs[{i}]", p, 32)
+                                for i, p in enumerate(r.listing("packs", v or []))),
     "backend": _backend,
     "ban_time": lambda r, v: r.duration("ban_time", v),
     "repeat": _repeat,
@@ -422,18 +422,21 @@ def parse_config(text: str, path: str | Path = "<config>") -> Config:
         raise ConfigError(f"{path}: the config must be a mapping of keys "
                           f"({', '.join(KEYS)}), not {type(data).__name__}")
     reader.mapping("", data, KEYS)
-    values = {_ATTRIBUTE.get(key, key): _PARSERS[key](reader, data[key])
+    values = {key: _PARSERS[key](reader, data[key])
               for key in KEYS if key in data}
     return Config(path=str(path), **values)
 
 
-def load_config(path: str | Path, must_exist: bool = False) -> Config:
-    """Read and check the config at ``path``; a missing file means every default.
+def load_config(path: str | Path | None = None, must_exist: bool | None = None) -> Config:
+    """Read and check the config at ``path``, or at DEFAULT_PATH when None.
 
-    ``must_exist`` is for a path the admin named explicitly: a typo there must not
-    silently run with defaults.
+    A path the admin named must exist (``must_exist`` defaults to whether one was
+    named): a typo must not silently run with defaults.  The default path may be
+    absent, which means every default.
     """
-    path = Path(path)
+    if must_exist is None:
+        must_exist = path is not None
+    path = Path(DEFAULT_PATH if path is None else path)
     try:
         text = yamlfile.read_text(path)
     except FileNotFoundError:

@@ -9,14 +9,12 @@ reaches into another stage's internals.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-
-@dataclass(frozen=True, slots=True)
-class FileId:
-    """Identity of one log file on disk: survives renames, changes on replacement."""
-
-    dev: int
-    inode: int
+# The longest log line any stage looks at.  A reject is a few hundred bytes; a longer
+# line is a client's or a broken writer's, and reading it whole would let one line
+# without a newline take all memory.  The follower and the scanner skip such a line.
+MAX_LINE_BYTES = 1 << 20
 
 
 @dataclass(slots=True)
@@ -103,10 +101,6 @@ class Ban:
     rule: str
     reason: str
 
-    @property
-    def family(self) -> int:
-        return 6 if ":" in self.target else 4
-
 
 @dataclass(frozen=True, slots=True)
 class SourcePosition:
@@ -125,3 +119,21 @@ class SourcePosition:
     inode: int
     offset: int
     fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class BanPolicy:
+    """What a rule asks for: ``count`` matches within ``window`` seconds ban an address
+    for ``duration`` seconds (None: the configured ``ban_time``)."""
+
+    count: int = 1
+    window: float = 3600.0
+    duration: float | None = None
+
+
+class Offender(NamedTuple):
+    """How often a target (address or network) was banned, and when last."""
+
+    target: str
+    bans: int
+    last_ban: float

@@ -161,6 +161,9 @@ def wait_for(predicate: Callable[[], object], timeout: float = 15,
         time.sleep(every)
 
 
+PROBE_TABLE = "rblguard_monitor_probe"
+
+
 class ElementMonitor:
     """``nft monitor`` in a namespace: when each element first appeared in the kernel.
 
@@ -173,16 +176,26 @@ class ElementMonitor:
     def __init__(self, ns: str, table: str = "rblguard") -> None:
         self.table = table
         self.seen: dict[str, float] = {}
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "monitor", "elements"],
+        self.subscribed = threading.Event()
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "monitor"],
                                      stdout=subprocess.PIPE, text=True, bufsize=1)
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
-        time.sleep(0.3)  # let it subscribe before the first ban
+        # Subscribed once it reports a change of its own: a probe table made and removed
+        # (in the test's namespace) until the monitor shows it.
+        deadline = time.monotonic() + 10
+        while not self.subscribed.wait(0.05):
+            assert time.monotonic() < deadline, "nft monitor did not start"
+            subprocess.run(["ip", "netns", "exec", ns, "nft",
+                            f"add table inet {PROBE_TABLE}; delete table inet {PROBE_TABLE}"],
+                           check=True, capture_output=True)
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             now = time.time()
+            if PROBE_TABLE in line:
+                self.subscribed.set()
             for m in self.PATTERN.finditer(line):
                 if m.group(1) != self.table or m.group(2).startswith("seen"):
                     continue  # another table, or the connection-counting sets
@@ -241,22 +254,3 @@ def daemon_namespace(tmp_path: Path) -> Iterator[DaemonHarness]:
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), signal.SIGKILL)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
-class Multilog:
-    """A real ``multilog t`` writing ``directory`` with a tiny size limit, fed lines."""
-
-    def __init__(self, directory: Path, size: int = 4096, keep: int = 200) -> None:
-        self.directory = directory
-        self.proc = subprocess.Popen(["multilog", "t", f"s{size}", f"n{keep}",
-                                      str(directory)], stdin=subprocess.PIPE)
-
-    def write(self, text: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(text.encode())
-        self.proc.stdin.flush()
-
-    def close(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        self.proc.wait(10)

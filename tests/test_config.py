@@ -23,14 +23,14 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "rblguard.example.yaml"
 
 
 def test_missing_file_means_defaults_unless_it_must_exist(tmp_path: Path) -> None:
-    cfg = load_config(tmp_path / "absent.yaml")
+    cfg = load_config(tmp_path / "absent.yaml", must_exist=False)  # as the default path
     assert cfg == Config()
     assert cfg.ban_time == 3600.0
-    assert cfg.firewall == FirewallOptions()
+    assert cfg.backend == FirewallOptions()
     assert cfg.metrics == ListenAddress("127.0.0.1", 9731)
     assert cfg.storm.max_active >= 1_000_000 and cfg.storm.max_per_second >= 1000
     with pytest.raises(ConfigError, match=r"absent\.yaml: no such file"):
-        load_config(tmp_path / "absent.yaml", must_exist=True)
+        load_config(tmp_path / "absent.yaml")  # a path the admin named must exist
 
 
 def test_empty_file_means_defaults(tmp_path: Path) -> None:
@@ -67,7 +67,7 @@ log_level: DEBUG
     assert cfg.source_paths == list(cfg.sources)
     assert cfg.rules_dirs == (str(tmp_path / "rules.d"),)
     assert cfg.shipped_rules is False
-    assert cfg.firewall == FirewallOptions(backend="ipset", ports=(25, 587), set_v4="bad4",
+    assert cfg.backend == FirewallOptions(backend="ipset", ports=(25, 587), set_v4="bad4",
                                            set_v6="bad6", maxelem=200000, mode="set-only",
                                            chain="RG")
     assert cfg.ban_time == 5400.0
@@ -86,9 +86,9 @@ log_level: DEBUG
 def test_off_values_and_shorthands() -> None:
     cfg = parse_config("backend: ipset\nrepeat: off\nmetrics: off\nipv4_subnet: off\n"
                        "backend: {ports: all}\n")
-    assert cfg.firewall.ports is None and cfg.firewall.backend == "nftables"
+    assert cfg.backend.ports is None and cfg.backend.backend == "nftables"
     assert cfg.repeat is None and cfg.metrics is None and cfg.ipv4_subnet is None
-    assert parse_config("backend: ipset").firewall.backend == "ipset"
+    assert parse_config("backend: ipset").backend.backend == "ipset"
 
 
 def test_equality_tells_a_reload_what_changed() -> None:
@@ -164,9 +164,21 @@ def test_example_config_loads_and_states_the_defaults() -> None:
     cfg = load_config(EXAMPLE, must_exist=True)
     data = yaml.safe_load(EXAMPLE.read_text())
     defaults = Config()
-    assert cfg.firewall == defaults.firewall
+    assert cfg.backend == defaults.backend
     assert cfg.ban_time == defaults.ban_time and cfg.repeat == defaults.repeat
     assert cfg.storm == defaults.storm and cfg.dnsbl == defaults.dnsbl
     assert cfg.metrics == defaults.metrics and cfg.state_dir == defaults.state_dir
     assert cfg.sources == defaults.sources and cfg.ipv6_prefix == defaults.ipv6_prefix
     assert set(data) >= {"sources", "backend", "ban_time", "repeat", "allowlist", "storm"}
+
+
+@pytest.mark.parametrize("command", [["run", "--check"], ["status"], ["list"], ["reload"],
+                                     ["flush"], ["ban", "192.0.2.1"], ["unban", "192.0.2.1"],
+                                     ["firewall", "status"], ["firewall", "remove"]])
+def test_a_named_config_that_is_missing_is_an_error_in_every_command(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    from rblguard.commands.cli import main
+
+    missing = tmp_path / "typo.yaml"
+    assert main([*command, "--config", str(missing)]) == 2
+    assert f"{missing}: no such file" in capsys.readouterr().err

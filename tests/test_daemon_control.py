@@ -21,7 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from rblguard.store.state import Offender, State
+from rblguard.model import Offender
+from rblguard.store.state import State
 from tests.daemon_harness import DaemonHarness, reject_message, tai64n, wait_for
 
 
@@ -208,7 +209,7 @@ def test_bad_durations_are_refused_and_never_kill_the_daemon(log_harness: Daemon
                              f'"duration": {duration}}}')
         assert answer["ok"] is False, duration
         assert "ban: field 'duration'" in answer["error"], answer
-    time.sleep(0.5)  # the main loop has had its chance to choke on anything queued
+    # every request above was answered by the main loop; one more proves it still runs
     assert alive(log_harness), log_harness.log()
     assert log_harness.kernel_elements() == set()
     assert log_harness.cli("list", "--json")["bans"] == []
@@ -218,38 +219,6 @@ def test_bad_durations_are_refused_and_never_kill_the_daemon(log_harness: Daemon
     answer = raw_request(log_harness, '{"cmd": "ban", "target": "198.18.0.1", "duration": 60}')
     assert answer["ok"] and 55 < answer["result"]["until"] - time.time() <= 60
     assert log_harness.kernel_elements() == {"198.18.0.1"}
-
-
-def test_a_ban_that_cannot_be_a_kernel_entry_is_dropped_not_retried(
-        log_harness: DaemonHarness) -> None:
-    """Whatever slips past the checks, the loop drops it with an error and goes on."""
-    log_harness.write_config()
-    script = f"""
-import json, logging, math
-from rblguard.config import load_config
-from rblguard.daemon.loop import Daemon
-from rblguard.model import Ban
-logging.basicConfig(level=logging.INFO)
-d = Daemon(load_config({str(log_harness.config_path)!r}), {str(log_harness.config_path)!r})
-d.start()
-d.decider._set_active("198.18.40.1", math.inf)
-d.decider._set_active("198.18.40.3", d.started + 3600)
-d.pending = [Ban("198.18.40.1", math.inf, "rbl", "x"), Ban("198.18.40.2", math.nan, "rbl", "y"),
-             Ban("198.18.40.3", d.started + 3600, "rbl", "z")]
-failed = d._flush_bans()
-print(json.dumps({{"failed": sorted(failed), "pending": len(d.pending),
-                   "active": sorted(t for t, _ in d.decider.active_items())}}))
-d.backend.close()
-"""
-    out = subprocess.run(["ip", "netns", "exec", log_harness.ns, sys.executable, "-c", script],
-                         capture_output=True, text=True, timeout=60,
-                         cwd=Path(__file__).resolve().parent.parent)
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout.splitlines()[-1])
-    assert result == {"failed": ["198.18.40.1", "198.18.40.2"], "pending": 0,
-                      "active": ["198.18.40.3"]}
-    assert "dropping the ban of 198.18.40.1 (rule rbl): its end inf" in out.stderr
-    assert log_harness.kernel_elements() == {"198.18.40.3"}
 
 
 def _run_to_exit(h: DaemonHarness, config: Path) -> subprocess.CompletedProcess[str]:

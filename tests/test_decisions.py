@@ -9,9 +9,8 @@ from hypothesis import strategies as st
 
 from rblguard.config import Config, RepeatSettings, StormSettings, SubnetSettings, parse_config
 from rblguard.decisions.allowlist import Allowlist, Entry
-from rblguard.decisions.decider import BanPolicy, Decider, DecisionSettings
-from rblguard.model import Ban, Match
-from rblguard.store.state import Offender
+from rblguard.decisions.decider import Decider, DecisionSettings
+from rblguard.model import Ban, BanPolicy, Match, Offender
 
 T0 = 1_700_000_000.0
 H = 3600.0

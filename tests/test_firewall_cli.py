@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,8 +22,10 @@ from tests.test_firewall_ipset import (
     probe,
 )
 
+DEFAULTS = os.path.join(ROOT, "tests", "fixtures", "defaults.yaml")
 
-def cli(ns: str | None, *words: str, config: str = "/nonexistent/rblguard.yaml"
+
+def cli(ns: str | None, *words: str, config: str = DEFAULTS
         ) -> subprocess.CompletedProcess[str]:
     """``python -m rblguard firewall WORDS`` (in namespace ``ns``), from the source tree."""
     cmd = [sys.executable, "-m", "rblguard", "firewall", *words, "--config", config]
@@ -147,26 +149,22 @@ def test_docs_show_the_lines_setup_prints() -> None:
     assert "rblguard firewall" in doc and "--ctstate NEW" in doc
 
 
-def test_nftables_status_takes_entries_from_the_running_daemon(tmp_path: Path) -> None:
+def test_nftables_status_takes_entries_from_the_running_daemon(harness, tmp_path: Path) -> None:
     """With a daemon on the config's control socket, its count of active bans stands in
     for the element count nftables does not keep."""
-    require_root_tools("nft", "multilog")
-    from tests.daemon_harness import Multilog, daemon_namespace, reject_message
+    from tests.daemon_harness import reject_message, wait_for
+    from tests.multilog import Multilog
 
-    with daemon_namespace(tmp_path) as harness:
-        harness.write_config()
-        log = Multilog(tmp_path / "log")
-        harness.start()
-        try:
-            log.write(reject_message("198.18.7.1") + reject_message("198.18.7.2")
-                      + reject_message("2001:db8:7::1"))
-            for _ in range(200):
-                if len(harness.kernel_elements()) == 3:
-                    break
-                time.sleep(0.05)
-            proc = cli(harness.ns, "status", "--json", config=str(harness.config_path))
-        finally:
-            log.close()
+    harness.write_config()
+    log = Multilog(tmp_path / "log")
+    harness.start()
+    try:
+        log.write(reject_message("198.18.7.1") + reject_message("198.18.7.2")
+                  + reject_message("2001:db8:7::1"))
+        wait_for(lambda: len(harness.kernel_elements()) == 3, what="three bans")
+        proc = cli(harness.ns, "status", "--json", config=str(harness.config_path))
+    finally:
+        log.close()
     report = json.loads(proc.stdout)
     assert proc.returncode == 0, proc.stderr
     assert report["entries"] == {"ipv4": 2, "ipv6": 1}

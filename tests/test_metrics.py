@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -23,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from rblguard.daemon.metrics import Metrics, MetricsAddressError, parse_address
+from rblguard.daemon.listen import MetricsAddressError, parse_address
+from rblguard.daemon.metrics import Metrics
 from rblguard.firewall.base import Counters
 from rblguard.model import ChunkResult, Connection, Ignored, Match, ParseError
 from tests.netns import require_root_tools
@@ -430,3 +432,34 @@ def test_real_prometheus_scrapes_the_values_set(tmp_path: Path) -> None:
             assert limit[0]["value"][1] == "300000"
     finally:
         m.close()
+
+
+def test_active_bans_metric_is_exact_right_after_a_burst(log_harness, tmp_path: Path) -> None:
+    """The gauge is computed at scrape time from the decider's counts: a scrape right
+    after a burst shows every ban `rblguard status` shows, not the last 5 s round's."""
+    from tests.daemon_harness import reject_message, tai64n, wait_for
+
+    port = 19741
+    log_harness.write_config(metrics=f"127.0.0.1:{port}")
+    log_harness.start()
+    fetch_in = netns_fetch(log_harness.ns)
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def scraped() -> dict[str, float]:
+        text = fetch_in(url)
+        return {family: float(value) for family, value in re.findall(
+            r'^rblguard_active_bans\{family="(ipv[46])"\} (\S+)$', text, re.MULTILINE)}
+
+    assert scraped() == {"ipv4": 0.0, "ipv6": 0.0}
+    burst = [f"198.18.41.{i}" for i in range(1, 121)] + [f"2001:db8:41:{i}::9"
+                                                         for i in range(1, 11)]
+    with open(tmp_path / "log" / "current", "a") as log:
+        log.write("".join(tai64n() + reject_message(a, i) for i, a in enumerate(burst)))
+
+    def status() -> dict[str, int]:
+        return log_harness.cli("status", "--json")["active_bans"]
+
+    wait_for(lambda: sum(status().values()) == len(burst), what="the burst's bans")
+    got = scraped()  # at once: the housekeeping round has most likely not run yet
+    assert got == {"ipv4": 120.0, "ipv6": 10.0}
+    assert {k: int(v) for k, v in got.items()} == status()

@@ -97,7 +97,8 @@ def parse_samples(text: str) -> dict[str, float]:
 def running_daemon(tmp_path: Path) -> Iterator[Running]:
     """rblguard run in the server namespace, the scripted log read and its bans in the
     kernel; the client namespace holds V4 and V6."""
-    from tests.daemon_harness import DaemonHarness, Multilog
+    from tests.daemon_harness import DaemonHarness
+    from tests.multilog import Multilog
 
     with netns_pair("rgm") as pair:
         pair.add_client_addresses([V4, V6])

@@ -16,8 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rblguard.commands.testrules import check_files, check_samples
-from rblguard.matching.patterns import literal_prefix, within_line
-from rblguard.matching.rules import RuleError, load_rules, shipped_rules_dir
+from rblguard.matching.rules import (
+    RuleError,
+    literal_prefix,
+    load_rules,
+    shipped_rules_dir,
+    within_line,
+)
 
 GOOD = """\
 description: test

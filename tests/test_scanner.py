@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 
 from rblguard.addresses import canonical_address
 from rblguard.matching.rules import load_rules, shipped_rules_dir
-from rblguard.matching.scanner import Scanner, read_complete_lines, scan_file
-from rblguard.model import Connection, Ignored, Match, ParseError
+from rblguard.matching.scanner import Scanner, scan_file
+from rblguard.model import MAX_LINE_BYTES, Connection, Ignored, Match, ParseError
+from rblguard.sources.files import read_complete_lines
 from rblguard.sources.stamps import FORMATS, NONE, TAI64_UNIX_OFFSET, TAI64N, detect_format
 
 FIXTURES = Path(__file__).parent / "fixtures" / "logs"
@@ -115,7 +116,7 @@ def test_incomplete_last_line_is_not_read(tmp_path: Path) -> None:
 
 def test_long_lines_nul_bytes_and_bad_utf8(tmp_path: Path, ruleset) -> None:
     stamp = b"@4000000065a1d28a302953e2 "
-    long_line = stamp + b"qmail-smtpd: " + b"x\x00\xff" * 400_000
+    long_line = stamp + b"qmail-smtpd: " + b"x\x00\xff" * 300_000
     reject = stamp + b"rblsmtpd: 198.18.7.7 pid 1: 553 \xff\xfe bad utf-8 \x00 nul\n"
     log = tmp_path / "current"
     log.write_bytes(long_line + b"\n" + reject + long_line)  # last line incomplete
@@ -124,6 +125,20 @@ def test_long_lines_nul_bytes_and_bad_utf8(tmp_path: Path, ruleset) -> None:
     events = [e for c in scan_file(log, Scanner(ruleset)) for e in c.events]
     assert [(type(e), e.address) for e in events] == [(Match, "198.18.7.7")]
     assert "\ufffd" in events[0].line
+
+
+def test_a_line_past_the_cap_is_skipped_whole(tmp_path: Path, ruleset) -> None:
+    stamp = b"@4000000065a1d28a302953e2 "
+    reject = stamp + b"rblsmtpd: 198.18.7.7 pid 1: 553 listed\n"
+    # The overlong line ends like a reject: were only its head dropped, its tail would ban.
+    overlong = b"x" * (2 * MAX_LINE_BYTES) + b" " + reject
+    log = tmp_path / "current"
+    log.write_bytes(reject + overlong + reject.replace(b".7.7", b".7.8"))
+    chunks = list(read_complete_lines(log, chunk_size=65536))
+    assert [c for _, c in chunks] == [reject, reject.replace(b".7.7", b".7.8")]
+    assert chunks[1][0] == len(reject) + len(overlong), "offsets stay file offsets"
+    events = [e for c in scan_file(log, Scanner(ruleset)) for e in c.events]
+    assert [e.address for e in events] == ["198.18.7.7", "198.18.7.8"]
 
 
 def test_hit_inside_client_text_is_never_a_ban(ruleset) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rblguard.model import Ban, SourcePosition
-from rblguard.store.state import SCHEMA_VERSION, Offender, State, StateError
+from rblguard.model import Ban, Offender, SourcePosition
+from rblguard.store.state import SCHEMA_VERSION, State, StateError
 from tests.netns import require_root_tools
 
 NOW = 1_700_000_000.0

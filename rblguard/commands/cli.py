@@ -10,16 +10,15 @@ import argparse
 import importlib
 import sys
 
+from rblguard import DEFAULT_CONFIG as DEFAULT_PATH
 from rblguard import __version__
-
-DEFAULT_CONFIG = "/etc/rblguard/rblguard.yaml"
 
 # command -> "module:function"; the function takes the parsed arguments, returns the exit status
 COMMANDS: dict[str, str] = {
     "scan": "rblguard.commands.scan:main",
     "test-rules": "rblguard.commands.testrules:main",
     "simulate": "rblguard.commands.simulate:main",
-    "run": "rblguard.daemon.loop:main",
+    "run": "rblguard.commands.run:main",
     "status": "rblguard.commands.client:main",
     "list": "rblguard.commands.client:main",
     "ban": "rblguard.commands.client:main",
@@ -45,8 +44,8 @@ def _add_rules_option(parser: argparse.ArgumentParser) -> None:
 
 def _add_client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", metavar="FILE", default=DEFAULT_CONFIG,
-        help=f"config file naming the control socket (default {DEFAULT_CONFIG})",
+        "--config", metavar="FILE", default=None,
+        help=f"config file naming the control socket (default {DEFAULT_PATH})",
     )
     parser.add_argument(
         "--socket", metavar="PATH", help="control socket (default: from the config file)"
@@ -92,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the daemon in the foreground")
     p.add_argument(
-        "--config", metavar="FILE", default=DEFAULT_CONFIG,
-        help=f"config file (default {DEFAULT_CONFIG}; defaults apply when it is absent)",
+        "--config", metavar="FILE", default=None,
+        help=f"config file (default {DEFAULT_PATH}; defaults apply when it is absent)",
     )
     p.add_argument(
         "--check", action="store_true", help="check the config and rules, then exit"
@@ -128,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["setup", "status", "remove"])
     p.add_argument("--backend", choices=["nftables", "ipset"], help="default: from config")
     p.add_argument(
-        "--config", metavar="FILE", default=DEFAULT_CONFIG,
-        help=f"config file with backend options (default {DEFAULT_CONFIG})",
+        "--config", metavar="FILE", default=None,
+        help=f"config file with backend options (default {DEFAULT_PATH})",
     )
     p.add_argument("--json", action="store_true", help="status as one JSON object")
     return parser

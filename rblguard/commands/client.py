@@ -16,17 +16,14 @@ from typing import Any
 from rblguard.daemon.control import ControlError, Unreachable, normalise_target, request
 from rblguard.durations import format_duration, parse_duration
 
-DEFAULT_SOCKET = "/run/rblguard/control.sock"
-
 
 def _socket_path(args: argparse.Namespace) -> str:
     if args.socket:
         return args.socket
     from rblguard.config import ConfigError, load_config
 
-    explicit = args.config != "/etc/rblguard/rblguard.yaml"
     try:
-        return load_config(args.config, must_exist=explicit).control_socket
+        return load_config(args.config).control_socket
     except ConfigError as exc:
         raise ControlError(str(exc)) from None
 

@@ -131,7 +131,7 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"rblguard firewall: {exc}", file=sys.stderr)
         return 2
-    options = config.firewall
+    options = config.backend
     if args.backend:
         options = dataclasses.replace(options, backend=args.backend)
     from rblguard.firewall import make_backend

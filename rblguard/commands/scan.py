@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rblguard.matching.rules import RuleError, RuleSet, load_rules
-from rblguard.matching.scanner import Scanner, log_files, read_complete_lines
+from rblguard.matching.scanner import Scanner
 from rblguard.model import ChunkResult, Connection, Ignored, Match, ParseError
+from rblguard.sources.files import log_files, read_complete_lines
 from rblguard.sources.stamps import FORMATS, NONE, detect_file_format
 
 

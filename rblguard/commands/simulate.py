@@ -47,6 +47,36 @@ class Policy:
     recent: dict[str, deque[float]] = field(default_factory=dict)
     last_blocked: dict[str, bool] = field(default_factory=dict)
 
+    def connection(self, address: str, t: float, zones: int) -> None:
+        """A client connects: blocked in the kernel, or rblsmtpd asks ``zones`` lists."""
+        blocked = self.until.get(address, 0.0) > t
+        self.last_blocked[address] = blocked
+        if blocked:
+            self.blocked += 1
+        else:
+            self.queries += zones
+
+    def reject(self, address: str, t: float, cost: int, zones: int, had_conn: bool,
+               threshold: tuple[int, float]) -> None:
+        """rblsmtpd rejected it after ``cost`` queries; maybe this ban time bans it."""
+        if had_conn and self.last_blocked.get(address):
+            return  # blocked in the kernel: rblsmtpd never saw it, never rejected it
+        if had_conn:
+            self.queries += cost - zones
+        elif self.until.get(address, 0.0) > t:
+            self.blocked += 1
+            return
+        else:
+            self.queries += cost
+        count, window = threshold
+        recent = self.recent.setdefault(address, deque())
+        recent.append(t)
+        while recent and recent[0] <= t - window:
+            recent.popleft()
+        if len(recent) >= count:
+            self.until[address] = t + self.ban_time
+            recent.clear()
+
 
 def parse_zones(text: str) -> tuple[int, list[str]]:
     """(how many zones, their names or []) from ``2`` or ``zen.spamhaus.org,bl.spamcop.net``."""
@@ -109,7 +139,7 @@ def simulate(paths: list[str], ban_times: list[float], threshold: tuple[int, flo
     ruleset = load_rules(rules_dirs, explicit=rules_dirs is not None, require_enabled=True,
                          packs=packs)
     count, window = threshold
-    policies = [Policy(b) for b in ban_times]
+    policies = [Policy(b) for b in ban_times]  # each replays the same events
     baseline = connections = rejects = 0
     first = last = None
     open_conn: dict[str, bool] = {}  # address -> a connection awaits its outcome
@@ -123,12 +153,7 @@ def simulate(paths: list[str], ban_times: list[float], threshold: tuple[int, flo
             baseline += zones
             open_conn[address] = True
             for p in policies:
-                blocked = p.until.get(address, 0.0) > t
-                p.last_blocked[address] = blocked
-                if blocked:
-                    p.blocked += 1
-                else:
-                    p.queries += zones
+                p.connection(address, t, zones)
             continue
         rejects += 1
         cost = zone_position(event.line, zones, names)
@@ -136,22 +161,7 @@ def simulate(paths: list[str], ban_times: list[float], threshold: tuple[int, flo
         # The connection cost `zones` when it was counted; a listed client cost `cost`.
         baseline += cost - zones if had_conn else cost
         for p in policies:
-            if had_conn and p.last_blocked.get(address):
-                continue  # blocked in the kernel: rblsmtpd never saw it, never rejected it
-            if had_conn:
-                p.queries += cost - zones
-            elif p.until.get(address, 0.0) > t:
-                p.blocked += 1
-                continue
-            else:
-                p.queries += cost
-            recent = p.recent.setdefault(address, deque())
-            recent.append(t)
-            while recent and recent[0] <= t - window:
-                recent.popleft()
-            if len(recent) >= count:
-                p.until[address] = t + p.ban_time
-                recent.clear()
+            p.reject(address, t, cost, zones, had_conn, threshold)
     span = (last - first) if first is not None and last is not None else 0.0
     scale = DAY / span if span > 0 else None
 

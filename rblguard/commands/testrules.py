@@ -22,8 +22,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from rblguard.matching.rules import Rule, RuleError, RuleSet, Sample, load_rule_file, rule_files
-from rblguard.matching.scanner import Scanner, log_files, read_complete_lines
+from rblguard.matching.scanner import Scanner
 from rblguard.model import Ignored, Match, ParseError
+from rblguard.sources.files import log_files, read_complete_lines
 from rblguard.sources.stamps import NONE, TAI64N, StampFormat, detect_format, split_line
 
 # A line "looks like a reject" when a program's own prefix is followed by an SMTP 4xx/5xx

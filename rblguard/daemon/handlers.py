@@ -7,18 +7,25 @@ why a ban from the CLI and a ban from the log can never race.
 
 from __future__ import annotations
 
-import math
+import logging
 import os
+import queue
+import threading
 import time
-from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from rblguard import __version__
-from rblguard.addresses import family
-from rblguard.firewall.base import Entry, FirewallError
+from rblguard.config import ConfigError
+from rblguard.daemon.control import ControlError
+from rblguard.daemon.pipeline import log_unban
+from rblguard.firewall.base import FirewallError
+from rblguard.matching.rules import RuleError
 
 if TYPE_CHECKING:
     from rblguard.daemon.loop import Daemon
+
+log = logging.getLogger("rblguard")
 
 FAMILY_NAMES = {4: "ipv4", 6: "ipv6"}
 
@@ -34,10 +41,12 @@ def _status(d: Daemon, _body: dict[str, Any]) -> dict[str, Any]:
         size = None
         if current and os.path.exists(current):
             size = os.stat(current).st_size
+        # read to here: the saved position may lag by up to a second (Journal.commit)
+        where = d.pipeline.journal.read_to.get(path) or st.position
         sources.append({
             "path": path,
-            "file": st.position.file if st.position else current,
-            "offset": st.position.offset if st.position else 0,
+            "file": where.file if where else current,
+            "offset": where.offset if where else 0,
             "size": size,
             "lag_bytes": follower.lag_bytes(),
             "last_time": st.last_time,
@@ -55,17 +64,16 @@ def _status(d: Daemon, _body: dict[str, Any]) -> dict[str, Any]:
         "counters": {FAMILY_NAMES[f]: {"packets": c.packets, "connections": c.connections}
                      for f, c in counters.items()},
         "dnsbl": d.metrics.budget(),
-        "state": d.config.state_dir if d.state is not None else None,
-        "allowlist_lifted": d.lifted_allowlisted,
+        "state": d.config.state_dir if d.pipeline.journal.saving else None,
+        "allowlist_lifted": d.pipeline.lifted_allowlisted,
     }
 
 
 def _list(d: Daemon, _body: dict[str, Any]) -> dict[str, Any]:
     now = time.time()
-    details = {}
-    if d.state is not None:
-        rows = d._state_call("list bans", d.state.load_bans, now) or []
-        details = {b.target: b for b in rows}
+    journal = d.pipeline.journal
+    rows = journal.call("list bans", journal.state.load_bans, now) if journal.saving else None
+    details = {b.target: b for b in rows or []}
     bans = []
     for target, until in sorted(d.decider.active_items(), key=lambda tu: tu[1]):
         info = details.get(target)
@@ -77,45 +85,26 @@ def _list(d: Daemon, _body: dict[str, Any]) -> dict[str, Any]:
 
 def _ban(d: Daemon, body: dict[str, Any]) -> dict[str, Any]:
     """Ban now; an error (and nothing banned) if the kernel refuses the entry."""
-    now = time.time()
     previous = d.decider.until(body["target"])
     verdict = d.decider.on_manual(body["target"], body.get("duration"),
-                                  body.get("reason") or "", bool(body.get("force")), now)
+                                  body.get("reason") or "", bool(body.get("force")),
+                                  time.time())
     if verdict.refused:
         d.metrics.refused(verdict.refused)
         raise ValueError(verdict.message or f"refused: {verdict.refused}")
-    ban = verdict.bans[0]
-    d.pending.extend(verdict.bans)
-    failed = d._flush_bans()
-    if failed is None or ban.target in failed:
-        # Not in the kernel: take it back out of memory (and out of the retry queue),
-        # so that list, status and the state never show a ban that is not there.
-        d.pending = [b for b in d.pending if b is not ban]
-        d.decider.restore(ban.target, previous)
-        why = "it refused the whole batch" if failed is None else failed[ban.target]
-        outcome = ("nothing was banned" if previous is None
-                   else "the ban already in force is unchanged")
-        raise FirewallError(f"the kernel did not take the ban of {ban.target}: {why}; "
-                            f"{outcome}")
-    d.metrics.ban(ban.rule, family(ban.target))
-    d.log_ban(ban, verdict.refreshed)
+    ban = d.pipeline.ban_now(verdict, previous)
     return {"target": ban.target, "until": ban.until, "refreshed": verdict.refreshed}
 
 
 def _unban(d: Daemon, body: dict[str, Any]) -> dict[str, Any]:
     """Free an address or network: lift every active ban that blocks any of it (for an
     IPv6 client its /64, for an IPv4 one its subnet ban too), and say which."""
-    assert d.backend is not None
     target = body["target"]
     lifted = d.decider.overlapping(target)
-    kernel = list(dict.fromkeys([*lifted, target]))  # the target itself in any case
-    refused = d.forget_bans(lifted, "manual")
-    others = [t for t in kernel if t not in lifted]
-    refused.update(d._unban_in_kernel(others))
-    if others:
-        d._save("save unban", unbans=others)
+    # the target itself from the kernel in any case: an element nobody knows of
+    refused = d.pipeline.unban(lifted, "manual", kernel_too=[target])
     if not lifted:
-        d.log_unban(target, "manual (no active ban)")
+        log_unban(target, "manual (no active ban)")
     if refused:
         raise FirewallError("the kernel refused to lift " + "; ".join(
             f"{t}: {why}" for t, why in refused.items()))
@@ -123,27 +112,7 @@ def _unban(d: Daemon, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _flush(d: Daemon, _body: dict[str, Any]) -> dict[str, Any]:
-    from rblguard.store.state import StateError
-
-    assert d.backend is not None
-    targets = d.decider.active_targets()
-    removed = len(targets)
-    d.decider.flush()
-    d.pending, d.announce = [], []
-    d.manual.clear()
-    d.backend.flush()
-    if d.state is not None:
-        try:
-            d.state.flush()  # one DELETE, however many bans
-            d.unsaved_bans, d.unsaved_unbans = {}, set()
-        except StateError as exc:  # held back like any failed save, or a restart
-            d.unsaved_bans = {}    # would restore the flushed bans
-            d.unsaved_unbans |= set(targets)
-            d.limited_warning("state", "cannot save the flush: %s (kernel bans are "
-                              "flushed; it is saved once the state works again)", exc)
-    d.metrics.unbanned("flush", removed)
-    d.log_unban("*", f"flush of {removed} bans")
-    return {"removed": removed}
+    return {"removed": d.pipeline.clear()}
 
 
 def _reload(d: Daemon, _body: dict[str, Any]) -> dict[str, Any]:
@@ -158,30 +127,40 @@ def handle(d: Daemon, body: dict[str, Any]) -> dict[str, Any]:
     return HANDLERS[body["cmd"]](d, body)
 
 
-def kernel_entry(target: str, until: float, now: float,
-                 refresh: bool = True) -> Entry | None:
-    """The kernel entry of a ban ending at ``until``, or None if that is not a time."""
+# -- the way there and back: the server thread waits, the main loop answers -----------
+
+
+@dataclass
+class Request:
+    """A control request waiting for the main loop's answer."""
+
+    body: dict[str, Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    answer: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def submit(wakeups: queue.SimpleQueue[Any], body: dict[str, Any]) -> dict[str, Any]:
+    """On the control server's thread: queue ``body`` for the main loop and wait for
+    its answer (ControlError if it gives an error or none within 30 s)."""
+    request = Request(body)
+    wakeups.put(request)
+    if not request.done.wait(30):
+        raise ControlError("the daemon did not answer within 30 s")
+    if request.error is not None:
+        raise ControlError(request.error)
+    assert request.answer is not None
+    return request.answer
+
+
+def answer(d: Daemon, request: Request) -> None:
+    """On the main loop: answer one request; never let a request kill the loop."""
     try:
-        seconds = until - now
-        if not math.isfinite(seconds):
-            return None
-        return Entry(target, max(1, int(seconds)), refresh)
-    except (TypeError, ValueError, OverflowError):
-        return None
-
-
-def restore_batches(d: Daemon, now: float, size: int = 50_000) -> Iterator[list[Entry]]:
-    """Every active ban as kernel entries with their remaining time, ``size`` at a
-    time: a restart with a million bans never builds all million entries at once."""
-    batch: list[Entry] = []
-    for target in d.decider.active_targets():
-        until = d.decider.until(target)
-        # not a refresh: an element the kernel kept holds this time already
-        entry = kernel_entry(target, until, now, False) if until is not None else None
-        if entry is not None:
-            batch.append(entry)
-            if len(batch) >= size:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
+        request.answer = handle(d, request.body)
+    except (ValueError, RuleError, ConfigError, FirewallError) as exc:
+        request.error = str(exc)
+    except Exception as exc:
+        log.exception("control request %r failed", request.body)
+        request.error = f"internal error: {exc}"
+    finally:
+        request.done.set()

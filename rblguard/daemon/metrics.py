@@ -69,8 +69,9 @@ from prometheus_client import Counter as PCounter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from rblguard import __version__
+from rblguard.daemon.listen import MetricsAddressError, parse_address
 from rblguard.firewall.base import Counters
-from rblguard.model import ChunkResult, Connection, Ignored, Match, ParseError
+from rblguard.model import ChunkResult, Connection, Event, Ignored, Match, ParseError
 
 FAMILIES = {4: "ipv4", 6: "ipv6"}
 REFUSAL_REASONS = ("allowlist", "storm_active", "storm_rate", "set_full", "firewall",
@@ -102,23 +103,20 @@ def dnsbl_error_kind(text: str) -> str:
     return "other"
 
 
-class MetricsAddressError(OSError):
-    """The metrics endpoint cannot listen where the config says (port taken, bad host)."""
+class _ActiveBans:
+    """``rblguard_active_bans{family}``, computed when scraped (no work between scrapes)."""
 
+    def __init__(self) -> None:
+        self.source: Callable[[], dict[int, int]] | None = None
+        self.last: dict[int, int] = dict.fromkeys(FAMILIES, 0)
 
-def parse_address(address: object) -> tuple[str, int]:
-    """``127.0.0.1:9731``, ``[::1]:9731``, ``:9731`` (every interface), or a config
-    ListenAddress (``.host``/``.port``) -> (host for bind, port)."""
-    if hasattr(address, "host") and hasattr(address, "port"):
-        host, port = str(address.host), int(address.port)
-    else:
-        text = str(address).strip()
-        host, sep, port_text = text.rpartition(":")
-        if not sep or not port_text.isdigit():
-            raise MetricsAddressError(f"metrics address {text!r} must be host:port")
-        port = int(port_text)
-    host = host.strip("[]")
-    return host or "::", port
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = self.source() if self.source is not None else self.last
+        metric = GaugeMetricFamily("rblguard_active_bans", "Bans in force",
+                                   labels=["family"])
+        for family, label in FAMILIES.items():
+            metric.add_metric([label], counts.get(family, 0))
+        yield metric
 
 
 class _KernelCounters:
@@ -211,6 +209,7 @@ class Metrics:
                  queries_per_day: int = 300_000, *,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = r = CollectorRegistry()
         self.zones = zones
         self.limits = (connections_per_day, queries_per_day)
@@ -244,7 +243,8 @@ class Metrics:
                                ["reason"], registry=r)
         for reason in UNBAN_REASONS:
             self.unbans.labels(reason)
-        self.active = Gauge("rblguard_active_bans", "Bans in force", ["family"], registry=r)
+        self.active = _ActiveBans()
+        r.register(self.active)
         self.latency = Histogram("rblguard_ban_latency_seconds",
                                  "Log line time to kernel commit", buckets=LATENCY_BUCKETS,
                                  registry=r)
@@ -274,8 +274,6 @@ class Metrics:
         self.window = _RateWindow(clock)
         self.fw_healthy.set(1)
         self.heartbeat.set(wall_clock())
-        for family in FAMILIES.values():
-            self.active.labels(family).set(0)
         for reason in REFUSAL_REASONS:
             self.refusals.labels(reason)
         for result in ("success", "failure"):
@@ -320,46 +318,74 @@ class Metrics:
 
     def observe_chunk(self, source: str, result: ChunkResult) -> None:
         """Count what the scanner found in one chunk: one pass of local counting, then
-        one ``inc`` per label set (a chunk may hold thousands of events)."""
+        one ``inc`` per label set (a chunk may hold thousands of events).  Called once
+        per wake-up of the daemon, so the labelled children are looked up once each and
+        kept: ``labels()`` costs more than the ``inc``."""
         if result.lines:
-            self.lines.labels(source).inc(result.lines)
-        matches: Counter[str] = Counter()
+            self._child(self.lines, source).inc(result.lines)
+        connections = result.connection_count
+        if result.events or result.match_counts:
+            connections += self._count_events(result)
+        if connections:
+            self.connections.inc(connections)
+            self.connection_total += connections
+
+    def _count_events(self, result: ChunkResult) -> int:
+        """Matches, ignored lines, DNSBL and parse errors of one chunk; its connections.
+        Connections and matches are nearly every event: counted in the first pass."""
+        matches: dict[str, int] = {}
+        rare: list[Event] = []
+        connections = 0
+        for (rule, _address), n in (result.match_counts or {}).items():
+            matches[rule] = matches.get(rule, 0) + n
+        for event in result.events:
+            kind = type(event)
+            if kind is Connection:
+                connections += 1
+            elif kind is Match:
+                matches[event.rule] = matches.get(event.rule, 0) + 1
+            else:
+                rare.append(event)
+        for rule, n in matches.items():
+            self._child(self.matches, rule).inc(n)
+        self.match_total.update(matches)
+        if rare:
+            self._count_rare(rare)
+        return connections
+
+    def _count_rare(self, events: list[Event]) -> None:
         ignored: Counter[tuple[str, str]] = Counter()
         dnsbl_errors: Counter[tuple[str, str]] = Counter()
         parse_errors: Counter[str] = Counter()
         lookup_errors = 0
-        connections = result.connection_count
-        if result.match_counts:
-            for (rule, _address), n in result.match_counts.items():
-                matches[rule] += n
-        for event in result.events:
-            kind = type(event)
-            if kind is Match:
-                matches[event.rule] += 1
-            elif kind is Connection:
-                connections += 1
-            elif kind is Ignored:
+        for event in events:
+            if type(event) is Ignored:
                 ignored[event.rule, event.reason] += 1
                 if event.kind == "dnsbl-error":
                     dnsbl_errors[event.zone or "unknown", dnsbl_error_kind(event.line)] += 1
                 elif event.kind == "lookup-error":
                     lookup_errors += 1
-            elif kind is ParseError:
+            elif type(event) is ParseError:
                 parse_errors[event.rule] += 1
-        for rule, n in matches.items():
-            self.matches.labels(rule).inc(n)
-        for (rule, reason), n in ignored.items():
-            self.ignored.labels(rule, reason).inc(n)
-        for (zone, kind), n in dnsbl_errors.items():
-            self.dnsbl_errors.labels(zone, kind).inc(n)
+        for labels, n in ignored.items():
+            self._child(self.ignored, *labels).inc(n)
+        for labels, n in dnsbl_errors.items():
+            self._child(self.dnsbl_errors, *labels).inc(n)
         for rule, n in parse_errors.items():
-            self.parse_errors.labels(rule).inc(n)
+            self._child(self.parse_errors, rule).inc(n)
         if lookup_errors:
             self.lookup_errors.inc(lookup_errors)
-        self.match_total.update(matches)
-        if connections:
-            self.connections.inc(connections)
-            self.connection_total += connections
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered.  Bounded: label values are rules,
+        sources, ignore names and DNSBL zones, all few; past 10,000 it starts again."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) >= 10_000:
+                self._children.clear()
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def matches_by_rule(self) -> dict[str, int]:
         return dict(self.match_total)
@@ -375,11 +401,18 @@ class Metrics:
         self.unbans.labels(reason).inc(count)
 
     def set_active(self, counts: dict[int, int]) -> None:
-        """Bans in force per family.  The daemon's housekeeping calls this every round,
-        so it also beats the heartbeat that the "main loop stuck" alert watches."""
-        for family, n in counts.items():
-            self.active.labels(FAMILIES[family]).set(n)
+        """Bans in force per family, for when no live count is watched (watch_active).
+        The daemon's housekeeping calls this every round, so it also beats the
+        heartbeat that the "main loop stuck" alert watches."""
+        self.active.last = dict(counts)
         self.heartbeat.set(self.wall_clock())
+
+    def watch_active(self, counts: Callable[[], dict[int, int]]) -> None:
+        """Read ``rblguard_active_bans`` from ``counts`` at every scrape: exact right
+        after a burst, where a value set in the 5 s housekeeping round lags.  It runs
+        on prometheus_client's HTTP thread: ``counts`` must be safe to call from any
+        thread (the decider's active_counts copies two ints it keeps up to date)."""
+        self.active.source = counts
 
     def set_kernel_counters(self, counters: dict[int, Counters]) -> None:
         """Absolute drop counters as read from the kernel, keyed by family 4/6."""

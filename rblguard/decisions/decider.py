@@ -18,13 +18,13 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import TYPE_CHECKING
 
+from rblguard.addresses import family, network_text, subnet_key
 from rblguard.decisions.allowlist import span
 from rblguard.durations import parse_duration
-from rblguard.matching.rules import BanPolicy  # one definition: the rules carry it per rule
-from rblguard.model import Ban, Match
-from rblguard.store.state import Offender
+from rblguard.model import Ban, BanPolicy, Match, Offender
 
 if TYPE_CHECKING:
     from rblguard.config import Config, RepeatSettings, StormSettings, SubnetSettings
@@ -82,6 +82,9 @@ class Decider:
         self.settings = settings
         self.allowlist = allowlist
         self._active: dict[str, float] = {}  # target -> until (Unix time)
+        # active bans per family, kept with _active: read by the metrics scrape in its
+        # own thread, where iterating _active would race the main loop (two ints: safe)
+        self._counts = {4: 0, 6: 0}
         self._history: dict[str, int] = {}  # target -> int(last_ban) << 8 | bans
         self._recent: dict[tuple[str, str], list[float]] = {}
         self._subnet_singles: dict[str, int] = {}  # "198.18.5.0/24" -> active singles in it
@@ -99,15 +102,43 @@ class Decider:
 
     def load(self, bans: Iterable[Ban], history: Iterable[Offender]) -> None:
         """Take the saved bans and history (from State) at start-up."""
-        self.load_active((ban.target, ban.until) for ban in bans)
+        pairs = [(ban.target, ban.until) for ban in bans]
+        if pairs:  # the daemon streams its bans through load_active, and passes none
+            self.load_active(pairs)
         for target, count, last_ban in history:
             self._history[target] = int(last_ban) << _COUNT_BITS | min(count, _COUNT_MASK)
 
     def load_active(self, bans: Iterable[tuple[str, float]]) -> None:
-        """Take saved (target, until) pairs, e.g. streamed by State.each_active_ban."""
+        """Take saved (target, until) pairs, e.g. from State.active_ban_chunks;
+        a target given twice keeps its latest end.
+
+        A restart loads every saved ban before it is ready, so the loop does only the
+        dict work; the subnet and family counts and the earliest end are recomputed
+        once at the end (C-level passes over the dict)."""
         active = self._active
-        for target, until in bans:
-            self._set_active(target, max(until, active.get(target, 0.0)))
+        get = active.get
+        try:
+            for target, until in bans:
+                old = get(target)
+                if old is None or until > old:
+                    active[target] = until
+        finally:  # a read error part-way: what was read counts
+            self._recount()
+
+    def _recount(self) -> None:
+        """Subnet singles, family counts and earliest end, from _active."""
+        active = self._active
+        sub = self.settings.ipv4_subnet
+        self._subnet_singles.clear()
+        if sub is not None:
+            singles = self._subnet_singles
+            for target in active:
+                key = subnet_key(target, sub.prefix)
+                if key is not None:
+                    singles[key] = singles.get(key, 0) + 1
+        v6 = sum(map(str.__contains__, active, repeat(":")))
+        self._counts = {4: len(active) - v6, 6: v6}
+        self._earliest = min(active.values(), default=float("inf"))
 
     def set_allowlist(self, allowlist: Allowlist) -> None:
         self.allowlist = allowlist
@@ -169,9 +200,9 @@ class Decider:
     def _covering_until(self, target: str) -> tuple[str, float] | None:
         """The active subnet ban that already covers a single IPv4 address, if any."""
         sub = self.settings.ipv4_subnet
-        if sub is None or "/" in target or ":" in target:
+        net = subnet_key(target, sub.prefix) if sub is not None else None
+        if net is None:
             return None
-        net = str(ipaddress.IPv4Network(f"{target}/{sub.prefix}", strict=False))
         until = self._active.get(net)
         return (net, until) if until is not None else None
 
@@ -221,10 +252,10 @@ class Decider:
                            source: str, when: float) -> Ban | None:
         """Ban the IPv4 subnet once ``after`` of its addresses are banned (singles stay)."""
         sub = self.settings.ipv4_subnet
-        if sub is None or "/" in target or ":" in target:
+        key = subnet_key(target, sub.prefix) if sub is not None else None
+        if sub is None or key is None:
             return None
-        net = ipaddress.IPv4Network(f"{target}/{sub.prefix}", strict=False)
-        key = str(net)
+        net = ipaddress.IPv4Network(key)
         count = self._subnet_singles.get(key, 0)  # already counts target (_set_active)
         if count < sub.after or key in self._active or self.allowlist.overlaps(net):
             return None
@@ -279,8 +310,7 @@ class Decider:
         except ValueError:
             return Verdict(refused="invalid", message=f"{target!r} is not an address or "
                            "CIDR network")
-        canonical = str(net.network_address) if net.prefixlen == net.max_prefixlen \
-            else str(net)
+        canonical = network_text(net)
         if not force and self.allowlist.overlaps(net):
             return self._refuse("allowlist", f"{canonical} is allowlisted "
                                 f"({self.allowlist.reason(canonical)}); use --force to "
@@ -308,6 +338,7 @@ class Decider:
         if until is None:
             return False
         self._single_gone(target)
+        self._counts[family(target)] -= 1
         return True
 
     def overlapping(self, target: str) -> list[str]:
@@ -318,8 +349,7 @@ class Decider:
         found = []
         for plen in range(net.prefixlen, -1, -1):  # target itself and every supernet
             sup = net if plen == net.prefixlen else net.supernet(new_prefix=plen)
-            text = (str(sup.network_address) if sup.prefixlen == sup.max_prefixlen
-                    else str(sup))
+            text = network_text(sup)
             if text in self._active:
                 found.append(text)
         if net.prefixlen < net.max_prefixlen:  # bans inside the network
@@ -334,6 +364,7 @@ class Decider:
     def flush(self) -> None:
         self._active.clear()
         self._subnet_singles.clear()
+        self._counts = {4: 0, 6: 0}
         self._earliest = float("inf")
 
     # -- housekeeping and reporting ----------------------------------------------------
@@ -346,6 +377,7 @@ class Decider:
         for target in gone:
             del self._active[target]
             self._single_gone(target)
+            self._counts[family(target)] -= 1
         self._earliest = min(self._active.values(), default=float("inf"))
         # history past forget_after, checked at the same pace
         horizon = int(now - self.forget_after)
@@ -365,10 +397,14 @@ class Decider:
         return out
 
     def active_counts(self) -> dict[int, int]:
-        counts = {4: 0, 6: 0}
-        for target in self._active:
-            counts[6 if ":" in target else 4] += 1
-        return counts
+        """Active bans per family (4, 6): kept as bans come and go, so any thread may
+        ask at any time (the metrics scrape does, from prometheus_client's thread)."""
+        counts = self._counts
+        return {4: counts[4], 6: counts[6]}
+
+    def untils(self, targets: Iterable[str]) -> Iterator[float | None]:
+        """The end of each target's ban (None if it has none), by a C-level map."""
+        return map(self._active.get, targets)
 
     def active_targets(self) -> list[str]:
         """Every target with a running ban: a snapshot of the keys (cheap beside
@@ -392,9 +428,10 @@ class Decider:
 
     def _set_active(self, target: str, until: float) -> None:
         if target not in self._active:
+            self._counts[family(target)] += 1
             sub = self.settings.ipv4_subnet
-            if sub is not None and "/" not in target and ":" not in target:
-                key = str(ipaddress.IPv4Network(f"{target}/{sub.prefix}", strict=False))
+            key = subnet_key(target, sub.prefix) if sub is not None else None
+            if key is not None:
                 self._subnet_singles[key] = self._subnet_singles.get(key, 0) + 1
         self._active[target] = until
         if until < self._earliest:
@@ -402,9 +439,9 @@ class Decider:
 
     def _single_gone(self, target: str) -> None:
         sub = self.settings.ipv4_subnet
-        if sub is None or "/" in target or ":" in target:
+        key = subnet_key(target, sub.prefix) if sub is not None else None
+        if key is None:
             return
-        key = str(ipaddress.IPv4Network(f"{target}/{sub.prefix}", strict=False))
         left = self._subnet_singles.get(key, 0) - 1
         if left > 0:
             self._subnet_singles[key] = left

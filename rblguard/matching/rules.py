@@ -23,13 +23,10 @@ import yaml
 
 from rblguard import yamlfile
 from rblguard.durations import parse_duration
-from rblguard.matching.patterns import (
-    ADDR,
-    RuleError,
-    split_literal,
-    within_line,
-)
+from rblguard.matching import confine
+from rblguard.model import BanPolicy
 
+ADDR = "<ADDR>"
 # What the placeholder captures: anything address-like up to a separator.  Whether it
 # really is an address is decided by rblguard.addresses (a failure is a parse error, and
 # never a ban), so a malformed address is counted instead of silently skipped.
@@ -37,16 +34,12 @@ ADDR_CAPTURE = r"(?P<addr>[^\s,;]+)"
 IGNORE_KINDS = ("lookup-error", "dnsbl-error", "other")
 OUTCOMES = ("ban", "ignored", "none", "parse-error")
 # The characters a literal prefix may hold: a program's name and its separator.
+_LITERAL_CHARS = re.compile(r"[A-Za-z0-9 _:@=/,'\"<>!%&#~-]")
+_QUANTIFIERS = "*+?{"
 
 
-@dataclass(frozen=True, slots=True)
-class BanPolicy:
-    """What a rule asks for: ``count`` matches within ``window`` seconds ban an address
-    for ``duration`` seconds (None: the configured ``ban_time``)."""
-
-    count: int = 1
-    window: float = 3600.0
-    duration: float | None = None
+class RuleError(Exception):
+    """A rule file cannot be used; the message names file, line and problem."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +99,35 @@ def shipped_rules_dir() -> Path:
     return package.parent / "rules"
 
 
+def literal_prefix(pattern: str) -> str:
+    """The fixed text a pattern starts with (``rblsmtpd: `` for ``rblsmtpd: <ADDR> ...``).
+
+    The scanner searches a whole buffer for it, which is what makes scanning fast.
+    """
+    return split_literal(pattern)[0]
+
+
+def split_literal(pattern: str) -> tuple[str, str]:
+    """(fixed text the pattern starts with, the rest of the pattern after it)."""
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if pattern.startswith(ADDR, i):
+            break
+        if ch == "\\" and i + 1 < len(pattern) and not pattern[i + 1].isalnum():
+            step, text = 2, pattern[i + 1]
+        elif _LITERAL_CHARS.fullmatch(ch) and not (ch in "<" and pattern.startswith(ADDR, i)):
+            step, text = 1, ch
+        else:
+            break
+        if i + step < len(pattern) and pattern[i + step] in _QUANTIFIERS:
+            break  # "ab*": the b is optional, so only "a" is fixed
+        out.append(text)
+        i += step
+    return "".join(out), pattern[i:]
+
+
 def _where(node: Any, file: str) -> str:
     mark = getattr(node, "start_mark", None)
     return f"{file}:{mark.line + 1}" if mark is not None else file
@@ -119,6 +141,15 @@ def _compile(pattern: str, where: str, what: str) -> regex.Pattern:
         return regex.compile(pattern.encode(), regex.MULTILINE | regex.VERSION0)
     except regex.error as exc:
         raise RuleError(f"{where}: {what}: bad regular expression {pattern!r}: {exc}") from exc
+
+
+def within_line(pattern: str, what: str) -> str:
+    """``pattern`` kept to one log line (rblguard.matching.confine); RuleError starting
+    with ``what`` (``file:line: rule NAME: match``) for what cannot be."""
+    try:
+        return confine.within_line(pattern)
+    except confine.ConfineError as exc:
+        raise RuleError(f"{what}: {exc}") from None
 
 
 class _Loader:

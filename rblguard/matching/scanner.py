@@ -13,13 +13,9 @@ rblguard.sources.stamps), so they are matched line by line, which is slower but 
 
 from __future__ import annotations
 
-import bisect
-import errno
-import itertools
 import logging
 import os
 import re
-import stat
 from collections import Counter
 from collections.abc import Iterator
 from operator import itemgetter
@@ -27,11 +23,26 @@ from pathlib import Path
 
 import regex
 
-from rblguard.addresses import _bytes_cache as _BYTES_CACHE
-from rblguard.addresses import canonical_address, canonical_bytes
-from rblguard.matching.patterns import RESERVED_GROUP_PREFIX, split_literal
+from rblguard.addresses import BYTES_CACHE, canonical_address, canonical_bytes
+from rblguard.matching.confine import RESERVED_GROUP_PREFIX
 from rblguard.matching.rules import Rule, RuleSet
-from rblguard.model import ChunkResult, Connection, Event, Ignored, Match, ParseError
+from rblguard.matching.vetoes import (
+    BUFFER_TIMEOUT,
+    LINE_TIMEOUT,
+    literal_alternatives,
+    vetoed_hits,
+    vetoed_tails,
+)
+from rblguard.model import (
+    ChunkResult,
+    Connection,
+    Event,
+    Ignored,
+    Match,
+    ParseError,
+)
+from rblguard.sources.files import read_complete_lines
+from rblguard.sources.layout import list_files
 from rblguard.sources.stamps import (
     TAI64_UNIX_OFFSET,
     TAI64N,
@@ -43,14 +54,6 @@ from rblguard.sources.stamps import (
 
 log = logging.getLogger("rblguard.matching.scanner")
 
-CHUNK_SIZE = 8 << 20
-# Bounds on matching time (docs/rules.md): a rule that backtracks catastrophically on a
-# hostile line must not stall the daemon.  A buffer's search that takes longer than
-# BUFFER_TIMEOUT is done again line by line, and a line on which one rule takes longer
-# than LINE_TIMEOUT is skipped for that rule (a ParseError with reason "timeout").
-# An ordinary rule needs microseconds per line; both bounds are far above that.
-BUFFER_TIMEOUT = 0.3
-LINE_TIMEOUT = 0.2
 # tcpserver -v writes one of these per accepted connection; each one reached rblsmtpd.
 CONNECTION_LITERAL = b"tcpserver: pid "
 CONNECTION_REST = rb"\d+ from (?P<addr>[^\s,;]+)$"
@@ -147,7 +150,7 @@ class Scanner:
         claimed: set[int] = set()  # lines already taken by an earlier rule
         several = len(self.rules) > 1
         find = data.find
-        cache = _BYTES_CACHE
+        cache = BYTES_CACHE
         for rule, pattern in patterns:
             events: list[Event] = []
             append = events.append
@@ -241,9 +244,9 @@ class Scanner:
             # Ignores look at the rest of each hit's line: search all of them at once.
             if veto_pattern is not None and rule.veto is not None:
                 # A look-behind may reach before the tail: then only the full pass is sure.
-                texts = None if b"(?<" in rule.veto.pattern else _vetoed_tails(
+                texts = None if b"(?<" in rule.veto.pattern else vetoed_tails(
                     list(map(itemgetter(tail), found)), rule.veto, literals)
-                for m, le in _vetoed_hits(rule.veto, full, veto_pattern, data, texts):
+                for m, le in vetoed_hits(rule.veto, full, veto_pattern, data, texts):
                     events.append(self._classify(rule, m, data, m.start(), le,
                                                  fmt.parse(m, ref_time), base + le))
                     raw_counts[m["addr"]] -= 1
@@ -283,7 +286,7 @@ class Scanner:
                                          + b"))", _FLAGS)
                 literals = None
                 if rule is not None and rule.ignores:
-                    parts = [_literal_alternatives(ig.regex.pattern) for ig in rule.ignores]
+                    parts = [literal_alternatives(ig.regex.pattern) for ig in rule.ignores]
                     if all(part is not None for part in parts):
                         literals = [text for part in parts for text in part or ()]
                 cached.append((rule, count, full, veto, literals))
@@ -351,83 +354,6 @@ def _anchored(literal: bytes, stamp: bytes, rest: bytes) -> bytes:
     return lit + b"(?<=\n" + stamp + lit + b")" + rest
 
 
-def _literal_alternatives(pattern: bytes) -> list[bytes] | None:
-    """``Error:|/returnc/`` -> [b"Error:", b"/returnc/"]; None if it is more than texts.
-    Each alternative is read as a rule's own fixed text is (patterns.split_literal)."""
-    texts = []
-    for part in pattern.decode().split("|"):
-        text, rest = split_literal(part)
-        if rest or not text:
-            return None
-        texts.append(text.encode())
-    return texts
-
-
-def _vetoed_tails(tails: list[bytes], veto: regex.Pattern,
-                  literals: list[bytes] | None) -> set[bytes]:
-    """The whole tails (rest of line after a hit) in which ``veto`` matches.
-
-    Found in the tails joined into one short buffer, each position mapped back to its
-    tail.  Plain texts are found with bytes.find in the tails joined as they are: one
-    that spans two tails only names a tail that _vetoed_hits then finds no veto in, and
-    find looks at every position, so none is hidden.  A regex gets a newline between
-    tails, which no rule pattern can match, so a match never runs from one into the next.
-    """
-    sep = b"" if literals is not None else b"\n"
-    joined = sep.join(tails)
-    positions: list[int] = []
-    if literals is None:
-        positions = [m.start() for m in veto.finditer(joined, timeout=BUFFER_TIMEOUT)]
-    else:
-        for text in literals:
-            at = joined.find(text)
-            while at >= 0:
-                positions.append(at)
-                at = joined.find(text, at + 1)
-    if not positions or not tails:
-        return set()
-    starts = list(itertools.accumulate(map(len, tails), initial=0))
-    if sep:
-        starts = [start + i for i, start in enumerate(starts)]
-    # A match at the very end (an empty pattern, as an error: rule's) names the last
-    # tail; naming one too many is harmless, as _vetoed_hits checks each line again.
-    last = len(tails) - 1
-    return {tails[min(bisect.bisect_right(starts, at) - 1, last)] for at in positions}
-
-
-def _vetoed_hits(veto: regex.Pattern, full: regex.Pattern,
-                 veto_pattern: regex.Pattern, data: bytes,
-                 texts: set[bytes] | None) -> Iterator[tuple[regex.Match, int]]:
-    """The hits of ``full`` in ``data`` whose rest of line ``veto`` matches, with the
-    index of their line's end: what ``veto_pattern.finditer`` finds, in line order.
-
-    ``texts`` are the whole tails in which the veto matched.  Vetoed lines are rare (a
-    lookup error, an error reply) and their tails long and few, so finding them with
-    bytes.find and checking only their lines is several times cheaper than another
-    regex pass over the whole buffer; with many different texts, or None (not known),
-    that pass it is.
-    """
-    if texts is not None and not texts:
-        return
-    if texts is None or len(texts) > 8 or b"" in texts:
-        for m in veto_pattern.finditer(data, timeout=BUFFER_TIMEOUT):
-            le = data.find(b"\n", m.start())
-            if le >= m.end():
-                yield m, le
-        return
-    starts: set[int] = set()  # the newline before each line holding a veto text
-    for text in texts:
-        at = data.find(text)
-        while at >= 0:
-            starts.add(data.rfind(b"\n", 0, at))
-            at = data.find(text, at + 1)
-    for ls in sorted(starts):
-        le = data.find(b"\n", ls + 1)
-        m = full.search(data, ls, le, timeout=LINE_TIMEOUT)  # the line's own hit
-        if m is not None and veto.search(data, m.end(), le, timeout=LINE_TIMEOUT):
-            yield m, le
-
-
 def _complete(buf: bytes) -> bytes:
     """``buf`` without a last line that lacks its newline."""
     if buf and buf[-1] != 10:
@@ -455,54 +381,6 @@ def _offset(event: Event) -> int:
     return event.offset
 
 
-def read_complete_lines(path: str | Path, start: int = 0, end: int | None = None,
-                        chunk_size: int = CHUNK_SIZE) -> Iterator[tuple[int, bytes]]:
-    """(offset, buffer) pairs of a file's complete lines, in order, from ``start`` up to
-    ``end`` (a line boundary; default: the end of the file).
-
-    A last line without its newline is left out: it is not complete yet.  A line longer
-    than a chunk is read whole, however long.
-    """
-    with open(path, "rb") as f:
-        f.seek(start)
-        offset, carry = start, b""
-        while True:
-            want = chunk_size if end is None else min(chunk_size, end - offset - len(carry))
-            data = f.read(want) if want > 0 else b""
-            if not data:
-                return
-            data = carry + data if carry else data
-            cut = data.rfind(b"\n") + 1
-            if cut == 0:
-                carry = data
-                continue
-            yield offset, data[:cut]
-            offset += cut
-            carry = data[cut:]
-
-
-def log_files(source: str | Path) -> list[Path]:
-    """The files of a log source that an admin named (a file, or a multilog directory
-    oldest first), each checked to be a regular file: OSError naming the path if not.
-
-    A FIFO or a device would block or never end, and a directory without a single log
-    file would read as an empty log: both are errors, not "no rejects".
-    """
-    from rblguard.sources.follow import list_files
-
-    files = list_files(str(source))
-    if not files:
-        raise OSError(errno.ENOENT, "no log file in this directory (no current, no @*.s)",
-                      str(source))
-    for file in files:
-        mode = os.stat(file).st_mode
-        if not stat.S_ISREG(mode):
-            what = ("is a directory, not a log file" if stat.S_ISDIR(mode)
-                    else "is not a regular file (a FIFO, socket or device)")
-            raise OSError(errno.EINVAL, what, str(file))
-    return files
-
-
 def scan_file(path: str | Path, scanner: Scanner, *,
               tally: bool = False) -> Iterator[ChunkResult]:
     """Scan one file from start to end, detecting its stamp format from its first lines.
@@ -520,8 +398,6 @@ def scan_file(path: str | Path, scanner: Scanner, *,
 def scan_source(path: str | Path, ruleset: RuleSet, *, scanner: Scanner | None = None,
                 tally: bool = False) -> Iterator[ChunkResult]:
     """Scan every file of a source (a file, or a multilog directory oldest first)."""
-    from rblguard.sources.follow import list_files
-
     scanner = scanner or Scanner(ruleset)
     for file in list_files(str(path)):
         yield from scan_file(file, scanner, tally=tally)

@@ -23,9 +23,8 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import NamedTuple
 
-from rblguard.model import Ban, SourcePosition
+from rblguard.model import Ban, Offender, SourcePosition
 
 SCHEMA_VERSION = 1
 DB_NAME = "state.db"
@@ -56,15 +55,24 @@ CREATE TABLE IF NOT EXISTS positions (
 
 
 class StateError(Exception):
-    """The state database cannot be used; the message names the file and the cause."""
+    """The state database cannot be used; the message names the file and the cause.
+
+    ``code`` is SQLite's error name (``SQLITE_FULL``, ``SQLITE_READONLY``, ...), or ""
+    when the error is rblguard's own (a schema too new, a closed database)."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
-class Offender(NamedTuple):
-    """How often a target (address or network) was banned, and when last."""
-
-    target: str
-    bans: int
-    last_ban: float
+# What an admin can do about each SQLite error class (by prefix of its error name).
+_ADVICE = {
+    "SQLITE_CORRUPT": " (the file is damaged: move it away and rblguard starts a new one)",
+    "SQLITE_NOTADB": " (the file is damaged: move it away and rblguard starts a new one)",
+    "SQLITE_READONLY": " (make {dir} writable for rblguard)",
+    "SQLITE_CANTOPEN": " (make {dir} writable for rblguard)",
+    "SQLITE_FULL": " (free space on the file system of {dir})",
+}
 
 
 class State:
@@ -111,18 +119,19 @@ class State:
                             "ON history(last_ban)")
 
     def _error(self, what: str, exc: BaseException) -> StateError:
+        """A StateError saying what failed and what the admin can do, chosen by
+        SQLite's own error code (``sqlite_errorname``), never by its message text."""
+        code = getattr(exc, "sqlite_errorname", None) or ""
         text = str(exc)
-        if "disk I/O error" in text:  # SQLite keeps the errno to itself
+        if code.startswith("SQLITE_IOERR"):  # SQLite keeps the errno to itself
             cause = self._write_probe()
             if cause:
                 text += f" ({cause})"
-        if "not a database" in text or "malformed" in text:
-            text += " (the file is damaged: move it away and rblguard starts a new one)"
-        elif "readonly" in text or "read-only" in text:
-            text += f" (make {self.dir} writable for rblguard)"
-        elif "full" in text:
-            text += f" (free space on the file system of {self.dir})"
-        return StateError(f"state database {self.path}: {what}: {text}")
+        for prefix, advice in _ADVICE.items():
+            if code.startswith(prefix):
+                text += advice.format(dir=self.dir)
+                break
+        return StateError(f"state database {self.path}: {what}: {text}", code)
 
     def _write_probe(self) -> str | None:
         """Why the state directory cannot be written now, found by writing a byte to a
@@ -178,6 +187,27 @@ class State:
                 "SELECT target, until, rule = 'manual' FROM bans WHERE until > ?", (now,))
             for target, until, manual in rows:
                 yield target, until, bool(manual)
+        except sqlite3.Error as exc:
+            raise self._error("cannot read bans", exc) from None
+
+    def active_ban_chunks(self, now: float,
+                          size: int = 50_000) -> Iterator[list[tuple[str, float]]]:
+        """(target, until) of every ban still running at ``now``, ``size`` rows at a
+        time: a start loads 100,000 before it is ready, and sqlite's fetchmany builds
+        the tuples in C where a generator would add a Python step per row."""
+        try:
+            rows = self._conn().execute(
+                "SELECT target, until FROM bans WHERE until > ?", (now,))
+            while chunk := rows.fetchmany(size):
+                yield chunk
+        except sqlite3.Error as exc:
+            raise self._error("cannot read bans", exc) from None
+
+    def manual_targets(self, now: float) -> set[str]:
+        """The targets of running bans an admin made (``rblguard ban``)."""
+        try:
+            return {row[0] for row in self._conn().execute(
+                "SELECT target FROM bans WHERE until > ? AND rule = 'manual'", (now,))}
         except sqlite3.Error as exc:
             raise self._error("cannot read bans", exc) from None
 

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tests.daemon_harness import DaemonHarness, ElementMonitor, NotifyListener, wait_for
+from tests.e2e import peers
 from tests.e2e.load import Outcome, Planned
 from tests.netns import NetnsPair, netns_pair, run
 
@@ -223,6 +224,7 @@ class Frontend:
         self.monitor: ElementMonitor | None = None
         self.notify: NotifyListener | None = None
         self.down: list[tuple[float, float]] = []
+        self.peer: subprocess.Popen | None = None  # swatch or fail2ban, when one runs
 
     # -- start --------------------------------------------------------------------------
 
@@ -236,6 +238,8 @@ class Frontend:
         self._start_smtp()
         if self.backend == "process-per-ban":
             self._start_reference_banner()
+        elif self.backend in ("swatch", "fail2ban"):
+            self._start_peer()
         elif self.backend is not None:
             self._start_rblguard()
 
@@ -309,6 +313,22 @@ class Frontend:
         self.monitor = ElementMonitor(self.pair.server, table="e2eref")
         self._server([str(script), str(self.logdir / "current")])
 
+    def _start_peer(self) -> None:
+        """swatch or fail2ban instead of rblguard (tests/e2e/peers.py)."""
+        workdir = self.workdir / self.backend
+        workdir.mkdir()
+        name = peers.SWATCH_SET if self.backend == "swatch" else peers.F2B_SET
+        peers.drop_set_members(self.pair.server, name, SMTP_PORT)
+        command = (peers.swatch_command if self.backend == "swatch"
+                   else peers.fail2ban_command)(workdir, self.logdir / "current")
+        self.peer = self._server(command, stdout=subprocess.DEVNULL,
+                                 stderr=open(workdir / "stderr", "wb"))  # noqa: SIM115
+        if self.backend == "fail2ban":
+            self._wait(lambda: (workdir / "fail2ban.sock").exists(), "fail2ban to start")
+        else:
+            peer = self.peer
+            self._wait(lambda: peers.running(peer.pid, "tail"), "swatch's tail to start")
+
     # -- during a run ---------------------------------------------------------------------
 
     def kill_and_restart(self) -> tuple[float, float]:
@@ -347,8 +367,25 @@ class Frontend:
 
     # -- after a run ------------------------------------------------------------------------
 
+    def _settled(self, rejected: int) -> bool:
+        """The log holds every reject a client saw (rblsmtpd logs before it answers)
+        and every session's end, and the daemon has read all of it."""
+        text = "".join(p.read_text(errors="replace") for p in
+                       [*sorted(self.logdir.glob("@*")), self.logdir / "current"])
+        if text.count(" rblsmtpd: ") < rejected:
+            return False
+        # swatch's and fail2ban's rules drop every packet of a banned client, so its
+        # sessions under way may never end; rblguard drops new connections only
+        if (self.backend not in ("swatch", "fail2ban")
+                and text.count("tcpserver: pid ") != text.count("tcpserver: end ")):
+            return False
+        status = self.daemon.cli("status", "--json") if self.daemon else None
+        return status is None or all(s["lag_bytes"] == 0 for s in status["sources"])
+
     def measure(self, plan: list[Planned], outcomes: list[Outcome]) -> Measured:
-        time.sleep(0.5)  # the last lines through multilog and the daemon
+        rejected = sum(o.outcome == "rejected" for o in outcomes)
+        self._wait(lambda: self._settled(rejected),
+                   "the last lines through multilog and the daemon")
         first_reject: dict[str, float] = {}
         rejects = connections = ended = max_in_use = files = 0
         for path in [*sorted(self.logdir.glob("@*")), self.logdir / "current"]:
@@ -410,6 +447,9 @@ class Frontend:
                       for e in i.get("set", {}).get("elem", [])}
             blocked = sum(i["counter"]["packets"] for i in out if "counter" in i)
             return banned, blocked
+        if self.backend in ("swatch", "fail2ban"):
+            name = peers.SWATCH_SET if self.backend == "swatch" else peers.F2B_SET
+            return peers.set_members(self.pair.server, name), 0
         if self.daemon is None:
             return set(), 0
         status = self.daemon.cli("status", "--json")

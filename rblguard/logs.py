@@ -1,4 +1,4 @@
-"""Logging for the daemon: to stderr (journald stamps it), with repeated warnings limited.
+"""Logging: to stderr (journald stamps it), with repeated warnings limited.
 
 A flood of bad log lines or a firewall that keeps refusing must not flood the journal:
 ``warn_limited`` lets through a few messages per key per minute and then says how many
