@@ -16,13 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rblguard.commands.testrules import check_files, check_samples
-from rblguard.matching.rules import (
-    RuleError,
-    literal_prefix,
-    load_rules,
-    shipped_rules_dir,
-    within_line,
-)
+from rblguard.matching.prefix import literal_prefix
+from rblguard.matching.rules import RuleError, load_rules, shipped_rules_dir, within_line
 
 GOOD = """\
 description: test
@@ -94,6 +89,47 @@ def test_rule_errors_name_file_line_and_problem(tmp_path: Path, text: str, messa
     with pytest.raises(RuleError) as err:
         load_rules([write(tmp_path, text)])
     assert message in str(err.value)
+
+
+CONNECTIONS = GOOD.replace("samples:\n", """connections:
+  - name: front
+    match: 'front: CONNECT <ADDR>$'
+  - name: back
+    match: 'back: connect from <ADDR>$'
+    behind: front
+samples:
+  - line: 'front: CONNECT 198.18.0.3'
+    connection: 198.18.0.3
+""")
+
+
+@pytest.mark.parametrize("text, message", [
+    (CONNECTIONS.replace("connect from <ADDR>$", "connect from$"),
+     "r.yaml:12: connection line back: match must hold <ADDR> exactly once"),
+    (CONNECTIONS.replace("behind: front", "behind: nowhere"),
+     "r.yaml:11: connection line back: behind must name another connection line"),
+    (CONNECTIONS.replace("  - name: back\n", "  - nom: back\n"),
+     "r.yaml:11: a connection line: unknown key 'nom'"),
+    (CONNECTIONS.replace("'front: CONNECT", "'.*CONNECT"), "must start with the program's own"),
+])
+def test_connection_line_errors_name_file_line_and_problem(tmp_path: Path, text: str,
+                                                           message: str) -> None:
+    with pytest.raises(RuleError) as err:
+        load_rules([write(tmp_path, text)])
+    assert message in str(err.value)
+
+
+def test_connection_lines_are_proven_by_samples(tmp_path: Path) -> None:
+    """A connection line needs a sample, and a sample names the address it counts."""
+    ruleset = load_rules([write(tmp_path, CONNECTIONS)])
+    assert [line.name for line in ruleset.connections] == ["front", "back"]
+    _rules, problems, _errors = check_files([tmp_path])
+    assert problems == [f"{tmp_path / 'r.yaml'}: connection line back has no sample "
+                        "(connection: ADDRESS)"]
+    wrong = CONNECTIONS.replace("connection: 198.18.0.3", "connection: 198.18.0.4")
+    _rules, problems, _errors = check_files([write(tmp_path, wrong)])
+    assert any("r.yaml:15: sample expects a connection of 198.18.0.4 but the connection "
+               "line extracted 198.18.0.3" in p for p in problems)
 
 
 def test_rule_without_samples_fails(tmp_path: Path) -> None:

@@ -1,12 +1,13 @@
 """``rblguard simulate``: how many DNSBL queries would rblguard save on *your* log?
 
-It replays the log in time order: every ``tcpserver: pid N from ADDR`` line is a
-connection that reached rblsmtpd, and every reject a rule recognises tells which
-connections came from listed clients.  Without banning, each connection costs one DNSBL
-query per zone rblsmtpd asks until one lists the client (all zones for a client nobody
-lists).  With a policy, an ideal instant ban starts at the reject that meets the rule's
-threshold, and every connection from that address until the ban ends is dropped in the
-kernel: it costs nothing.
+It replays the log in time order: every connection line (tcpserver's ``pid N from
+ADDR``, and those of the rule packs: Postfix's ``connect from``, postscreen's ``CONNECT
+from``, Exim's ``SMTP connection from``) is a connection that reached the DNSBL check,
+and every reject a rule recognises tells which connections came from listed clients.
+Without banning, each connection costs one DNSBL query per zone asked until one lists
+the client (all zones for a client nobody lists).  With a policy, an ideal instant ban
+starts at the reject that meets the rule's threshold, and every connection from that
+address until the ban ends is dropped in the kernel: it costs nothing.
 
 On a log recorded while rblguard was already banning, the dropped retries never reached
 the log: the "no banning" figure is then what the DNSBLs were really asked, and each

@@ -12,7 +12,7 @@ rblguard_parse_errors_total{rule}                      reject lines whose addres
 rblguard_rbl_lookup_errors_total                       ``temporary RBL lookup error`` lines
 rblguard_dnsbl_error_replies_total{zone,kind}          DNSBL error replies: it refuses us;
                                                        kind open-resolver, volume, typo, other
-rblguard_smtp_connections_total                        tcpserver ``pid N from`` lines
+rblguard_smtp_connections_total                        connection lines (tcpserver, packs)
 rblguard_bans_total{rule,family}                       bans (and refreshes) sent to the kernel
 rblguard_bans_refused_total{reason}                    allowlist, storm_active, storm_rate,
                                                        set_full, firewall, invalid
@@ -233,8 +233,8 @@ class Metrics:
                                      "DNSBL error replies: the DNSBL refuses our queries",
                                      ["zone", "kind"], registry=r)
         self.connections = PCounter("rblguard_smtp_connections",
-                                    "SMTP connections seen (tcpserver pid N from lines)",
-                                    registry=r)
+                                    "SMTP connections seen (tcpserver's and the packs' "
+                                    "connection lines)", registry=r)
         self.bans = PCounter("rblguard_bans", "Bans sent to the kernel", ["rule", "family"],
                              registry=r)
         self.refusals = PCounter("rblguard_bans_refused", "Bans refused", ["reason"],

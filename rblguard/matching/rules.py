@@ -24,18 +24,11 @@ import yaml
 from rblguard import yamlfile
 from rblguard.durations import parse_duration
 from rblguard.matching import confine
+from rblguard.matching.prefix import ADDR, ADDR_CAPTURE, split_literal
 from rblguard.model import BanPolicy
 
-ADDR = "<ADDR>"
-# What the placeholder captures: anything address-like up to a separator.  Whether it
-# really is an address is decided by rblguard.addresses (a failure is a parse error, and
-# never a ban), so a malformed address is counted instead of silently skipped.
-ADDR_CAPTURE = r"(?P<addr>[^\s,;]+)"
 IGNORE_KINDS = ("lookup-error", "dnsbl-error", "other")
-OUTCOMES = ("ban", "ignored", "none", "parse-error")
-# The characters a literal prefix may hold: a program's name and its separator.
-_LITERAL_CHARS = re.compile(r"[A-Za-z0-9 _:@=/,'\"<>!%&#~-]")
-_QUANTIFIERS = "*+?{"
+OUTCOMES = ("ban", "ignored", "none", "parse-error", "connection")
 
 
 class RuleError(Exception):
@@ -74,12 +67,42 @@ class Rule:
     error: str | None = None  # every match is an error of this kind, never a ban
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionLine:
+    """A producer's line for one accepted SMTP connection (tcpserver's ``pid N from
+    ADDR``, Postfix's ``connect from``): each cost DNSBL queries, so ``simulate`` and
+    the DNSBL budget count them.  ``behind``: the front end (postscreen) that passes
+    these connections on; once its own lines are seen, these are not counted again."""
+
+    name: str
+    literal: bytes
+    rest: bytes
+    regex: regex.Pattern
+    behind: str | None = None
+
+
+def connection_line(name: str, pattern: str, where: str,
+                    behind: str | None = None) -> ConnectionLine:
+    """A ConnectionLine from a pattern written as a rule's match is (``<ADDR>`` once)."""
+    if pattern.count(ADDR) != 1:
+        raise RuleError(f"{where}: connection line {name}: match must hold {ADDR} exactly "
+                        "once, where the client's address stands")
+    literal, rest = split_literal(within_line(pattern, f"{where}: connection line {name}"))
+    if len(literal) < 2:
+        raise RuleError(f"{where}: connection line {name}: match must start with the "
+                        f"program's own fixed prefix, got {pattern!r}")
+    rest = rest.replace(ADDR, ADDR_CAPTURE)
+    compiled = _compile(re.escape(literal) + rest, where, f"connection line {name}")
+    return ConnectionLine(name, literal.encode(), rest.encode(), compiled, behind)
+
+
 @dataclass
 class RuleSet:
     """Every enabled rule, in load order (files by name, rules in file order)."""
 
     rules: list[Rule] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
+    connections: list[ConnectionLine] = field(default_factory=list)  # the files' own
     files: list[str] = field(default_factory=list)
     disabled_files: list[str] = field(default_factory=list)
 
@@ -97,35 +120,6 @@ def shipped_rules_dir() -> Path:
         if any(candidate.glob("*.yaml")):
             return candidate
     return package.parent / "rules"
-
-
-def literal_prefix(pattern: str) -> str:
-    """The fixed text a pattern starts with (``rblsmtpd: `` for ``rblsmtpd: <ADDR> ...``).
-
-    The scanner searches a whole buffer for it, which is what makes scanning fast.
-    """
-    return split_literal(pattern)[0]
-
-
-def split_literal(pattern: str) -> tuple[str, str]:
-    """(fixed text the pattern starts with, the rest of the pattern after it)."""
-    out: list[str] = []
-    i = 0
-    while i < len(pattern):
-        ch = pattern[i]
-        if pattern.startswith(ADDR, i):
-            break
-        if ch == "\\" and i + 1 < len(pattern) and not pattern[i + 1].isalnum():
-            step, text = 2, pattern[i + 1]
-        elif _LITERAL_CHARS.fullmatch(ch) and not (ch in "<" and pattern.startswith(ADDR, i)):
-            step, text = 1, ch
-        else:
-            break
-        if i + step < len(pattern) and pattern[i + step] in _QUANTIFIERS:
-            break  # "ab*": the b is optional, so only "a" is fixed
-        out.append(text)
-        i += step
-    return "".join(out), pattern[i:]
 
 
 def _where(node: Any, file: str) -> str:
@@ -279,7 +273,8 @@ def _load_sample(ld: _Loader, node: Any) -> Sample:
     outcomes = [key for key in OUTCOMES if key in fields]
     if len(outcomes) != 1:
         raise ld.err(node, "a sample states exactly one outcome: "
-                     "ban: ADDRESS, ignored: REASON, none: WHY or parse-error: WHY")
+                     "ban: ADDRESS, ignored: REASON, none: WHY, parse-error: WHY or "
+                     "connection: ADDRESS")
     outcome = outcomes[0]
     line = ld.scalar(fields["line"], "sample line")
     if "\n" in line:
@@ -294,6 +289,24 @@ def _load_sample(ld: _Loader, node: Any) -> Sample:
     )
 
 
+def _load_connections(ld: _Loader, node: Any) -> list[ConnectionLine]:
+    lines = []
+    for item in ld.sequence(node, "connections"):
+        fields = ld.mapping(item, "a connection line", {"name", "match", "behind"})
+        if "name" not in fields or "match" not in fields:
+            raise ld.err(item, "a connection line needs 'name' and 'match'")
+        name = ld.scalar(fields["name"], "connection line name")
+        behind = ld.scalar(fields["behind"], "behind") if "behind" in fields else None
+        lines.append(connection_line(name, ld.scalar(fields["match"], "match"),
+                                     _where(fields["match"], ld.file), behind))
+    names = {line.name for line in lines}
+    for line, item in zip(lines, node.value, strict=True):
+        if line.behind is not None and line.behind not in names - {line.name}:
+            raise ld.err(item, f"connection line {line.name}: behind must name another "
+                         f"connection line of this file ({', '.join(sorted(names))})")
+    return lines
+
+
 def load_rule_file(path: Path, packs: Collection[str] = ()) -> tuple[bool, list[Rule],
                                                                      list[Sample]]:
     """(enabled, rules, samples) of one file; raises RuleError naming file and line.
@@ -301,16 +314,28 @@ def load_rule_file(path: Path, packs: Collection[str] = ()) -> tuple[bool, list[
     A file saying ``pack: NAME`` (the Postfix and Exim rules) is enabled only when NAME
     is in ``packs`` (the config's ``packs``): those rules must not watch a qmail log.
     """
-    return _load_file(path, packs)[:3]  # type: ignore[return-value]
+    f = read_rule_file(path, packs)
+    return f.enabled, f.rules, f.samples
 
 
-def _load_file(path: Path, packs: Collection[str]) -> tuple[bool, list[Rule], list[Sample],
-                                                            str | None]:
+@dataclass(frozen=True, slots=True)
+class RuleFile:
+    """One rule file as read: whether it is on, its rules, samples and connection lines."""
+
+    enabled: bool
+    rules: list[Rule]
+    samples: list[Sample]
+    pack: str | None
+    connections: list[ConnectionLine]
+
+
+def read_rule_file(path: Path, packs: Collection[str] = ()) -> RuleFile:
+    """The whole of one rule file (see load_rule_file); RuleError naming file and line."""
     ld = _Loader(path)
     if ld.root is None:
         raise RuleError(f"{ld.file}: the file is empty")
     top = ld.mapping(ld.root, "a rule file",
-                     {"description", "enabled", "pack", "rules", "samples"})
+                     {"description", "enabled", "pack", "rules", "connections", "samples"})
     enabled = True
     if "enabled" in top:
         value = ld.scalar(top["enabled"], "enabled").lower()
@@ -327,7 +352,8 @@ def _load_file(path: Path, packs: Collection[str]) -> tuple[bool, list[Rule], li
         raise ld.err(top["rules"], "'rules' is empty")
     samples = [_load_sample(ld, item)
                for item in (ld.sequence(top["samples"], "samples") if "samples" in top else [])]
-    return enabled, rules, samples, pack
+    connections = _load_connections(ld, top["connections"]) if "connections" in top else []
+    return RuleFile(enabled, rules, samples, pack, connections)
 
 
 def rule_files(dirs: list[str | Path] | None = None, *, explicit: bool = False) -> list[Path]:
@@ -366,20 +392,21 @@ def load_rules(dirs: list[str | Path] | None = None, *, explicit: bool = False,
     seen: dict[str, Rule] = {}
     known_packs: set[str] = set()
     for path in rule_files(dirs, explicit=explicit):
-        enabled, rules, samples, pack = _load_file(path, packs)
-        if pack is not None:
-            known_packs.add(pack)
-        if not enabled:
+        f = read_rule_file(path, packs)
+        if f.pack is not None:
+            known_packs.add(f.pack)
+        if not f.enabled:
             ruleset.disabled_files.append(str(path))
             continue
-        for rule in rules:
+        for rule in f.rules:
             if rule.name in seen:
                 other = seen[rule.name]
                 raise RuleError(f"{rule.file}:{rule.lineno}: rule name {rule.name!r} is "
                                 f"already used at {other.file}:{other.lineno}")
             seen[rule.name] = rule
-        ruleset.rules.extend(rules)
-        ruleset.samples.extend(samples)
+        ruleset.rules.extend(f.rules)
+        ruleset.samples.extend(f.samples)
+        ruleset.connections.extend(f.connections)
         ruleset.files.append(str(path))
     unknown = sorted(set(packs) - known_packs)
     if unknown:

@@ -25,7 +25,7 @@ import regex
 
 from rblguard.addresses import BYTES_CACHE, canonical_address, canonical_bytes
 from rblguard.matching.confine import RESERVED_GROUP_PREFIX
-from rblguard.matching.rules import Rule, RuleSet
+from rblguard.matching.rules import ConnectionLine, Rule, RuleSet, connection_line
 from rblguard.matching.vetoes import (
     BUFFER_TIMEOUT,
     LINE_TIMEOUT,
@@ -54,14 +54,14 @@ from rblguard.sources.stamps import (
 
 log = logging.getLogger("rblguard.matching.scanner")
 
-# tcpserver -v writes one of these per accepted connection; each one reached rblsmtpd.
-CONNECTION_LITERAL = b"tcpserver: pid "
-CONNECTION_REST = rb"\d+ from (?P<addr>[^\s,;]+)$"
-CONNECTION = regex.compile(re.escape(CONNECTION_LITERAL) + CONNECTION_REST, regex.MULTILINE)
+# tcpserver -v writes one of these per accepted connection; each one reached rblsmtpd
+# or qmail-smtpd's own check.  Other producers' connection lines come with their rules.
+TCPSERVER = connection_line("tcpserver", r"tcpserver: pid \d+ from <ADDR>$", "built-in")
 _FLAGS = regex.MULTILINE | regex.VERSION0
 _STAMP_GROUP = re.compile(rb"(?<!\\)\((?!\?)")  # a capturing "(" in a stamp's pattern
 _URL_HOST = re.compile(rb"https?://([A-Za-z0-9.-]+)")
 _TAIL = RESERVED_GROUP_PREFIX + "tail"  # tally()'s group: the rest of a hit's line
+Source = Rule | ConnectionLine  # what a pattern of the scanner finds
 
 
 def _dnsbl_zone(text: bytes) -> str | None:
@@ -75,10 +75,14 @@ def _dnsbl_zone(text: bytes) -> str | None:
 class Scanner:
     """Finds the events of one rule set in buffers of complete lines."""
 
-    def __init__(self, ruleset: RuleSet, *, connections: bool = True) -> None:
+    def __init__(self, ruleset: RuleSet, *, connections: bool = True,
+                 tcpserver: bool = True) -> None:
         self.rules = ruleset.rules
-        self.connections = connections
-        self._compiled: dict[str, list[tuple[Rule | None, regex.Pattern]]] = {}
+        # Front ends first, so that their lines are seen before those they pass on.
+        lines = (([TCPSERVER] if tcpserver else []) + ruleset.connections) if connections else []
+        self.connection_lines = sorted(lines, key=lambda line: line.behind is not None)
+        self.fronts_seen: set[str] = set()  # connection lines met so far (see behind)
+        self._compiled: dict[str, list[tuple[Source, regex.Pattern]]] = {}
         self._timed_out: set[str] = set()  # rules already reported as too slow
 
     def scan(self, buf: bytes, base: int, fmt: StampFormat, ref_time: float) -> ChunkResult:
@@ -107,9 +111,9 @@ class Scanner:
 
     # -- the fast path: one search per rule over the whole buffer ---------------------
 
-    def _patterns(self, fmt: StampFormat) -> list[tuple[Rule | None, regex.Pattern]] | None:
-        """Each rule's pattern, anchored by a look-behind at newline + stamp (None:
-        connections); None if this format's stamp is not of fixed width.
+    def _patterns(self, fmt: StampFormat) -> list[tuple[Source, regex.Pattern]] | None:
+        """Each rule's and connection line's pattern, anchored by a look-behind at
+        newline + stamp; None if this format's stamp is not of fixed width.
 
         The pattern starts with the rule's fixed text, which the regex engine finds fast,
         and the look-behind then proves the hit stands right after its line's stamp:
@@ -128,13 +132,20 @@ class Scanner:
         self._compiled[fmt.name] = patterns
         return patterns
 
-    def _sources(self) -> list[tuple[Rule | None, bytes, bytes]]:
+    def _sources(self) -> list[tuple[Source, bytes, bytes]]:
         """(rule, fixed text, rest of the pattern) of each rule, and of connections."""
-        sources: list[tuple[Rule | None, bytes, bytes]] = [
+        sources: list[tuple[Source, bytes, bytes]] = [
             (r, r.literal, r.rest) for r in self.rules]
-        if self.connections:
-            sources.append((None, CONNECTION_LITERAL, CONNECTION_REST))
+        sources.extend((line, line.literal, line.rest) for line in self.connection_lines)
         return sources
+
+    def _counts(self, line: ConnectionLine, found: int) -> bool:
+        """Whether ``found`` (> 0) hits of ``line`` are connections: not when the front
+        end that passes them on has been seen, as they were counted there already."""
+        if not found:
+            return False
+        self.fronts_seen.add(line.name)
+        return line.behind not in self.fronts_seen
 
     def _scan_buffer(self, buf: bytes, base: int, fmt: StampFormat, ref: float,
                      result: ChunkResult) -> None:
@@ -154,15 +165,18 @@ class Scanner:
         for rule, pattern in patterns:
             events: list[Event] = []
             append = events.append
-            veto = rule.veto if rule is not None else None
+            conn = type(rule) is ConnectionLine
+            veto = None if conn else rule.veto
             for m in pattern.finditer(data, timeout=BUFFER_TIMEOUT):
                 hi, lo, raw = m.group(1, 2, "addr") if tai64n else (None, None, m["addr"])
                 when = (int(hi, 16) - TAI64_UNIX_OFFSET + int(lo, 16) / 1e9 if tai64n
                         else parse(m, ref))
                 address = cache.get(raw) or canonical_bytes(raw)
-                if rule is None:
+                if conn:
                     if address is not None:
-                        append(Connection(address, when, base + m.end() + 1))
+                        end = m.end()  # a pattern may stop before its line's end
+                        end = end if data[end] == 10 else find(b"\n", end)
+                        append(Connection(address, when, base + end + 1, rule.name))
                     continue
                 pos = m.start()
                 le = find(b"\n", pos)
@@ -178,7 +192,7 @@ class Scanner:
                 else:
                     append(Match(rule.name, address, when,
                                  data[pos:le].decode("utf-8", "replace"), base + le + 1))
-            if events:
+            if events and (not conn or self._counts(rule, len(events))):
                 runs.append(events)
         if len(runs) == 1:
             result.events = runs[0]
@@ -232,9 +246,9 @@ class Scanner:
         counts: dict[tuple[str, str], int] = {}
         events: list[Event] = []
         for rule, count_pattern, full, veto_pattern, literals in self._count_patterns(fmt):
-            if rule is None:
-                result.connection_count = len(count_pattern.findall(
-                    data, timeout=BUFFER_TIMEOUT))
+            if type(rule) is ConnectionLine:
+                n = len(count_pattern.findall(data, timeout=BUFFER_TIMEOUT))
+                result.connection_count += n if self._counts(rule, n) else 0
                 continue
             # (address, rest of line) per hit, in C
             found = count_pattern.findall(data, timeout=BUFFER_TIMEOUT)
@@ -264,7 +278,7 @@ class Scanner:
         return result
 
     def _count_patterns(self, fmt: StampFormat) -> list[tuple[
-            Rule | None, regex.Pattern, regex.Pattern, regex.Pattern | None,
+            Source, regex.Pattern, regex.Pattern, regex.Pattern | None,
             list[bytes] | None]]:
         """For tally(): each pattern without the stamp's groups and with the rest of the
         line captured (findall then returns little more than the addresses), the full
@@ -281,11 +295,11 @@ class Scanner:
                 count = regex.compile(_anchored(literal, uncaptured, rest)
                                       + b"(?P<" + _TAIL.encode() + b">[^\n]*)", _FLAGS)
                 veto = None
-                if rule is not None and rule.veto is not None:
+                if type(rule) is Rule and rule.veto is not None:
                     veto = regex.compile(full.pattern + b"(?=[^\n]*?(?:" + rule.veto.pattern
                                          + b"))", _FLAGS)
                 literals = None
-                if rule is not None and rule.ignores:
+                if type(rule) is Rule and rule.ignores:
                     parts = [literal_alternatives(ig.regex.pattern) for ig in rule.ignores]
                     if all(part is not None for part in parts):
                         literals = [text for part in parts for text in part or ()]
@@ -315,12 +329,13 @@ class Scanner:
                     return self._classify(rule, m, message, 0, len(message), when, offset)
             except TimeoutError:
                 return self._timeout(rule, message, when, offset)
-        if self.connections:
-            m = CONNECTION.match(message, timeout=LINE_TIMEOUT)
+        for line in self.connection_lines:
+            m = line.regex.match(message, timeout=LINE_TIMEOUT)
             if m is not None:
                 address = canonical_address(m.group("addr").decode("ascii", "replace"))
-                if address is not None:
-                    return Connection(address, when, offset)
+                if address is None or not self._counts(line, 1):
+                    return None
+                return Connection(address, when, offset, line.name)
         return None
 
     def _timeout(self, rule: Rule, message: bytes, when: float | None,

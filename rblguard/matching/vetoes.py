@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import regex
 
-from rblguard.matching.rules import split_literal
+from rblguard.matching.prefix import split_literal
 
 # Bounds on matching time (docs/rules.md): a rule that backtracks catastrophically on a
 # hostile line must not stall the daemon.  A buffer's search that takes longer than
