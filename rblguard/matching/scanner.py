@@ -59,7 +59,9 @@ log = logging.getLogger("rblguard.matching.scanner")
 TCPSERVER = connection_line("tcpserver", r"tcpserver: pid \d+ from <ADDR>$", "built-in")
 _FLAGS = regex.MULTILINE | regex.VERSION0
 _STAMP_GROUP = re.compile(rb"(?<!\\)\((?!\?)")  # a capturing "(" in a stamp's pattern
-_URL_HOST = re.compile(rb"https?://([A-Za-z0-9.-]+)")
+# Where an error reply names its DNSBL: the URL of its TXT, else the zone a line names
+# (postscreen's dnsblog: "listed by domain zen.spamhaus.org as 127.255.255.254").
+_URL_HOST = re.compile(rb"https?://([A-Za-z0-9.-]+)|listed by domain ([A-Za-z0-9.-]+) as ")
 _TAIL = RESERVED_GROUP_PREFIX + "tail"  # tally()'s group: the rest of a hit's line
 Source = Rule | ConnectionLine  # what a pattern of the scanner finds
 
@@ -69,7 +71,8 @@ def _dnsbl_zone(text: bytes) -> str | None:
     m = _URL_HOST.search(text)
     if m is None:
         return None
-    return ".".join(m.group(1).decode("ascii", "replace").lower().split(".")[-2:])
+    host = m.group(1) or m.group(2)
+    return ".".join(host.decode("ascii", "replace").lower().split(".")[-2:])
 
 
 class Scanner:
