@@ -155,3 +155,18 @@ def test_two_processes_give_exactly_the_one_process_answer(tmp_path: Path) -> No
     assert (report["lookup_errors"], report["dnsbl_errors"]) == (truth.lookup_errors,
                                                                 truth.dnsbl_errors)
     assert report["parse_errors"] == 0
+
+
+def test_a_failure_in_a_scan_worker_is_raised_in_the_parent(tmp_path: Path) -> None:
+    """A part scanned in a forked child that fails (here: its file vanished) is an
+    error of the whole scan, never a silently smaller count."""
+    log = tmp_path / "current"
+    log.write_bytes(b"@4000000065a1d28a302953e2 rblsmtpd: 198.18.0.1 pid 1: 553 x\n" * 1000)
+    scan_module._worker_scanner = scan_module.Scanner(
+        scan_module.load_rules(None, explicit=False, require_enabled=True), connections=False)
+    parts = [(str(log), 0, log.stat().st_size, "tai64n"),
+             (str(tmp_path / "gone"), 0, 10, "tai64n")]
+    with pytest.raises(FileNotFoundError):
+        scan_module._forked(parts, 2)
+    reports = scan_module._forked(parts[:1] * 2, 2)  # one each: both answers come back
+    assert [r.lines for r in reports] == [1000, 1000]

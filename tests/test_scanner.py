@@ -14,10 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rblguard.addresses import canonical_address
+from rblguard.matching import deadline
 from rblguard.matching.rules import load_rules, shipped_rules_dir
 from rblguard.matching.scanner import Scanner, scan_file
 from rblguard.model import MAX_LINE_BYTES, Connection, Ignored, Match, ParseError
-from rblguard.sources.files import read_complete_lines
+from rblguard.sources.files import read_complete_lines, read_windows
 from rblguard.sources.stamps import FORMATS, NONE, TAI64_UNIX_OFFSET, TAI64N, detect_format
 
 FIXTURES = Path(__file__).parent / "fixtures" / "logs"
@@ -485,3 +486,62 @@ def test_tally_vetoes_what_scan_vetoes(tmp_path: Path, texts: tuple[bytes, ...])
     assert sorted(e.address for e in counted.events if isinstance(e, Ignored)) == vetoed
     banned = {e.address for e in events if isinstance(e, Match)}
     assert {a for _rule, a in counted.match_counts or {}} == banned
+
+
+@given(lines=st.lists(st.sampled_from([0, 1, 7, 60, 300, 5000]), max_size=40),
+       partial=st.booleans(), size=st.sampled_from([16, 100, 4096]),
+       cut_at=st.floats(0, 1))
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_windows_hold_every_complete_line_once(tmp_path: Path, lines, partial, size,
+                                               cut_at) -> None:
+    """read_windows() gives each complete line once, at its offset, whatever the window
+    size, whether the file is read whole or in two ranges cut at a line boundary; a
+    last line without its newline is left out."""
+    body = b"".join(bytes([97 + i % 26]) * n + b"\n" for i, n in enumerate(lines))
+    log = tmp_path / "current"
+    log.write_bytes(body + (b"partial" if partial else b""))
+    want, pos = [], 0
+    for line in body.split(b"\n")[:-1]:
+        want.append((pos, line))
+        pos += len(line) + 1
+
+    def lines_of(windows) -> list[tuple[int, bytes]]:
+        out = []
+        for offset, window, stop in windows:
+            assert window[0:1] == b"\n", "a newline stands before the first line"
+            for line in bytes(window[1:stop]).split(b"\n")[:-1]:
+                out.append((offset, line))
+                offset += len(line) + 1
+        return out
+
+    assert lines_of(read_windows(log, size=size)) == want
+    cut = body.find(b"\n", int(len(body) * cut_at)) + 1
+    if cut:
+        assert (lines_of(read_windows(log, 0, cut, size=size))
+                + lines_of(read_windows(log, cut, None, size=size))) == want
+
+
+def test_windows_skip_a_line_past_the_cap_whole(tmp_path: Path) -> None:
+    kept = b"k" * MAX_LINE_BYTES + b"\n"  # exactly the cap: kept
+    log = tmp_path / "current"
+    log.write_bytes(b"a\n" + b"x" * (MAX_LINE_BYTES + 1) + b"\n" + kept + b"b\n")
+    got = [(o, line) for o, w, stop in read_windows(log, size=4096)
+           for line in bytes(w[1:stop]).split(b"\n")[:-1]]
+    assert [line[:1] for _, line in got] == [b"a", b"k", b"b"]
+    assert got[1][0] == 2 + MAX_LINE_BYTES + 2, "offsets stay file offsets"
+
+
+def test_a_time_bound_stops_a_catastrophic_re_search() -> None:
+    """The standard library's re has no timeout; deadline.bound() gives it one."""
+    import signal
+
+    before = signal.getsignal(signal.SIGALRM)
+    slow = re.compile(rb"(\d+)+x$")
+    start = time.monotonic()
+    with pytest.raises(TimeoutError), deadline.bound(0.2):
+        slow.match(b"1" * 60)
+    assert time.monotonic() - start < 5
+    assert signal.getsignal(signal.SIGALRM) is before
+    with deadline.bound(5):  # a quick search under a bound is just a search
+        assert slow.match(b"12x") is not None

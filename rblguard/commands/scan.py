@@ -12,6 +12,7 @@ import argparse
 import itertools
 import json
 import os
+import pickle
 import sys
 import time
 from collections import Counter
@@ -21,7 +22,7 @@ from pathlib import Path
 from rblguard.matching.rules import RuleError, RuleSet, load_rules
 from rblguard.matching.scanner import Scanner
 from rblguard.model import ChunkResult, Connection, Ignored, Match, ParseError
-from rblguard.sources.files import log_files, read_complete_lines
+from rblguard.sources.files import log_files, read_windows
 from rblguard.sources.stamps import FORMATS, NONE, detect_file_format
 
 
@@ -132,8 +133,13 @@ def _scan_part(part: tuple[str, int, int, str]) -> ScanReport:
     fmt = next(f for f in (*FORMATS, NONE) if f.name == fmt_name)
     ref = os.stat(path).st_mtime
     report = ScanReport()
-    for offset, buf in read_complete_lines(path, start, end):
-        report.add(_worker_scanner.tally(buf, offset, fmt, ref))
+    raw: dict[str, Counter[bytes]] = {}  # addresses as the log spells them, per rule
+    end_offset = start
+    for offset, window, stop in read_windows(path, start, end):
+        chunk = _worker_scanner.tally_window(window, stop, offset, fmt, ref, raw)
+        report.add(chunk)
+        end_offset = chunk.end_offset
+    report.add(_worker_scanner.resolve(raw, ChunkResult(end_offset=end_offset)))
     return report
 
 
@@ -164,15 +170,63 @@ def scan_paths(paths: list[str], ruleset: RuleSet) -> ScanReport:
         for file in files:
             parts.extend(_parts(file, workers))
     if workers > 1 and len(parts) > 1 and sum(b - a for _, a, b, _ in parts) >= PARALLEL_MIN_BYTES:
-        import multiprocessing
-
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            for part_report in pool.imap(_scan_part, parts):
-                report.merge(part_report)
+        scanned = _forked(parts, workers)
     else:
-        for part in parts:
-            report.merge(_scan_part(part))
+        scanned = [_scan_part(part) for part in parts]
+    for part_report in scanned:  # in file order: the first DNSBL error is the earliest
+        report.merge(part_report)
     return report
+
+
+def _forked(parts: list[tuple[str, int, int, str]], workers: int) -> list[ScanReport]:
+    """Each part's report, the parts shared out between this process and forked
+    children (a plain fork and a pipe: multiprocessing's pool would cost more to start
+    than a child's share of a scan); an exception in a child is raised here."""
+    shares: list[list[int]] = [[] for _ in range(workers)]
+    loads = [0] * workers
+    for i in sorted(range(len(parts)), key=lambda i: parts[i][1] - parts[i][2]):
+        least = loads.index(min(loads))  # the largest parts first, each to the least load
+        shares[least].append(i)
+        loads[least] += parts[i][2] - parts[i][1]
+    children = [_fork_share(parts, share) for share in shares[1:] if share]
+    reports: dict[int, ScanReport] = {}
+    try:
+        reports.update((i, _scan_part(parts[i])) for i in shares[0])
+    finally:
+        failures = []
+        for pid, pipe in children:
+            with os.fdopen(pipe, "rb") as f:
+                payload = f.read()
+            os.waitpid(pid, 0)
+            result = pickle.loads(payload) if payload else RuntimeError(
+                "a scan worker process died")
+            if isinstance(result, BaseException):
+                failures.append(result)
+            else:
+                reports.update(result)
+    if failures:
+        raise failures[0]
+    return [reports[i] for i in range(len(parts))]
+
+
+def _fork_share(parts: list[tuple[str, int, int, str]], share: list[int]) -> tuple[int, int]:
+    """(pid, read end of its pipe) of a child that scans the parts ``share`` names and
+    writes back {part index: report}, or the exception that stopped it."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: scan, answer, and never run on into the parent's code
+        try:
+            os.close(read_end)
+            try:
+                payload = pickle.dumps({i: _scan_part(parts[i]) for i in share})
+            except Exception as exc:  # handed to the parent, which raises it
+                payload = pickle.dumps(exc)
+            with os.fdopen(write_end, "wb") as out:
+                out.write(payload)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    return pid, read_end
 
 
 def _when(t: float | None) -> str:

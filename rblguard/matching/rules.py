@@ -419,3 +419,8 @@ def load_rules(dirs: list[str | Path] | None = None, *, explicit: bool = False,
                     if ruleset.disabled_files else "")
         raise RuleError(f"no enabled rule {where}{disabled}: nothing would ever be banned")
     return ruleset
+
+
+# tcpserver -v writes one of these per accepted connection; each one reached rblsmtpd
+# or qmail-smtpd's own check.  Other producers' connection lines come with their rules.
+TCPSERVER = connection_line("tcpserver", r"tcpserver: pid \d+ from <ADDR>$", "built-in")

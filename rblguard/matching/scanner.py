@@ -23,12 +23,19 @@ from pathlib import Path
 
 import regex
 
-from rblguard.addresses import BYTES_CACHE, canonical_address, canonical_bytes
+from rblguard.addresses import (
+    BYTES_CACHE,
+    canonical_address,
+    canonical_bytes,
+    canonical_many,
+)
+from rblguard.matching import deadline
 from rblguard.matching.confine import RESERVED_GROUP_PREFIX
-from rblguard.matching.rules import ConnectionLine, Rule, RuleSet, connection_line
+from rblguard.matching.rules import TCPSERVER, ConnectionLine, Rule, RuleSet
 from rblguard.matching.vetoes import (
     BUFFER_TIMEOUT,
     LINE_TIMEOUT,
+    dnsbl_zone,
     literal_alternatives,
     vetoed_hits,
     vetoed_tails,
@@ -54,25 +61,10 @@ from rblguard.sources.stamps import (
 
 log = logging.getLogger("rblguard.matching.scanner")
 
-# tcpserver -v writes one of these per accepted connection; each one reached rblsmtpd
-# or qmail-smtpd's own check.  Other producers' connection lines come with their rules.
-TCPSERVER = connection_line("tcpserver", r"tcpserver: pid \d+ from <ADDR>$", "built-in")
 _FLAGS = regex.MULTILINE | regex.VERSION0
 _STAMP_GROUP = re.compile(rb"(?<!\\)\((?!\?)")  # a capturing "(" in a stamp's pattern
-# Where an error reply names its DNSBL: the URL of its TXT, else the zone a line names
-# (postscreen's dnsblog: "listed by domain zen.spamhaus.org as 127.255.255.254").
-_URL_HOST = re.compile(rb"https?://([A-Za-z0-9.-]+)|listed by domain ([A-Za-z0-9.-]+) as ")
 _TAIL = RESERVED_GROUP_PREFIX + "tail"  # tally()'s group: the rest of a hit's line
 Source = Rule | ConnectionLine  # what a pattern of the scanner finds
-
-
-def _dnsbl_zone(text: bytes) -> str | None:
-    """The DNSBL operator named by an error reply's URL (``spamhaus.org``), if any."""
-    m = _URL_HOST.search(text)
-    if m is None:
-        return None
-    host = m.group(1) or m.group(2)
-    return ".".join(host.decode("ascii", "replace").lower().split(".")[-2:])
 
 
 class Scanner:
@@ -211,7 +203,7 @@ class Scanner:
             ig = next(ig for ig in rule.ignores
                       if ig.regex.search(buf, m.end(), le, timeout=LINE_TIMEOUT))
             text = buf[pos:le]
-            zone = _dnsbl_zone(text) if ig.kind == "dnsbl-error" else None
+            zone = dnsbl_zone(text) if ig.kind == "dnsbl-error" else None
             return Ignored(rule.name, ig.name, ig.kind, zone, address, when,
                            text.decode("utf-8", "replace"), offset)
         line = buf[pos:le].decode("utf-8", "replace")
@@ -229,62 +221,93 @@ class Scanner:
         Vetoed and unparsable hits, which are rare, still become events.
         """
         buf = _complete(buf)
-        patterns = None if fmt.syslog or not self._disjoint() else self._patterns(fmt)
-        if patterns is None:
-            return _as_counts(self.scan(buf, base, fmt, ref_time))
-        try:
-            return self._tally_buffer(buf, base, fmt, ref_time)
-        except TimeoutError:  # as in scan(): each line on its own, each one bounded
-            return _as_counts(self.scan(buf, base, fmt, ref_time))
+        raw: dict[str, Counter[bytes]] = {}
+        return self.resolve(raw, self.tally_window(b"\n" + buf, len(buf) + 1, base, fmt,
+                                                   ref_time, raw))
 
-    def _tally_buffer(self, buf: bytes, base: int, fmt: StampFormat,
-                      ref_time: float) -> ChunkResult:
-        result = ChunkResult(lines=buf.count(b"\n"), end_offset=base + len(buf))
-        if not buf:
+    def tally_window(self, window: bytes | bytearray, stop: int, base: int,
+                     fmt: StampFormat, ref_time: float,
+                     raw: dict[str, Counter[bytes]]) -> ChunkResult:
+        """tally() of the lines ``window[1:stop]`` (the first at file byte ``base``;
+        ``window[0]`` is a newline, nothing past ``stop`` is read), as
+        rblguard.sources.files.read_windows() gives them.
+
+        Each rule's matches are added to ``raw[rule name]`` as the address bytes the
+        log holds: resolve() turns them into counts once per distinct address, after
+        the last window, instead of once per address and window.
+        """
+        patterns = None if fmt.syslog or not self._disjoint() else self._patterns(fmt)
+        if patterns is not None:
+            try:
+                return self._tally_buffer(window, stop, base, fmt, ref_time, raw)
+            except TimeoutError:  # as in scan(): each line on its own, each one bounded
+                pass
+        return _as_counts(self.scan(bytes(window[1:stop]), base, fmt, ref_time))
+
+    def resolve(self, raw: dict[str, Counter[bytes]], into: ChunkResult) -> ChunkResult:
+        """``into`` with the matches in ``raw`` added to its counts by canonical address;
+        an address that is none becomes a ParseError per match."""
+        counts = into.match_counts if into.match_counts is not None else {}
+        for name, found in raw.items():
+            canonical = canonical_many(list(found))
+            for address_bytes, n in found.items():
+                if n <= 0:
+                    continue
+                address = canonical[address_bytes]
+                if address is None:
+                    text = address_bytes.decode("ascii", "replace")
+                    into.events.extend(ParseError(name, text, None, into.end_offset)
+                                       for _ in range(n))
+                else:
+                    counts[(name, address)] = counts.get((name, address), 0) + n
+        into.match_counts = counts
+        return into
+
+    def _tally_buffer(self, data: bytes | bytearray, stop: int, base: int,
+                      fmt: StampFormat, ref_time: float,
+                      raw: dict[str, Counter[bytes]]) -> ChunkResult:
+        result = ChunkResult(lines=data.count(b"\n", 1, stop), end_offset=base + stop - 1)
+        if stop <= 1:
             return result
-        result.first_time = split_line(fmt, buf[:buf.find(b"\n")], ref_time)[0]
-        last_start = buf.rfind(b"\n", 0, len(buf) - 1) + 1
-        result.last_time = split_line(fmt, buf[last_start:-1], ref_time)[0]
-        data = b"\n" + buf
-        counts: dict[tuple[str, str], int] = {}
-        events: list[Event] = []
-        for rule, count_pattern, full, veto_pattern, literals in self._count_patterns(fmt):
+        result.first_time = split_line(fmt, bytes(data[1:data.find(b"\n", 1)]), ref_time)[0]
+        last_start = data.rfind(b"\n", 0, stop - 1) + 1
+        result.last_time = split_line(fmt, bytes(data[last_start:stop - 1]), ref_time)[0]
+        # (rule, hits, vetoed addresses): added to raw only once every search is done,
+        # so that a search that runs out of time leaves raw as it was
+        found_by_rule: list[tuple[str, list, int, list[bytes]]] = []
+        for rule, count, fast, full, veto_pattern, literals in self._count_patterns(fmt):
+            found = deadline.findall(count, fast, data, stop, BUFFER_TIMEOUT)
             if type(rule) is ConnectionLine:
-                n = len(count_pattern.findall(data, timeout=BUFFER_TIMEOUT))
-                result.connection_count += n if self._counts(rule, n) else 0
+                result.connection_count += len(found) if self._counts(rule, len(found)) else 0
                 continue
-            # (address, rest of line) per hit, in C
-            found = count_pattern.findall(data, timeout=BUFFER_TIMEOUT)
-            index = count_pattern.groupindex["addr"] - 1
-            tail = count_pattern.groupindex[_TAIL] - 1
-            raw_counts = Counter(map(itemgetter(index), found))
+            vetoed: list[bytes] = []
             # Ignores look at the rest of each hit's line: search all of them at once.
             if veto_pattern is not None and rule.veto is not None:
                 # A look-behind may reach before the tail: then only the full pass is sure.
-                texts = None if b"(?<" in rule.veto.pattern else vetoed_tails(
-                    list(map(itemgetter(tail), found)), rule.veto, literals)
-                for m, le in vetoed_hits(rule.veto, full, veto_pattern, data, texts):
-                    events.append(self._classify(rule, m, data, m.start(), le,
-                                                 fmt.parse(m, ref_time), base + le))
-                    raw_counts[m["addr"]] -= 1
-            for raw, n in raw_counts.items():
-                if n <= 0:
-                    continue
-                address = canonical_bytes(raw)
-                if address is None:
-                    text = raw.decode("ascii", "replace")
-                    events.extend(ParseError(rule.name, text, None, base) for _ in range(n))
-                else:
-                    counts[(rule.name, address)] = counts.get((rule.name, address), 0) + n
-        result.match_counts = counts
-        result.events = events
+                tail = count.groupindex[_TAIL] - 1
+                texts = None
+                if b"(?<" not in rule.veto.pattern:
+                    tails = list(map(itemgetter(tail), found))
+                    texts = {text: tails.count(text)
+                             for text in vetoed_tails(tails, rule.veto, literals)}
+                for m, le in vetoed_hits(rule.veto, full, veto_pattern, data, stop, texts):
+                    result.events.append(self._classify(
+                        rule, m, data, m.start(), le, fmt.parse(m, ref_time), base + le))
+                    vetoed.append(m["addr"])
+            found_by_rule.append((rule.name, found, count.groupindex["addr"] - 1, vetoed))
+        for name, found, index, vetoed in found_by_rule:
+            counter = raw.setdefault(name, Counter())
+            counter.update(map(itemgetter(index), found))  # in C: no loop in Python
+            for address_bytes in vetoed:
+                counter[address_bytes] -= 1
         return result
 
     def _count_patterns(self, fmt: StampFormat) -> list[tuple[
-            Source, regex.Pattern, regex.Pattern, regex.Pattern | None,
-            list[bytes] | None]]:
+            Source, regex.Pattern, re.Pattern | None, regex.Pattern,
+            regex.Pattern | None, list[bytes] | None]]:
         """For tally(): each pattern without the stamp's groups and with the rest of the
-        line captured (findall then returns little more than the addresses), the full
+        line captured (findall then returns little more than the addresses), the same
+        compiled by ``re`` where it can be (rblguard.matching.deadline), the full
         pattern, the pattern of the hits an ignore vetoes, and the ignores' texts when
         every one of them is a plain text (or several, with ``|``)."""
         key = "count:" + fmt.name
@@ -295,8 +318,10 @@ class Scanner:
             uncaptured = _STAMP_GROUP.sub(b"(?:", stamp)  # findall: only what it counts
             patterns = self._patterns(fmt) or []
             for (rule, literal, rest), (_, full) in zip(self._sources(), patterns, strict=True):
-                count = regex.compile(_anchored(literal, uncaptured, rest)
-                                      + b"(?P<" + _TAIL.encode() + b">[^\n]*)", _FLAGS)
+                count_text = (_anchored(literal, uncaptured, rest)
+                              + b"(?P<" + _TAIL.encode() + b">[^\n]*)")
+                count = regex.compile(count_text, _FLAGS)
+                fast = deadline.compile_fast(count_text, re.MULTILINE)
                 veto = None
                 if type(rule) is Rule and rule.veto is not None:
                     veto = regex.compile(full.pattern + b"(?=[^\n]*?(?:" + rule.veto.pattern
@@ -306,7 +331,7 @@ class Scanner:
                     parts = [literal_alternatives(ig.regex.pattern) for ig in rule.ignores]
                     if all(part is not None for part in parts):
                         literals = [text for part in parts for text in part or ()]
-                cached.append((rule, count, full, veto, literals))
+                cached.append((rule, count, fast, full, veto, literals))
             self._compiled[key] = cached
         return cached
 

@@ -3,13 +3,15 @@
 ``tally`` counts a rule's hits with one findall over a whole buffer.  Its ignores (a DNS
 failure, a DNSBL error reply) veto only a few of those hits; these helpers find which,
 mostly with bytes.find over the hits' tails, several times cheaper than matching every
-line again.  They also hold the bounds on matching time that the scanner uses.
+line again.  They also hold the bounds on matching time that the scanner uses, and
+name the DNSBL an error reply comes from (dnsbl_zone).
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
+import re
 from collections.abc import Iterator
 
 import regex
@@ -23,6 +25,9 @@ from rblguard.matching.prefix import split_literal
 # An ordinary rule needs microseconds per line; both bounds are far above that.
 BUFFER_TIMEOUT = 0.3
 LINE_TIMEOUT = 0.2
+# Where an error reply names its DNSBL: the URL of its TXT, else the zone a line names
+# (postscreen's dnsblog: "listed by domain zen.spamhaus.org as 127.255.255.254").
+_URL_HOST = re.compile(rb"https?://([A-Za-z0-9.-]+)|listed by domain ([A-Za-z0-9.-]+) as ")
 
 
 def literal_alternatives(pattern: bytes) -> list[bytes] | None:
@@ -70,33 +75,45 @@ def vetoed_tails(tails: list[bytes], veto: regex.Pattern,
 
 
 def vetoed_hits(veto: regex.Pattern, full: regex.Pattern,
-                 veto_pattern: regex.Pattern, data: bytes,
-                 texts: set[bytes] | None) -> Iterator[tuple[regex.Match, int]]:
-    """The hits of ``full`` in ``data`` whose rest of line ``veto`` matches, with the
-    index of their line's end: what ``veto_pattern.finditer`` finds, in line order.
+                veto_pattern: regex.Pattern, data: bytes | bytearray, stop: int,
+                texts: dict[bytes, int] | None) -> Iterator[tuple[regex.Match, int]]:
+    """The hits of ``full`` in ``data[:stop]`` whose rest of line ``veto`` matches, with
+    the index of their line's end: what ``veto_pattern.finditer`` finds, in line order.
 
-    ``texts`` are the whole tails in which the veto matched.  Vetoed lines are rare (a
-    lookup error, an error reply) and their tails long and few, so finding them with
-    bytes.find and checking only their lines is several times cheaper than another
-    regex pass over the whole buffer; with many different texts, or None (not known),
-    that pass it is.
+    ``texts`` are the whole tails in which the veto matched, each with the number of
+    hits that end in it.  Vetoed lines are rare (a lookup error, an error reply) and
+    their tails long and few, so finding them with bytes.find and checking only their
+    lines is several times cheaper than another regex pass over the whole buffer, and
+    the search for a tail stops once all of its hits are found; with many different
+    texts, or None (not known), that pass it is.
     """
     if texts is not None and not texts:
         return
     if texts is None or len(texts) > 8 or b"" in texts:
-        for m in veto_pattern.finditer(data, timeout=BUFFER_TIMEOUT):
+        for m in veto_pattern.finditer(data, 0, stop, timeout=BUFFER_TIMEOUT):
             le = data.find(b"\n", m.start())
             if le >= m.end():
                 yield m, le
         return
-    starts: set[int] = set()  # the newline before each line holding a veto text
-    for text in texts:
-        at = data.find(text)
-        while at >= 0:
-            starts.add(data.rfind(b"\n", 0, at))
-            at = data.find(text, at + 1)
-    for ls in sorted(starts):
-        le = data.find(b"\n", ls + 1)
-        m = full.search(data, ls, le, timeout=LINE_TIMEOUT)  # the line's own hit
-        if m is not None and veto.search(data, m.end(), le, timeout=LINE_TIMEOUT):
-            yield m, le
+    hits: dict[int, tuple[regex.Match, int]] = {}  # by the newline before the line
+    for text, expected in texts.items():
+        at, seen = data.find(text, 0, stop), 0
+        while at >= 0 and seen < expected:
+            ls, le = data.rfind(b"\n", 0, at), data.find(b"\n", at)
+            m = full.search(data, ls, le, timeout=LINE_TIMEOUT)  # the line's own hit
+            if m is not None and data[m.end():le] == text:
+                seen += 1
+                if veto.search(data, m.end(), le, timeout=LINE_TIMEOUT):
+                    hits[ls] = (m, le)
+            at = data.find(text, le, stop)
+    for ls in sorted(hits):
+        yield hits[ls]
+
+
+def dnsbl_zone(text: bytes) -> str | None:
+    """The DNSBL operator named by an error reply's URL (``spamhaus.org``), if any."""
+    m = _URL_HOST.search(text)
+    if m is None:
+        return None
+    host = m.group(1) or m.group(2)
+    return ".".join(host.decode("ascii", "replace").lower().split(".")[-2:])

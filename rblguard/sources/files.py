@@ -14,6 +14,7 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from rblguard.model import MAX_LINE_BYTES
 from rblguard.sources.layout import list_files
@@ -53,6 +54,73 @@ def read_complete_lines(path: str | Path, start: int = 0, end: int | None = None
                 log.warning("%s: the line at byte %d is longer than %d bytes: skipped",
                             path, offset, MAX_LINE_BYTES)
                 offset, carry, skipping = offset + len(carry), b"", True
+
+
+WINDOW_SIZE = 1 << 20  # bytes per window: a pass over one stays in the CPU's cache
+
+
+def read_windows(path: str | Path, start: int = 0, end: int | None = None,
+                 size: int = WINDOW_SIZE) -> Iterator[tuple[int, bytearray, int]]:
+    """(offset, window, stop) triples covering a file's complete lines from ``start`` up
+    to ``end`` (a line boundary; default: the end of the file): ``window[1:stop]`` are
+    whole lines, the first at byte ``offset``; ``window[0]`` is a newline, so a pattern
+    can look behind for the start of the first line as of any other.
+
+    One buffer, reused: a window is valid only until the next is asked for, and the
+    bytes past ``stop`` are not lines (a partial one, or stale), so every search in it
+    must end at ``stop``.  Reading into the same cache-sized buffer is what makes a
+    scan cheaper than reading line by line (fresh large buffers cost a page fault per
+    page, and each pass over one that misses the cache costs a trip to memory).
+    A line longer than the window grows it up to MAX_LINE_BYTES; a longer one is
+    skipped whole, as read_complete_lines() does.
+    """
+    window = bytearray(size + 1)
+    window[0] = 10
+    cap = MAX_LINE_BYTES + 2  # the longest line kept, its newline, and window[0]
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        # window[i] is the file's byte offset + i - 1; window[1:have] is a partial line
+        offset, have, skipping = start, 1, False
+        while True:
+            room = len(window) - have
+            if end is not None:
+                room = min(room, end - offset - (have - 1))
+            filled = have + _read_into(f, window, have, room)
+            if filled == have:
+                return
+            if skipping:  # the rest of an overlong line, up to its newline
+                newline = window.find(b"\n", have, filled)
+                if newline < 0:
+                    offset, have = offset + filled - 1, 1
+                    continue
+                offset += newline
+                window[1:filled - newline] = window[newline + 1:filled]
+                have = filled = filled - newline
+                skipping = False
+            cut = window.rfind(b"\n", 1, filled) + 1
+            if cut:
+                yield offset, window, cut
+                offset += cut - 1
+                window[1:1 + filled - cut] = window[cut:filled]
+                have = 1 + filled - cut
+            elif filled < len(window):  # a short read: wait for the rest of the line
+                have = filled
+            elif len(window) < cap:  # a long line: a larger window
+                window.extend(bytes(min(len(window), cap - len(window))))
+                have = filled
+            else:
+                log.warning("%s: the line at byte %d is longer than %d bytes: skipped",
+                            path, offset, MAX_LINE_BYTES)
+                offset, have, skipping = offset + filled - 1, 1, True
+
+
+def _read_into(f: BinaryIO, window: bytearray, at: int, room: int) -> int:
+    """Bytes read into ``window[at:at + room]``; the views are released at once, or the
+    window could not grow."""
+    if room <= 0:
+        return 0
+    with memoryview(window) as whole, whole[at:at + room] as part:
+        return f.readinto(part) or 0
 
 
 def log_files(source: str | Path) -> list[Path]:

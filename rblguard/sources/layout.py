@@ -10,7 +10,6 @@ path is said once.  rblguard.sources.follow reads the files it names.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
@@ -91,6 +90,8 @@ def fingerprint(head: bytes) -> str:
     a later comparison digests the same number of bytes, so growth is not a mismatch.
     """
     head = head[:FINGERPRINT_BYTES]
+    import hashlib  # here: `scan` and the other commands never need it
+
     return f"{len(head)}:{hashlib.sha256(head).hexdigest()}"
 
 
