@@ -84,7 +84,6 @@ class ScanReport:
         ranked = self.ranked()
         out = {
             "lines": self.lines,
-            "connections": self.connections,
             "matches": sum(self.by_rule.values()),
             "by_rule": dict(sorted(self.by_rule.items())),
             "ignored": dict(sorted(self.ignored.items())),
@@ -161,7 +160,8 @@ def scan_paths(paths: list[str], ruleset: RuleSet) -> ScanReport:
     """Scan every file of every path; OSError naming a path that cannot be read."""
     global _worker_scanner
     report = ScanReport()
-    _worker_scanner = Scanner(ruleset)
+    # Connections are left to `simulate`: counting them would cost scan a second pass.
+    _worker_scanner = Scanner(ruleset, connections=False)
     workers = min(2, os.cpu_count() or 1)
     parts = []
     for path in paths:
@@ -241,7 +241,6 @@ def _print_text(report: ScanReport, top: int, with_list: bool) -> None:
     print(f"files:            {len(report.files)}")
     print(f"lines read:       {data['lines']}")
     print(f"time span:        {_when(report.first_time)} .. {_when(report.last_time)}{span}")
-    print(f"connections:      {data['connections']}")
     print(f"rejects (ban):    {data['matches']}")
     for rule, n in sorted(report.by_rule.items()):
         print(f"  {rule:<24} {n}")

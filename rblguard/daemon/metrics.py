@@ -79,15 +79,13 @@ REFUSAL_REASONS = ("allowlist", "storm_active", "storm_rate", "set_full", "firew
 FIREWALL_OPERATIONS = ("ban", "health", "counters")
 DNSBL_ERROR_KINDS = ("open-resolver", "volume", "typo", "other")
 # Searched in this order in a DNSBL error reply's text; the return-code URLs first, or
-# the A record itself where a line shows it (postscreen's dnsblog: "as 127.255.255.254").
+# the A record where a line shows it (postscreen's dnsblog: "as 127.255.255.254").
 _DNSBL_ERROR_PATTERNS = (
     ("open-resolver", re.compile(r"/returnc/pub\b|open resolver|public resolver|"
                                  r" as 127\.255\.255\.254$", re.IGNORECASE)),
-    ("volume", re.compile(r"/returnc/vol\b|excessive number of queries|query volume|"
-                          r"too many queries|excess(?:ive)? volume| as 127\.255\.255\.255$",
-                          re.IGNORECASE)),
-    ("typo", re.compile(r"/returnc/typo\b|\btypo\b|typing error| as 127\.255\.255\.252$",
-                        re.IGNORECASE)),
+    ("volume", re.compile(r"(?i)/returnc/vol\b|excessive number of queries|query volume|"
+                          r"too many queries|excess(?:ive)? volume| as 127\.255\.255\.255$")),
+    ("typo", re.compile(r"(?i)/returnc/typo\b|\btypo\b|typing error| as 127\.255\.255\.252$")),
 )
 WINDOW = 3600.0  # s of history behind the per-day estimates
 MIN_SPAN = 60.0  # s: right after start, a burst is not scaled up from a few seconds
@@ -236,8 +234,7 @@ class Metrics:
                                      "DNSBL error replies: the DNSBL refuses our queries",
                                      ["zone", "kind"], registry=r)
         self.connections = PCounter("rblguard_smtp_connections",
-                                    "SMTP connections seen (tcpserver's and the packs' "
-                                    "connection lines)", registry=r)
+                                    "SMTP connections seen (connection lines)", registry=r)
         self.bans = PCounter("rblguard_bans", "Bans sent to the kernel", ["rule", "family"],
                              registry=r)
         self.refusals = PCounter("rblguard_bans_refused", "Bans refused", ["reason"],
