@@ -9,7 +9,7 @@ rblguard_lines_read_total{source}                      complete log lines read
 rblguard_matches_total{rule}                           RBL rejects recognised
 rblguard_ignored_lines_total{rule,reason}              matches an ignore vetoed (never bans)
 rblguard_parse_errors_total{rule}                      reject lines whose address is bad
-rblguard_rbl_lookup_errors_total                       ``temporary RBL lookup error`` lines
+rblguard_rbl_lookup_errors_total                       DNSBL lookups that failed (lookup-error)
 rblguard_dnsbl_error_replies_total{zone,kind}          DNSBL error replies: it refuses us;
                                                        kind open-resolver, volume, typo, other
 rblguard_smtp_connections_total                        connection lines (tcpserver, packs)
@@ -228,7 +228,7 @@ class Metrics:
                                      "Reject lines whose address did not parse", ["rule"],
                                      registry=r)
         self.lookup_errors = PCounter("rblguard_rbl_lookup_errors",
-                                      "temporary RBL lookup error lines (DNS failed)",
+                                      "DNSBL lookups that failed (lookup-error lines)",
                                       registry=r)
         self.dnsbl_errors = PCounter("rblguard_dnsbl_error_replies",
                                      "DNSBL error replies: the DNSBL refuses our queries",
