@@ -15,7 +15,7 @@ rblguard_dnsbl_error_replies_total{zone,kind}          DNSBL error replies: it r
 rblguard_smtp_connections_total                        connection lines (tcpserver, packs)
 rblguard_bans_total{rule,family}                       bans (and refreshes) sent to the kernel
 rblguard_bans_refused_total{reason}                    allowlist, storm_active, storm_rate,
-                                                       set_full, firewall, invalid
+                                                       set_full, firewall, invalid, dnsbl_error
 rblguard_unbans_total{reason}                          bans lifted before their end: manual,
                                                        allowlisted, flush
 rblguard_active_bans{family}                           bans in force
@@ -75,7 +75,7 @@ from rblguard.model import ChunkResult, Connection, Event, Ignored, Match, Parse
 
 FAMILIES = {4: "ipv4", 6: "ipv6"}
 REFUSAL_REASONS = ("allowlist", "storm_active", "storm_rate", "set_full", "firewall",
-                   "invalid")
+                   "invalid", "dnsbl_error")
 FIREWALL_OPERATIONS = ("ban", "health", "counters")
 DNSBL_ERROR_KINDS = ("open-resolver", "volume", "typo", "other")
 # Searched in this order in a DNSBL error reply's text; the return-code URLs first, or
