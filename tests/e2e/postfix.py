@@ -92,29 +92,38 @@ def main_cf(base: Path, listen: str, postscreen: bool) -> str:
     if postscreen:
         lines += [f"postscreen_dnsbl_sites = {', '.join(ZONES)}",
                   "postscreen_dnsbl_threshold = 1", "postscreen_dnsbl_action = enforce",
-                  "postscreen_greet_banner =", "postscreen_greet_wait = 1s",
+                  "postscreen_greet_banner =", "postscreen_greet_wait = 3s",
                   "postscreen_access_list = permit_mynetworks"]
     else:
         lines.append(f"smtpd_client_restrictions = {rbl}")
     return "\n".join(lines) + "\n"
 
 
-def dnsbl_records(population: Population) -> list[str]:
-    """dnsmasq lines: an A record (127.0.0.2, "listed") per listed client; Postfix asks
-    it first (the TXT records for the reply text are the qmail front end's)."""
+ERROR_TEXT = "Error: open resolver; https://check.spamhaus.org/returnc/pub/198.18.0.1/"
+
+
+def dnsbl_records(population: Population, erred: list[str]) -> list[str]:
+    """dnsmasq lines: an A record (127.0.0.2, "listed") per listed client, which Postfix
+    asks first (the TXT records for the reply text are the qmail front end's); and for
+    each ``erred`` client Spamhaus' error reply, 127.255.255.254 with its text."""
     lines = []
     for address, zone in population.spam.items():
         name = ".".join(reversed(address.split("."))) + "." + ZONES[zone - 1]
         lines.append(f"host-record={name},127.0.0.2")
+    for address in erred:
+        name = ".".join(reversed(address.split("."))) + "." + ZONES[0]
+        lines += [f"host-record={name},127.255.255.254", f'txt-record={name},"{ERROR_TEXT}"']
     return lines
 
 
 class PostfixFrontend(Frontend):
     """Frontend with Postfix in place of tcpserver + rblsmtpd (``backend`` as there)."""
 
-    def __init__(self, *args, postscreen: bool = False, **kwargs) -> None:
+    def __init__(self, *args, postscreen: bool = False, erred: list[str] | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.postscreen = postscreen
+        self.erred = erred or []  # clients the DNSBL answers with an error reply
         # Postfix's unprivileged daemons reach their data directory by its full path:
         # it cannot live below pytest's root-only temporary directory.
         self.base = Path(tempfile.mkdtemp(prefix="rblguard-postfix-"))
@@ -122,9 +131,11 @@ class PostfixFrontend(Frontend):
         self.maillog = self.base / "maillog"
 
     def dns_records(self) -> list[str]:
-        return [*super().dns_records(), *dnsbl_records(self.population)]
+        return [*super().dns_records(), *dnsbl_records(self.population, self.erred)]
 
     def _start_smtp(self) -> None:
+        if self.erred:
+            self.pair.add_client_addresses(self.erred)
         conf = self.base / "conf"
         for sub in ("conf", "queue", "data"):
             (self.base / sub).mkdir()
@@ -202,15 +213,20 @@ class PostfixFrontend(Frontend):
           meets its client; a listed client's zone answers A, then TXT for the text;
         - postscreen: each client not in postscreen's cache asks every zone at once;
           a client that passed is cached (PASS OLD) and asks nothing.
+
+        An ``erred`` client is never banned: each of its connections asks again (zen's
+        A and TXT for smtpd, where its process has not asked yet; every zone for
+        postscreen).
         """
         spammers = {p.src for p in plan if p.kind == "spam"}
         legit = {p.src for p in plan if p.kind == "legit"}
+        erred = sum(p.kind == "erred" for p in plan)
         if self.postscreen:
-            return len(ZONES) * (len(legit) + len(spammers))
+            return len(ZONES) * (len(legit) + len(spammers) + erred)
         queries = sum(self.population.spam[a] + 1 for a in spammers)
-        met = {(m.group(1), m.group(2)) for m in CONNECT.finditer(text)
-               if m.group(2) in legit}
-        return queries + len(ZONES) * len(met)
+        met = {(m.group(1), m.group(2)) for m in CONNECT.finditer(text)}
+        return (queries + len(ZONES) * sum(a in legit for _, a in met)
+                + 2 * sum(a in self.erred for _, a in met))
 
     def _line_time(self, line: str) -> float:
         """Unix time of a maillog line's stamp (``Dec 07 09:26:57.123456`` or without
@@ -221,6 +237,19 @@ class PostfixFrontend(Frontend):
         frac = re.match(r"\.(\d+)", line[15:])
         return seconds + (float("0." + frac.group(1)) if frac else 0.0)
 
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of rblguard's /metrics (0 if absent), read in the server namespace."""
+        out = subprocess.run(["ip", "netns", "exec", self.pair.server, sys.executable, "-c",
+                              f"import urllib.request; print(urllib.request.urlopen("
+                              f"'http://{METRICS}/metrics').read().decode())"],
+                             capture_output=True, text=True, check=True).stdout
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in out.splitlines():
+            key, _, value = line.rpartition(" ")
+            if key == (f"{name}{{{want}}}" if labels else name):
+                return float(value)
+        return 0.0
+
     def simulate(self, ban_time: str = "1h") -> dict:
         out = subprocess.run([sys.executable, "-m", "rblguard", "simulate", "--pack",
                               "postfix", "--ban-time", ban_time, "--zones", ",".join(ZONES),
@@ -230,6 +259,8 @@ class PostfixFrontend(Frontend):
 
     def close(self) -> None:
         super().close()
+        if self.maillog.exists():  # kept with the test's other files, for a failure
+            shutil.copy(self.maillog, self.workdir / "maillog")
         shutil.rmtree(self.base, ignore_errors=True)
 
 
