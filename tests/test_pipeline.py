@@ -265,15 +265,17 @@ def test_a_reject_after_a_dnsbl_error_reply_for_its_client_never_bans(tmp_path: 
     from rblguard.matching.scanner import Scanner
     from rblguard.sources.stamps import RFC3164
 
+    stamp = time.strftime("%b %e %H:%M:%S", time.localtime())  # now: a ban of 1 h runs
+
     def reject(address: str) -> str:
-        return (f"Dec  7 09:00:02 mx postfix/postscreen[3]: NOQUEUE: reject: RCPT from "
+        return (f"{stamp} mx postfix/postscreen[3]: NOQUEUE: reject: RCPT from "
                 f"[{address}]:4000: 550 5.7.1 Service unavailable; client [{address}] blocked "
                 "using zen.spamhaus.org; from=<a@example.net>, to=<b@example.org>, "
                 "proto=ESMTP, helo=<x>\n")
 
-    log = ("Dec  7 09:00:01 mx postfix/dnsblog[4]: addr 198.18.7.1 listed by domain "
+    log = (f"{stamp} mx postfix/dnsblog[4]: addr 198.18.7.1 listed by domain "
            "zen.spamhaus.org as 127.255.255.254\n"
-           "Dec  7 09:00:01 mx postfix/dnsblog[4]: addr 198.18.7.2 listed by domain "
+           f"{stamp} mx postfix/dnsblog[4]: addr 198.18.7.2 listed by domain "
            "zen.spamhaus.org as 127.0.0.4\n" + reject("198.18.7.1") + reject("198.18.7.2"))
     result = Scanner(load_rules(packs=("postfix",))).scan(log.encode(), 0, RFC3164, time.time())
     pipe, kernel = _core(tmp_path)
