@@ -2,7 +2,7 @@
 # The whole test suite, on a fresh Debian machine, as root:  sudo ./run-tests.sh
 #
 # It installs what the tests need (Debian's nftables, ipset, iptables, ucspi-tcp,
-# daemontools, dnsmasq, promtool, systemd-analyze, the packaging tools, lintian,
+# daemontools, dnsmasq, postfix, promtool, systemd-analyze, the packaging tools, lintian,
 # piuparts; the Python packages in .venv), then runs ruff, lint-imports (the layers) and pytest.  Tests that need root, network namespaces or those tools run for
 # real; under CI=true a missing one fails the run instead of skipping.
 set -euo pipefail
@@ -14,6 +14,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 APT_PACKAGES=(nftables ipset iptables iproute2 ucspi-tcp daemontools dnsmasq-base
+              postfix  # tests/e2e/test_postfix.py: the Postfix pack on a real Postfix
               prometheus systemd python3 python3-venv python3-pip
               e2fsprogs util-linux mount  # a loop-device ext4 for the read-only state test
               # tests/test_package.py: build (debian/control's Build-Depends), check,
@@ -31,14 +32,17 @@ for pkg in "${APT_PACKAGES[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
-    # Debian's prometheus, dnsmasq and redis-server packages would start their services;
-    # the tests run their own, in namespaces.  policy-rc.d (exit 101: "not allowed")
-    # is Debian's way to keep a package from starting one; only ours is removed after.
+    # Debian's prometheus, dnsmasq, redis-server and postfix packages would start their
+    # services on install; the tests run their own, in namespaces.  policy-rc.d (exit
+    # 101: "not allowed") is Debian's way to keep a package from starting one; only ours
+    # is removed after.  Postfix gets "No configuration": the tests write their own.
+    # (Installing postfix replaces another MTA package, as on any Debian machine.)
     policy=/usr/sbin/policy-rc.d
     own_policy=0
     if [ ! -e "$policy" ]; then
         printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy" && own_policy=1
     fi
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     [ "$own_policy" = 1 ] && rm -f "$policy"

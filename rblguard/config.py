@@ -98,6 +98,7 @@ class Config:
     sources: tuple[str, ...] = ("/var/log/qmail/smtpd/current",)
     rules_dirs: tuple[str, ...] = ("/etc/rblguard/rules.d",)
     shipped_rules: bool = True
+    packs: tuple[str, ...] = ()  # rule packs to turn on: postfix, exim
     backend: FirewallOptions = _DEFAULT_FIREWALL
     ban_time: float = 3600.0
     repeat: RepeatSettings | None = _DEFAULT_REPEAT
@@ -368,6 +369,8 @@ _PARSERS: dict[str, Callable[[_Reader, Any], Any]] = {
     "rules_dirs": lambda r, v: tuple(r.path_value(f"rules_dirs[{i}]", d)
                                      for i, d in enumerate(r.listing("rules_dirs", v or []))),
     "shipped_rules": lambda r, v: r.boolean("shipped_rules", v),
+    "packs": lambda r, v: tuple(r.name(f"packs[{i}]", p, 32)
+                                for i, p in enumerate(r.listing("packs", v or []))),
     "backend": _backend,
     "ban_time": lambda r, v: r.duration("ban_time", v),
     "repeat": _repeat,
@@ -386,20 +389,6 @@ _PARSERS: dict[str, Callable[[_Reader, Any], Any]] = {
 assert set(_PARSERS) == set(KEYS)
 
 
-def _key_lines(node: yaml.Node | None, prefix: str, out: dict[str, int]) -> None:
-    """Record the 1-based line of every dotted key and list item under ``node``."""
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-            out.setdefault(key, key_node.start_mark.line + 1)
-            _key_lines(value_node, key, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            key = f"{prefix}[{i}]"
-            out.setdefault(key, item.start_mark.line + 1)
-            _key_lines(item, key, out)
-
-
 def parse_config(text: str, path: str | Path = "<config>") -> Config:
     """A Config from YAML text; ``path`` is only used in messages and for relative paths."""
     path = Path(path)
@@ -416,7 +405,7 @@ def parse_config(text: str, path: str | Path = "<config>") -> Config:
     if data is None:
         data = {}
     lines: dict[str, int] = {}
-    _key_lines(node, "", lines)
+    yamlfile.key_lines(node, "", lines)
     reader = _Reader(path, lines)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping of keys "

@@ -59,14 +59,14 @@ class ParseError:
 
 @dataclass(slots=True)
 class Connection:
-    """An SMTP connection accepted by tcpserver (``tcpserver: pid N from ADDR``).
-
-    Each one reached rblsmtpd, so each one cost at least one DNSBL query.
+    """An SMTP connection a producer accepted (``tcpserver: pid N from ADDR``,
+    Postfix's ``connect from``): each one cost at least one DNSBL query.
     """
 
     address: str
     time: float | None
     offset: int
+    via: str = "tcpserver"  # the connection line that told of it
 
 
 Event = Match | Ignored | ParseError | Connection

@@ -73,3 +73,17 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     if isinstance(node, yaml.SequenceNode):
         return list(node.value)
     return []
+
+
+def key_lines(node: yaml.Node | None, prefix: str, out: dict[str, int]) -> None:
+    """Record the 1-based line of every dotted key and list item under ``node``."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            out.setdefault(key, key_node.start_mark.line + 1)
+            key_lines(value_node, key, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            key = f"{prefix}[{i}]"
+            out.setdefault(key, item.start_mark.line + 1)
+            key_lines(item, key, out)

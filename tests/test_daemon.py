@@ -164,7 +164,8 @@ def test_bad_rule_edit_keeps_old_rules_and_good_edit_applies(harness, tmp_path: 
         (rules_d / "mine.yaml").write_text(
             "rules:\n  - name: custom554\n    match: 'rblsmtpd: <ADDR> pid \\d+: 554 '\n"
             "samples:\n  - line: 'rblsmtpd: 198.18.0.1 pid 1: 554 x'\n    ban: 198.18.0.1\n")
-        wait_for(lambda: "reloaded 2 rule(s)" in harness.log(), 10, "the good reload")
+        # the shipped rblsmtpd and qmail-smtpd rules, and this one
+        wait_for(lambda: "reloaded 3 rule(s)" in harness.log(), 10, "the good reload")
         log.write("rblsmtpd: 198.18.4.4 pid 9: 554 blocked\n")
         wait_for(lambda: "198.18.4.4" in harness.kernel_elements(), what="the new rule bans")
     finally:

@@ -133,6 +133,15 @@ def test_observe_chunk_counts_every_event_kind() -> None:
     ("rblsmtpd: 203.0.113.80 pid 7123: 451 Error: something new; https://x.example/returnc/",
      "other"),
     ("rblsmtpd: 203.0.113.81 pid 7124: 451 Error: " + "z" * 5000, "other"),
+    # postscreen's dnsblog shows the A record, and no TXT
+    ("postfix/dnsblog: addr 198.18.5.127 listed by domain zen.spamhaus.org as "
+     "127.255.255.254", "open-resolver"),
+    ("postfix/dnsblog: addr 198.18.5.127 listed by domain zen.spamhaus.org as "
+     "127.255.255.255", "volume"),
+    ("postfix/dnsblog: addr 198.18.5.127 listed by domain zen.spamhaus.org as "
+     "127.255.255.252", "typo"),
+    ("postfix/dnsblog: addr 198.18.5.127 listed by domain zen.spamhaus.org as "
+     "127.255.255.250", "other"),
 ])
 def test_dnsbl_error_kind_says_what_happened(text: str, kind: str) -> None:
     from rblguard.daemon.metrics import DNSBL_ERROR_KINDS, dnsbl_error_kind

@@ -256,3 +256,40 @@ def test_positions_alone_wait_but_never_past_a_stop(tmp_path: Path) -> None:
     pipe.read(_position(1200))
     assert [p.offset for p in pipe.commit(force=True)] == [1200]  # a stop saves it
     assert _saved(tmp_path)[1] == {"log": 1200}
+
+
+def test_a_reject_after_a_dnsbl_error_reply_for_its_client_never_bans(tmp_path: Path) -> None:
+    """postscreen rejects a client its dnsblog got 127.255.255.254 for as if it were
+    listed, and its reject line cannot tell: that client is held, a listed one banned."""
+    from rblguard.matching.rules import load_rules
+    from rblguard.matching.scanner import Scanner
+    from rblguard.sources.stamps import RFC3164
+
+    stamp = time.strftime("%b %e %H:%M:%S", time.localtime())  # now: a ban of 1 h runs
+
+    def reject(address: str) -> str:
+        return (f"{stamp} mx postfix/postscreen[3]: NOQUEUE: reject: RCPT from "
+                f"[{address}]:4000: 550 5.7.1 Service unavailable; client [{address}] blocked "
+                "using zen.spamhaus.org; from=<a@example.net>, to=<b@example.org>, "
+                "proto=ESMTP, helo=<x>\n")
+
+    log = (f"{stamp} mx postfix/dnsblog[4]: addr 198.18.7.1 listed by domain "
+           "zen.spamhaus.org as 127.255.255.254\n"
+           f"{stamp} mx postfix/dnsblog[4]: addr 198.18.7.2 listed by domain "
+           "zen.spamhaus.org as 127.0.0.4\n" + reject("198.18.7.1") + reject("198.18.7.2"))
+    result = Scanner(load_rules(packs=("postfix",))).scan(log.encode(), 0, RFC3164, time.time())
+    pipe, kernel = _core(tmp_path)
+    pipe.decide("log", result, _policy, time.time())
+    pipe.read(_position(len(log)))
+    assert pipe.flush() == {}
+    assert kernel.elements.keys() == {"198.18.7.2"}
+    assert pipe.metrics.registry.get_sample_value(
+        "rblguard_bans_refused_total", {"reason": "dnsbl_error"}) == 1
+    # the hold ends: the same client's reject 5 minutes later is a ban
+    later = ChunkResult()
+    later.events = [Match("postscreen-dnsbl", "198.18.7.1", result.events[-1].time + 301,
+                          reject("198.18.7.1"), 2000)]
+    pipe.decide("log", later, _policy, time.time())
+    pipe.read(_position(2000))
+    assert pipe.flush() == {}
+    assert kernel.elements.keys() == {"198.18.7.1", "198.18.7.2"}

@@ -16,13 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rblguard.commands.testrules import check_files, check_samples
-from rblguard.matching.rules import (
-    RuleError,
-    literal_prefix,
-    load_rules,
-    shipped_rules_dir,
-    within_line,
-)
+from rblguard.matching.prefix import literal_prefix
+from rblguard.matching.rules import RuleError, load_rules, shipped_rules_dir, within_line
 
 GOOD = """\
 description: test
@@ -59,10 +54,10 @@ def test_every_shipped_rule_file_proves_itself() -> None:
     assert problems == []
 
 
-def test_shipped_rules_load_and_only_rblsmtpd_is_enabled() -> None:
+def test_shipped_qmail_rules_are_enabled() -> None:
+    """The qmail front ends' rules need no config: their prefixes are exact."""
     ruleset = load_rules()
-    assert [r.name for r in ruleset.rules] == ["rblsmtpd"]
-    assert ruleset.disabled_files and "qmail-smtpd" in ruleset.disabled_files[0]
+    assert [r.name for r in ruleset.rules] == ["qmail-smtpd-rbl", "rblsmtpd"]
 
 
 def test_test_rules_command_exit_codes(tmp_path: Path) -> None:
@@ -94,6 +89,47 @@ def test_rule_errors_name_file_line_and_problem(tmp_path: Path, text: str, messa
     with pytest.raises(RuleError) as err:
         load_rules([write(tmp_path, text)])
     assert message in str(err.value)
+
+
+CONNECTIONS = GOOD.replace("samples:\n", """connections:
+  - name: front
+    match: 'front: CONNECT <ADDR>$'
+  - name: back
+    match: 'back: connect from <ADDR>$'
+    behind: front
+samples:
+  - line: 'front: CONNECT 198.18.0.3'
+    connection: 198.18.0.3
+""")
+
+
+@pytest.mark.parametrize("text, message", [
+    (CONNECTIONS.replace("connect from <ADDR>$", "connect from$"),
+     "r.yaml:12: connection line back: match must hold <ADDR> exactly once"),
+    (CONNECTIONS.replace("behind: front", "behind: nowhere"),
+     "r.yaml:11: connection line back: behind must name another connection line"),
+    (CONNECTIONS.replace("  - name: back\n", "  - nom: back\n"),
+     "r.yaml:11: a connection line: unknown key 'nom'"),
+    (CONNECTIONS.replace("'front: CONNECT", "'.*CONNECT"), "must start with the program's own"),
+])
+def test_connection_line_errors_name_file_line_and_problem(tmp_path: Path, text: str,
+                                                           message: str) -> None:
+    with pytest.raises(RuleError) as err:
+        load_rules([write(tmp_path, text)])
+    assert message in str(err.value)
+
+
+def test_connection_lines_are_proven_by_samples(tmp_path: Path) -> None:
+    """A connection line needs a sample, and a sample names the address it counts."""
+    ruleset = load_rules([write(tmp_path, CONNECTIONS)])
+    assert [line.name for line in ruleset.connections] == ["front", "back"]
+    _rules, problems, _errors = check_files([tmp_path])
+    assert problems == [f"{tmp_path / 'r.yaml'}: connection line back has no sample "
+                        "(connection: ADDRESS)"]
+    wrong = CONNECTIONS.replace("connection: 198.18.0.3", "connection: 198.18.0.4")
+    _rules, problems, _errors = check_files([write(tmp_path, wrong)])
+    assert any("r.yaml:15: sample expects a connection of 198.18.0.4 but the connection "
+               "line extracted 198.18.0.3" in p for p in problems)
 
 
 def test_rule_without_samples_fails(tmp_path: Path) -> None:
@@ -291,7 +327,7 @@ def test_configured_rule_directories_keep_their_documented_behaviour(tmp_path: P
     """The daemon's rules_dirs: a directory that does not exist is skipped; only when
     asked does having no enabled rule at all become an error."""
     ruleset = load_rules([shipped_rules_dir(), tmp_path / "nonexistent"])
-    assert [r.name for r in ruleset.rules] == ["rblsmtpd"]
+    assert [r.name for r in ruleset.rules] == ["qmail-smtpd-rbl", "rblsmtpd"]
     assert load_rules([tmp_path / "nonexistent"]).rules == []
     with pytest.raises(RuleError, match=r"no enabled rule in .*nonexistent: nothing would"):
         load_rules([tmp_path / "nonexistent"], require_enabled=True)

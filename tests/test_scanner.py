@@ -298,6 +298,11 @@ def _stamp(draw, fmt: str, tag: str) -> bytes:
         return f"{time.strftime('%Y-%m-%d %H:%M:%S', tm)}.{ns:09d} ".encode()
     if fmt == "none":
         return b""
+    if fmt == "exim":
+        frac = draw(st.sampled_from(["", f".{ns % 1000:03d}"]))
+        zone = draw(st.sampled_from(["", " +0100", " -0530"]))
+        pid = draw(st.sampled_from(["", f" [{ns % 65536}]"]))
+        return f"{time.strftime('%Y-%m-%d %H:%M:%S', tm)}{frac}{zone}{pid} ".encode()
     host = draw(_HOSTS)
     pid = draw(st.sampled_from(["", f"[{ns % 65536}]"]))
     pri = draw(st.sampled_from(["", "<13>"]))

@@ -36,6 +36,10 @@ def _add_rules_option(parser: argparse.ArgumentParser) -> None:
         action="append",
         help="rule directory (repeatable; default: the rules shipped with rblguard)",
     )
+    parser.add_argument(
+        "--pack", metavar="NAME", action="append", default=[], dest="packs",
+        help="turn on a rule pack, as the config's packs: (repeatable: postfix, exim)",
+    )
 
 
 def _add_client_options(parser: argparse.ArgumentParser) -> None:

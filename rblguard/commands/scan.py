@@ -265,7 +265,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"rblguard scan: {path}: no such file or directory", file=sys.stderr)
             return 2
     try:
-        ruleset = load_rules(args.rules, explicit=args.rules is not None, require_enabled=True)
+        ruleset = load_rules(args.rules, explicit=args.rules is not None, require_enabled=True,
+                             packs=args.packs)
     except RuleError as exc:
         print(f"rblguard scan: {exc}", file=sys.stderr)
         return 2

@@ -1,12 +1,13 @@
 """``rblguard simulate``: how many DNSBL queries would rblguard save on *your* log?
 
-It replays the log in time order: every ``tcpserver: pid N from ADDR`` line is a
-connection that reached rblsmtpd, and every reject a rule recognises tells which
-connections came from listed clients.  Without banning, each connection costs one DNSBL
-query per zone rblsmtpd asks until one lists the client (all zones for a client nobody
-lists).  With a policy, an ideal instant ban starts at the reject that meets the rule's
-threshold, and every connection from that address until the ban ends is dropped in the
-kernel: it costs nothing.
+It replays the log in time order: every connection line (tcpserver's ``pid N from
+ADDR``, and those of the rule packs: Postfix's ``connect from``, postscreen's ``CONNECT
+from``, Exim's ``SMTP connection from``) is a connection that reached the DNSBL check,
+and every reject a rule recognises tells which connections came from listed clients.
+Without banning, each connection costs one DNSBL query per zone asked until one lists
+the client (all zones for a client nobody lists).  With a policy, an ideal instant ban
+starts at the reject that meets the rule's threshold, and every connection from that
+address until the ban ends is dropped in the kernel: it costs nothing.
 
 On a log recorded while rblguard was already banning, the dropped retries never reached
 the log: the "no banning" figure is then what the DNSBLs were really asked, and each
@@ -134,8 +135,10 @@ def _events(paths: list[str], ruleset: RuleSet) -> Iterator[Event]:
 
 
 def simulate(paths: list[str], ban_times: list[float], threshold: tuple[int, float],
-             zones: int, names: list[str], rules_dirs: list[str] | None = None) -> dict:
-    ruleset = load_rules(rules_dirs, explicit=rules_dirs is not None, require_enabled=True)
+             zones: int, names: list[str], rules_dirs: list[str] | None = None,
+             packs: tuple[str, ...] = ()) -> dict:
+    ruleset = load_rules(rules_dirs, explicit=rules_dirs is not None, require_enabled=True,
+                         packs=packs)
     count, window = threshold
     policies = [Policy(b) for b in ban_times]  # each replays the same events
     baseline = connections = rejects = 0
@@ -221,7 +224,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"rblguard simulate: {path}: no such file or directory", file=sys.stderr)
             return 2
     try:
-        result = simulate(args.paths, ban_times, threshold, zones, names, args.rules)
+        result = simulate(args.paths, ban_times, threshold, zones, names, args.rules,
+                          tuple(args.packs))
     except RuleError as exc:
         print(f"rblguard simulate: {exc}", file=sys.stderr)
         return 2

@@ -15,15 +15,24 @@ Exit status: 0 all good, 1 a sample or check failed, 2 a file could not be read 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from rblguard.matching.rules import Rule, RuleError, RuleSet, Sample, load_rule_file, rule_files
+from rblguard.matching.rules import (
+    ConnectionLine,
+    Rule,
+    RuleError,
+    RuleSet,
+    Sample,
+    read_rule_file,
+    rule_files,
+)
 from rblguard.matching.scanner import Scanner
-from rblguard.model import Ignored, Match, ParseError
+from rblguard.model import Connection, Ignored, Match, ParseError
 from rblguard.sources.files import log_files, read_complete_lines
 from rblguard.sources.stamps import NONE, TAI64N, StampFormat, detect_format, split_line
 
@@ -46,7 +55,14 @@ def _event_outcome(event: object) -> Outcome:
         return "ignored", event.reason, event.rule
     if isinstance(event, ParseError):
         return "parse-error", "", event.rule
+    if isinstance(event, Connection):
+        return "connection", event.address, event.via
     return NO_EVENT
+
+
+def _counted(outcome: Outcome) -> Outcome:
+    """What `rblguard scan` can tell of an outcome: connections only as a count."""
+    return ("connection", "", None) if outcome[0] == "connection" else outcome
 
 
 def _log(lines: list[bytes], stamp: bytes) -> tuple[bytes, StampFormat]:
@@ -74,6 +90,8 @@ def _tallied(scanner: Scanner, lines: list[bytes], stamp: bytes = b"") -> Counte
         counted["ban", address, rule] += n
     for event in result.events:
         counted[_event_outcome(event)] += 1
+    if result.connection_count:
+        counted["connection", "", None] += result.connection_count
     return counted
 
 
@@ -96,7 +114,7 @@ def _check_paths(scanner: Scanner, samples: list[Sample]) -> tuple[list[Outcome]
                 problems.append(f"{where}: sample gives {_show(got)} but {_show(other)} "
                                 f"{how}: the rule means different things to the scanner")
         counted = _tallied(scanner, [line])
-        if counted != Counter([got] if got != NO_EVENT else []):
+        if counted != Counter([_counted(got)] if got != NO_EVENT else []):
             problems.append(f"{where}: sample gives {_show(got)} but `rblguard scan` counts "
                             f"{_show_counts(counted)}")
     for stamp in (b"", SAMPLE_STAMP):
@@ -106,7 +124,7 @@ def _check_paths(scanner: Scanner, samples: list[Sample]) -> tuple[list[Outcome]
                 problems.append(f"{sample.file}:{sample.lineno}: sample gives {_show(alone_got)} "
                                 f"alone but {_show(got)} scanned with the other samples: a "
                                 "pattern must never reach into another line")
-        expected = Counter(o for o in together if o != NO_EVENT)
+        expected = Counter(_counted(o) for o in together if o != NO_EVENT)
         counted = _tallied(scanner, lines, stamp)
         if counted != expected and samples:
             problems.append(f"{samples[0].file}: the samples scanned as one log give "
@@ -124,10 +142,13 @@ def _show_counts(counted: Counter[Outcome]) -> str:
     return ", ".join(f"{n} x {_show(o)}" for o, n in sorted(counted.items(), key=str)) or "nothing"
 
 
-def check_samples(rules: list[Rule], samples: list[Sample]) -> list[str]:
+def check_samples(rules: list[Rule], samples: list[Sample],
+                  connections: list[ConnectionLine] | None = None) -> list[str]:
     """Problems with one file's samples: wrong outcomes, paths of the scanner that
-    disagree, and unexercised rules/ignores."""
-    scanner = Scanner(RuleSet(rules=rules), connections=False)
+    disagree, and unexercised rules/ignores/connection lines.  Each connection line is
+    tried on its own (``behind`` dropped): a hand-off depends on the lines before it."""
+    lines = [dataclasses.replace(line, behind=None) for line in connections or []]
+    scanner = Scanner(RuleSet(rules=rules, connections=lines), tcpserver=False)
     outcomes, problems = _check_paths(scanner, samples)
     exercised: set[str] = set()
     for sample, (got, detail, rule) in zip(samples, outcomes, strict=True):
@@ -136,9 +157,10 @@ def check_samples(rules: list[Rule], samples: list[Sample]) -> list[str]:
             problems.append(f"{where}: sample expects {sample.outcome} "
                             f"{sample.expect!r} but got {got} {detail}".rstrip())
             continue
-        if got == "ban" and detail != sample.expect:
-            problems.append(f"{where}: sample expects a ban of {sample.expect} "
-                            f"but the rule extracted {detail}")
+        if got in ("ban", "connection") and detail != sample.expect:
+            what = "the rule" if got == "ban" else "the connection line"
+            problems.append(f"{where}: sample expects a {got} of {sample.expect} "
+                            f"but {what} extracted {detail}")
             continue
         if got == "ignored" and detail != sample.expect:
             problems.append(f"{where}: sample expects ignore {sample.expect!r} "
@@ -147,18 +169,22 @@ def check_samples(rules: list[Rule], samples: list[Sample]) -> list[str]:
         if sample.rule is not None and rule != sample.rule:
             problems.append(f"{where}: sample expects rule {sample.rule} but {rule} matched")
             continue
-        if got == "ban" and rule:
+        if got in ("ban", "connection") and rule:
             exercised.add(rule)
         elif got == "ignored" and rule:
             exercised.add(f"{rule}/{detail}")
     for rule in rules:
-        if rule.name not in exercised:
+        if rule.error is None and rule.name not in exercised:
             problems.append(f"{rule.file}:{rule.lineno}: rule {rule.name} has no sample line "
                             "that it bans: add one (samples: - line: ... ban: ADDRESS)")
         for ig in rule.ignores:
             if f"{rule.name}/{ig.name}" not in exercised:
                 problems.append(f"{rule.file}:{rule.lineno}: ignore {ig.name} of rule "
                                 f"{rule.name} has no sample line (ignored: {ig.name})")
+    for line in lines:
+        if line.name not in exercised:
+            problems.append(f"{rules[0].file if rules else ''}: connection line "
+                            f"{line.name} has no sample (connection: ADDRESS)")
     if rules and not any(s.outcome == "none" for s in samples):
         problems.append(f"{rules[0].file}: no must-not-match sample (none: WHY): add lines "
                         "that look close to a reject but must never ban")
@@ -183,11 +209,12 @@ def check_files(dirs: list[str | Path] | None) -> tuple[list[Rule], list[str], l
             errors.append(str(exc))
     for path in paths:
         try:
-            enabled, rules, samples = load_rule_file(path)
+            rule_file = read_rule_file(path)
         except RuleError as exc:
             errors.append(str(exc))
             continue
-        problems.extend(check_samples(rules, samples))
+        enabled, rules, samples = rule_file.enabled, rule_file.rules, rule_file.samples
+        problems.extend(check_samples(rules, samples, rule_file.connections))
         state = "enabled" if enabled else "disabled"
         print(f"{path}: {len(rules)} rule(s), {len(samples)} sample(s), {state}")
         if enabled:

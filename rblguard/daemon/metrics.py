@@ -9,13 +9,13 @@ rblguard_lines_read_total{source}                      complete log lines read
 rblguard_matches_total{rule}                           RBL rejects recognised
 rblguard_ignored_lines_total{rule,reason}              matches an ignore vetoed (never bans)
 rblguard_parse_errors_total{rule}                      reject lines whose address is bad
-rblguard_rbl_lookup_errors_total                       ``temporary RBL lookup error`` lines
+rblguard_rbl_lookup_errors_total                       DNSBL lookups that failed (lookup-error)
 rblguard_dnsbl_error_replies_total{zone,kind}          DNSBL error replies: it refuses us;
                                                        kind open-resolver, volume, typo, other
-rblguard_smtp_connections_total                        tcpserver ``pid N from`` lines
+rblguard_smtp_connections_total                        connection lines (tcpserver, packs)
 rblguard_bans_total{rule,family}                       bans (and refreshes) sent to the kernel
 rblguard_bans_refused_total{reason}                    allowlist, storm_active, storm_rate,
-                                                       set_full, firewall, invalid
+                                                       set_full, firewall, invalid, dnsbl_error
 rblguard_unbans_total{reason}                          bans lifted before their end: manual,
                                                        allowlisted, flush
 rblguard_active_bans{family}                           bans in force
@@ -75,16 +75,17 @@ from rblguard.model import ChunkResult, Connection, Event, Ignored, Match, Parse
 
 FAMILIES = {4: "ipv4", 6: "ipv6"}
 REFUSAL_REASONS = ("allowlist", "storm_active", "storm_rate", "set_full", "firewall",
-                   "invalid")
+                   "invalid", "dnsbl_error")
 FIREWALL_OPERATIONS = ("ban", "health", "counters")
 DNSBL_ERROR_KINDS = ("open-resolver", "volume", "typo", "other")
-# Searched in this order in a DNSBL error reply's text; the return-code URLs first.
+# Searched in this order in a DNSBL error reply's text; the return-code URLs first, or
+# the A record where a line shows it (postscreen's dnsblog: "as 127.255.255.254").
 _DNSBL_ERROR_PATTERNS = (
-    ("open-resolver", re.compile(r"/returnc/pub\b|open resolver|public resolver",
-                                 re.IGNORECASE)),
-    ("volume", re.compile(r"/returnc/vol\b|excessive number of queries|query volume|"
-                          r"too many queries|excess(?:ive)? volume", re.IGNORECASE)),
-    ("typo", re.compile(r"/returnc/typo\b|\btypo\b|typing error", re.IGNORECASE)),
+    ("open-resolver", re.compile(r"/returnc/pub\b|open resolver|public resolver|"
+                                 r" as 127\.255\.255\.254$", re.IGNORECASE)),
+    ("volume", re.compile(r"(?i)/returnc/vol\b|excessive number of queries|query volume|"
+                          r"too many queries|excess(?:ive)? volume| as 127\.255\.255\.255$")),
+    ("typo", re.compile(r"(?i)/returnc/typo\b|\btypo\b|typing error| as 127\.255\.255\.252$")),
 )
 WINDOW = 3600.0  # s of history behind the per-day estimates
 MIN_SPAN = 60.0  # s: right after start, a burst is not scaled up from a few seconds
@@ -227,14 +228,13 @@ class Metrics:
                                      "Reject lines whose address did not parse", ["rule"],
                                      registry=r)
         self.lookup_errors = PCounter("rblguard_rbl_lookup_errors",
-                                      "temporary RBL lookup error lines (DNS failed)",
+                                      "DNSBL lookups that failed (lookup-error lines)",
                                       registry=r)
         self.dnsbl_errors = PCounter("rblguard_dnsbl_error_replies",
                                      "DNSBL error replies: the DNSBL refuses our queries",
                                      ["zone", "kind"], registry=r)
         self.connections = PCounter("rblguard_smtp_connections",
-                                    "SMTP connections seen (tcpserver pid N from lines)",
-                                    registry=r)
+                                    "SMTP connections seen (connection lines)", registry=r)
         self.bans = PCounter("rblguard_bans", "Bans sent to the kernel", ["rule", "family"],
                              registry=r)
         self.refusals = PCounter("rblguard_bans_refused", "Bans refused", ["reason"],

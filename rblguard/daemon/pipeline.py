@@ -23,7 +23,7 @@ from rblguard.addresses import family
 from rblguard.firewall.base import Backend, FirewallError
 from rblguard.firewall.sync import kernel_entry, lift, restore_batches, send
 from rblguard.logs import warn_limited
-from rblguard.model import Ban, ChunkResult, Match, SourcePosition
+from rblguard.model import Ban, ChunkResult, Ignored, Match, SourcePosition
 from rblguard.store.journal import Journal
 from rblguard.store.state import StateError
 
@@ -32,6 +32,11 @@ log = logging.getLogger("rblguard")
 # A ban decided while a large read (a burst, a backlog) is still being scanned goes to the
 # kernel once the oldest such ban has waited this long, not after the read's last line.
 PUSH_AFTER = 0.005
+# A reject of a client within this many seconds (log time) after a DNSBL error reply for
+# it is not banned: postscreen's reject line cannot show that the error reply (dnsblog's
+# "as 127.255.255.254"), not a listing, made it.  At most MAX_HELD clients are held.
+ERROR_HOLD = 300.0
+MAX_HELD = 100_000
 
 
 def log_ban(ban: Ban, refreshed: bool) -> None:
@@ -45,6 +50,25 @@ def log_ban(ban: Ban, refreshed: bool) -> None:
 
 def log_unban(target: str, reason: str) -> None:
     log.info("unban %s reason=%s", target, reason)
+
+
+class ErrorHold:
+    """The clients a DNSBL error reply came for, with its log time (see ERROR_HOLD)."""
+
+    def __init__(self) -> None:
+        self.since: dict[str, float] = {}
+
+    def note(self, address: str, when: float) -> None:
+        if len(self.since) >= MAX_HELD:  # a cut-off: every client gets error replies
+            self.since = {a: t for a, t in self.since.items() if t > when - ERROR_HOLD}
+            if len(self.since) >= MAX_HELD:
+                self.since.clear()
+        self.since[address] = when
+
+    def holds(self, address: str, when: float) -> bool:
+        """Whether a reject of ``address`` at ``when`` follows an error reply for it."""
+        since = self.since.get(address)
+        return since is not None and since <= when <= since + ERROR_HOLD
 
 
 class Pipeline:
@@ -75,6 +99,7 @@ class Pipeline:
         # log go out once the kernel took them; ``local`` holds them until then.
         self.publish: Callable[[list[Ban]], None] | None = None
         self.local: list[Ban] = []
+        self.erred = ErrorHold()
 
     # -- from the log ------------------------------------------------------------------
 
@@ -84,7 +109,16 @@ class Pipeline:
         ``policy(rule)`` is that rule's ban policy.  Sends early within a long read
         (PUSH_AFTER), so the first bans of a burst never wait for its last line."""
         for event in result.events:
+            when = now if event.time is None else event.time
             if type(event) is not Match:
+                if type(event) is Ignored and event.kind == "dnsbl-error" and event.address:
+                    self.erred.note(event.address, when)
+                continue
+            if self.erred.since and self.erred.holds(event.address, when):
+                self.metrics.refused("dnsbl_error")
+                warn_limited(log, "refused dnsbl_error", "not banning %s: a DNSBL error "
+                             "reply for it came first, and may have made this reject: %s",
+                             event.address, event.line)
                 continue
             verdict = self.decider.on_match(event, policy(event.rule), now, source)
             if verdict.refused:

@@ -25,14 +25,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rblguard")
 
-RELOADED_KEYS = ("allowlist", "tcprules", "rules_dirs", "shipped_rules")
+RELOADED_KEYS = ("allowlist", "tcprules", "rules_dirs", "shipped_rules", "packs")
 
 
 def ruleset_of(config: Config) -> RuleSet:
     """The rules ``config`` names (RuleError if a file is bad or none is enabled)."""
     dirs = ([shipped_rules_dir()] if config.shipped_rules else []) + [
         d for d in config.rules_dirs if os.path.isdir(d)]
-    return load_rules(dirs, require_enabled=True)
+    return load_rules(dirs, require_enabled=True, packs=config.packs)
 
 
 def reread_config(running: Config, path: str | None) -> Config:

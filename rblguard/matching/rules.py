@@ -13,6 +13,7 @@ Loading checks everything once and reports the file, the line and the problem.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,18 +24,11 @@ import yaml
 from rblguard import yamlfile
 from rblguard.durations import parse_duration
 from rblguard.matching import confine
+from rblguard.matching.prefix import ADDR, ADDR_CAPTURE, split_literal
 from rblguard.model import BanPolicy
 
-ADDR = "<ADDR>"
-# What the placeholder captures: anything address-like up to a separator.  Whether it
-# really is an address is decided by rblguard.addresses (a failure is a parse error, and
-# never a ban), so a malformed address is counted instead of silently skipped.
-ADDR_CAPTURE = r"(?P<addr>[^\s,;]+)"
 IGNORE_KINDS = ("lookup-error", "dnsbl-error", "other")
-OUTCOMES = ("ban", "ignored", "none", "parse-error")
-# The characters a literal prefix may hold: a program's name and its separator.
-_LITERAL_CHARS = re.compile(r"[A-Za-z0-9 _:@=/,'\"<>!%&#~-]")
-_QUANTIFIERS = "*+?{"
+OUTCOMES = ("ban", "ignored", "none", "parse-error", "connection")
 
 
 class RuleError(Exception):
@@ -70,6 +64,36 @@ class Rule:
     ignores: tuple[IgnorePattern, ...]
     policy: BanPolicy
     veto: regex.Pattern | None = None  # all ignores in one pattern: one search a match
+    error: str | None = None  # every match is an error of this kind, never a ban
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLine:
+    """A producer's line for one accepted SMTP connection (tcpserver's ``pid N from
+    ADDR``, Postfix's ``connect from``): each cost DNSBL queries, so ``simulate`` and
+    the DNSBL budget count them.  ``behind``: the front end (postscreen) that passes
+    these connections on; once its own lines are seen, these are not counted again."""
+
+    name: str
+    literal: bytes
+    rest: bytes
+    regex: regex.Pattern
+    behind: str | None = None
+
+
+def connection_line(name: str, pattern: str, where: str,
+                    behind: str | None = None) -> ConnectionLine:
+    """A ConnectionLine from a pattern written as a rule's match is (``<ADDR>`` once)."""
+    if pattern.count(ADDR) != 1:
+        raise RuleError(f"{where}: connection line {name}: match must hold {ADDR} exactly "
+                        "once, where the client's address stands")
+    literal, rest = split_literal(within_line(pattern, f"{where}: connection line {name}"))
+    if len(literal) < 2:
+        raise RuleError(f"{where}: connection line {name}: match must start with the "
+                        f"program's own fixed prefix, got {pattern!r}")
+    rest = rest.replace(ADDR, ADDR_CAPTURE)
+    compiled = _compile(re.escape(literal) + rest, where, f"connection line {name}")
+    return ConnectionLine(name, literal.encode(), rest.encode(), compiled, behind)
 
 
 @dataclass
@@ -78,6 +102,7 @@ class RuleSet:
 
     rules: list[Rule] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
+    connections: list[ConnectionLine] = field(default_factory=list)  # the files' own
     files: list[str] = field(default_factory=list)
     disabled_files: list[str] = field(default_factory=list)
 
@@ -95,35 +120,6 @@ def shipped_rules_dir() -> Path:
         if any(candidate.glob("*.yaml")):
             return candidate
     return package.parent / "rules"
-
-
-def literal_prefix(pattern: str) -> str:
-    """The fixed text a pattern starts with (``rblsmtpd: `` for ``rblsmtpd: <ADDR> ...``).
-
-    The scanner searches a whole buffer for it, which is what makes scanning fast.
-    """
-    return split_literal(pattern)[0]
-
-
-def split_literal(pattern: str) -> tuple[str, str]:
-    """(fixed text the pattern starts with, the rest of the pattern after it)."""
-    out: list[str] = []
-    i = 0
-    while i < len(pattern):
-        ch = pattern[i]
-        if pattern.startswith(ADDR, i):
-            break
-        if ch == "\\" and i + 1 < len(pattern) and not pattern[i + 1].isalnum():
-            step, text = 2, pattern[i + 1]
-        elif _LITERAL_CHARS.fullmatch(ch) and not (ch in "<" and pattern.startswith(ADDR, i)):
-            step, text = 1, ch
-        else:
-            break
-        if i + step < len(pattern) and pattern[i + step] in _QUANTIFIERS:
-            break  # "ab*": the b is optional, so only "a" is fixed
-        out.append(text)
-        i += step
-    return "".join(out), pattern[i:]
 
 
 def _where(node: Any, file: str) -> str:
@@ -208,7 +204,7 @@ def _load_policy(ld: _Loader, node: Any, rule_name: str) -> BanPolicy:
 
 
 def _load_rule(ld: _Loader, node: Any) -> Rule:
-    fields = ld.mapping(node, "a rule", {"name", "match", "ignore", "ban"})
+    fields = ld.mapping(node, "a rule", {"name", "match", "ignore", "ban", "error"})
     for required in ("name", "match"):
         if required not in fields:
             raise ld.err(node, f"a rule needs {required!r}")
@@ -221,12 +217,22 @@ def _load_rule(ld: _Loader, node: Any) -> Rule:
     if pattern.startswith("^"):
         pattern = pattern[1:]  # every match is anchored at the message start anyway
     literal, rest = split_literal(within_line(pattern, f"{where}: rule {name}: match"))
-    if len(literal) < 4:
+    # Two characters at least: Exim's lines start with just "H=" after the stamp.
+    if len(literal) < 2:
         raise RuleError(f"{where}: rule {name}: match must start with the program's own "
                         f"fixed prefix (like 'rblsmtpd: '), got {pattern!r}")
     rest = rest.replace(ADDR, ADDR_CAPTURE)
     regex = _compile(re.escape(literal) + rest, where, f"rule {name}")
     ignores = []
+    error = None
+    if "error" in fields:
+        # A line that only ever tells of a failure (Postfix's "RBL lookup error", a
+        # dnsblog answer in 127.255.255.0/24): every match is counted as that error.
+        error = ld.scalar(fields["error"], f"rule {name}: error")
+        if error not in IGNORE_KINDS[:2] or "ignore" in fields or "ban" in fields:
+            raise ld.err(fields["error"], f"rule {name}: error must be lookup-error or "
+                         "dnsbl-error, without ignore or ban: every match is that error")
+        ignores.append(IgnorePattern(error, error, _compile("", where, f"rule {name}")))
     for item in ld.sequence(fields["ignore"], f"rule {name}: ignore") if "ignore" in fields else []:
         ig = ld.mapping(item, f"rule {name}: ignore", {"name", "match", "kind"})
         if "name" not in ig or "match" not in ig:
@@ -256,7 +262,7 @@ def _load_rule(ld: _Loader, node: Any) -> Rule:
             raise RuleError(f"{where}: rule {name}: match and ignores together: bad "
                             f"regular expression {together!r}: {exc}") from exc
     return Rule(name, ld.file, node.start_mark.line + 1, pattern, literal.encode(),
-                rest.encode(), regex, tuple(ignores), policy, veto)
+                rest.encode(), regex, tuple(ignores), policy, veto, error)
 
 
 
@@ -267,7 +273,8 @@ def _load_sample(ld: _Loader, node: Any) -> Sample:
     outcomes = [key for key in OUTCOMES if key in fields]
     if len(outcomes) != 1:
         raise ld.err(node, "a sample states exactly one outcome: "
-                     "ban: ADDRESS, ignored: REASON, none: WHY or parse-error: WHY")
+                     "ban: ADDRESS, ignored: REASON, none: WHY, parse-error: WHY or "
+                     "connection: ADDRESS")
     outcome = outcomes[0]
     line = ld.scalar(fields["line"], "sample line")
     if "\n" in line:
@@ -282,18 +289,62 @@ def _load_sample(ld: _Loader, node: Any) -> Sample:
     )
 
 
-def load_rule_file(path: Path) -> tuple[bool, list[Rule], list[Sample]]:
-    """(enabled, rules, samples) of one file; raises RuleError naming file and line."""
+def _load_connections(ld: _Loader, node: Any) -> list[ConnectionLine]:
+    lines = []
+    for item in ld.sequence(node, "connections"):
+        fields = ld.mapping(item, "a connection line", {"name", "match", "behind"})
+        if "name" not in fields or "match" not in fields:
+            raise ld.err(item, "a connection line needs 'name' and 'match'")
+        name = ld.scalar(fields["name"], "connection line name")
+        behind = ld.scalar(fields["behind"], "behind") if "behind" in fields else None
+        lines.append(connection_line(name, ld.scalar(fields["match"], "match"),
+                                     _where(fields["match"], ld.file), behind))
+    names = {line.name for line in lines}
+    for line, item in zip(lines, node.value, strict=True):
+        if line.behind is not None and line.behind not in names - {line.name}:
+            raise ld.err(item, f"connection line {line.name}: behind must name another "
+                         f"connection line of this file ({', '.join(sorted(names))})")
+    return lines
+
+
+def load_rule_file(path: Path, packs: Collection[str] = ()) -> tuple[bool, list[Rule],
+                                                                     list[Sample]]:
+    """(enabled, rules, samples) of one file; raises RuleError naming file and line.
+
+    A file saying ``pack: NAME`` (the Postfix and Exim rules) is enabled only when NAME
+    is in ``packs`` (the config's ``packs``): those rules must not watch a qmail log.
+    """
+    f = read_rule_file(path, packs)
+    return f.enabled, f.rules, f.samples
+
+
+@dataclass(frozen=True, slots=True)
+class RuleFile:
+    """One rule file as read: whether it is on, its rules, samples and connection lines."""
+
+    enabled: bool
+    rules: list[Rule]
+    samples: list[Sample]
+    pack: str | None
+    connections: list[ConnectionLine]
+
+
+def read_rule_file(path: Path, packs: Collection[str] = ()) -> RuleFile:
+    """The whole of one rule file (see load_rule_file); RuleError naming file and line."""
     ld = _Loader(path)
     if ld.root is None:
         raise RuleError(f"{ld.file}: the file is empty")
-    top = ld.mapping(ld.root, "a rule file", {"description", "enabled", "rules", "samples"})
+    top = ld.mapping(ld.root, "a rule file",
+                     {"description", "enabled", "pack", "rules", "connections", "samples"})
     enabled = True
     if "enabled" in top:
         value = ld.scalar(top["enabled"], "enabled").lower()
         if value not in ("true", "false", "yes", "no", "on", "off"):
             raise ld.err(top["enabled"], "enabled must be true or false")
         enabled = value in ("true", "yes", "on")
+    pack = ld.scalar(top["pack"], "pack") if "pack" in top else None
+    if pack is not None and pack not in packs:
+        enabled = False
     if "rules" not in top:
         raise ld.err(ld.root, "a rule file needs 'rules'")
     rules = [_load_rule(ld, item) for item in ld.sequence(top["rules"], "rules")]
@@ -301,7 +352,8 @@ def load_rule_file(path: Path) -> tuple[bool, list[Rule], list[Sample]]:
         raise ld.err(top["rules"], "'rules' is empty")
     samples = [_load_sample(ld, item)
                for item in (ld.sequence(top["samples"], "samples") if "samples" in top else [])]
-    return enabled, rules, samples
+    connections = _load_connections(ld, top["connections"]) if "connections" in top else []
+    return RuleFile(enabled, rules, samples, pack, connections)
 
 
 def rule_files(dirs: list[str | Path] | None = None, *, explicit: bool = False) -> list[Path]:
@@ -328,7 +380,7 @@ def rule_files(dirs: list[str | Path] | None = None, *, explicit: bool = False) 
 
 
 def load_rules(dirs: list[str | Path] | None = None, *, explicit: bool = False,
-               require_enabled: bool = False) -> RuleSet:
+               require_enabled: bool = False, packs: Collection[str] = ()) -> RuleSet:
     """Every enabled rule of every file in ``dirs`` (None: the shipped rules).
 
     Rule names must be unique across files: metrics, state and bans are keyed by them.
@@ -338,20 +390,28 @@ def load_rules(dirs: list[str | Path] | None = None, *, explicit: bool = False,
     """
     ruleset = RuleSet()
     seen: dict[str, Rule] = {}
+    known_packs: set[str] = set()
     for path in rule_files(dirs, explicit=explicit):
-        enabled, rules, samples = load_rule_file(path)
-        if not enabled:
+        f = read_rule_file(path, packs)
+        if f.pack is not None:
+            known_packs.add(f.pack)
+        if not f.enabled:
             ruleset.disabled_files.append(str(path))
             continue
-        for rule in rules:
+        for rule in f.rules:
             if rule.name in seen:
                 other = seen[rule.name]
                 raise RuleError(f"{rule.file}:{rule.lineno}: rule name {rule.name!r} is "
                                 f"already used at {other.file}:{other.lineno}")
             seen[rule.name] = rule
-        ruleset.rules.extend(rules)
-        ruleset.samples.extend(samples)
+        ruleset.rules.extend(f.rules)
+        ruleset.samples.extend(f.samples)
+        ruleset.connections.extend(f.connections)
         ruleset.files.append(str(path))
+    unknown = sorted(set(packs) - known_packs)
+    if unknown:
+        raise RuleError(f"pack {unknown[0]!r} is in no rule file (known: "
+                        f"{', '.join(sorted(known_packs)) or 'none'})")
     if require_enabled and not ruleset.rules:
         searched = [str(d) for d in (dirs if dirs is not None else [shipped_rules_dir()])]
         where = f"in {', '.join(searched)}" if searched else "(no rules directory to read)"
@@ -359,3 +419,8 @@ def load_rules(dirs: list[str | Path] | None = None, *, explicit: bool = False,
                     if ruleset.disabled_files else "")
         raise RuleError(f"no enabled rule {where}{disabled}: nothing would ever be banned")
     return ruleset
+
+
+# tcpserver -v writes one of these per accepted connection; each one reached rblsmtpd
+# or qmail-smtpd's own check.  Other producers' connection lines come with their rules.
+TCPSERVER = connection_line("tcpserver", r"tcpserver: pid \d+ from <ADDR>$", "built-in")

@@ -31,10 +31,11 @@ from rblguard.addresses import (
 )
 from rblguard.matching import deadline
 from rblguard.matching.confine import RESERVED_GROUP_PREFIX
-from rblguard.matching.rules import Rule, RuleSet
+from rblguard.matching.rules import TCPSERVER, ConnectionLine, Rule, RuleSet
 from rblguard.matching.vetoes import (
     BUFFER_TIMEOUT,
     LINE_TIMEOUT,
+    dnsbl_zone,
     literal_alternatives,
     vetoed_hits,
     vetoed_tails,
@@ -60,31 +61,23 @@ from rblguard.sources.stamps import (
 
 log = logging.getLogger("rblguard.matching.scanner")
 
-# tcpserver -v writes one of these per accepted connection; each one reached rblsmtpd.
-CONNECTION_LITERAL = b"tcpserver: pid "
-CONNECTION_REST = rb"\d+ from (?P<addr>[^\s,;]+)$"
-CONNECTION = regex.compile(re.escape(CONNECTION_LITERAL) + CONNECTION_REST, regex.MULTILINE)
 _FLAGS = regex.MULTILINE | regex.VERSION0
 _STAMP_GROUP = re.compile(rb"(?<!\\)\((?!\?)")  # a capturing "(" in a stamp's pattern
-_URL_HOST = re.compile(rb"https?://([A-Za-z0-9.-]+)")
 _TAIL = RESERVED_GROUP_PREFIX + "tail"  # tally()'s group: the rest of a hit's line
-
-
-def _dnsbl_zone(text: bytes) -> str | None:
-    """The DNSBL operator named by an error reply's URL (``spamhaus.org``), if any."""
-    m = _URL_HOST.search(text)
-    if m is None:
-        return None
-    return ".".join(m.group(1).decode("ascii", "replace").lower().split(".")[-2:])
+Source = Rule | ConnectionLine  # what a pattern of the scanner finds
 
 
 class Scanner:
     """Finds the events of one rule set in buffers of complete lines."""
 
-    def __init__(self, ruleset: RuleSet, *, connections: bool = True) -> None:
+    def __init__(self, ruleset: RuleSet, *, connections: bool = True,
+                 tcpserver: bool = True) -> None:
         self.rules = ruleset.rules
-        self.connections = connections
-        self._compiled: dict[str, list[tuple[Rule | None, regex.Pattern]]] = {}
+        # Front ends first, so that their lines are seen before those they pass on.
+        lines = (([TCPSERVER] if tcpserver else []) + ruleset.connections) if connections else []
+        self.connection_lines = sorted(lines, key=lambda line: line.behind is not None)
+        self.fronts_seen: set[str] = set()  # connection lines met so far (see behind)
+        self._compiled: dict[str, list[tuple[Source, regex.Pattern]]] = {}
         self._timed_out: set[str] = set()  # rules already reported as too slow
 
     def scan(self, buf: bytes, base: int, fmt: StampFormat, ref_time: float) -> ChunkResult:
@@ -114,14 +107,14 @@ class Scanner:
 
     # -- the fast path: one search per rule over the whole buffer ---------------------
 
-    def _patterns(self, fmt: StampFormat) -> list[tuple[Rule | None, regex.Pattern]] | None:
-        """Each rule's pattern, anchored by a look-behind at newline + stamp (None:
-        connections); None if this format's stamp is not of fixed width.
+    def _patterns(self, fmt: StampFormat) -> list[tuple[Source, regex.Pattern]] | None:
+        """Each rule's and connection line's pattern, anchored by a look-behind at
+        newline + stamp; None if this format's stamp is not of fixed width.
 
         The pattern starts with the rule's fixed text, which the regex engine finds fast,
         and the look-behind then proves the hit stands right after its line's stamp:
         the anchor is checked inside the engine, and the stamp's groups give the time.
-        The rest of a rule's pattern cannot match a newline (rblguard.rules.within_line),
+        The rest of a rule's pattern cannot match a newline (patterns.within_line),
         and the hit is checked to end within its line all the same.
         """
         if fmt.name in self._compiled:
@@ -135,13 +128,20 @@ class Scanner:
         self._compiled[fmt.name] = patterns
         return patterns
 
-    def _sources(self) -> list[tuple[Rule | None, bytes, bytes]]:
+    def _sources(self) -> list[tuple[Source, bytes, bytes]]:
         """(rule, fixed text, rest of the pattern) of each rule, and of connections."""
-        sources: list[tuple[Rule | None, bytes, bytes]] = [
+        sources: list[tuple[Source, bytes, bytes]] = [
             (r, r.literal, r.rest) for r in self.rules]
-        if self.connections:
-            sources.append((None, CONNECTION_LITERAL, CONNECTION_REST))
+        sources.extend((line, line.literal, line.rest) for line in self.connection_lines)
         return sources
+
+    def _counts(self, line: ConnectionLine, found: int) -> bool:
+        """Whether ``found`` (> 0) hits of ``line`` are connections: not when the front
+        end that passes them on has been seen, as they were counted there already."""
+        if not found:
+            return False
+        self.fronts_seen.add(line.name)
+        return line.behind not in self.fronts_seen
 
     def _scan_buffer(self, buf: bytes, base: int, fmt: StampFormat, ref: float,
                      result: ChunkResult) -> None:
@@ -161,15 +161,18 @@ class Scanner:
         for rule, pattern in patterns:
             events: list[Event] = []
             append = events.append
-            veto = rule.veto if rule is not None else None
+            conn = type(rule) is ConnectionLine
+            veto = None if conn else rule.veto
             for m in pattern.finditer(data, timeout=BUFFER_TIMEOUT):
                 hi, lo, raw = m.group(1, 2, "addr") if tai64n else (None, None, m["addr"])
                 when = (int(hi, 16) - TAI64_UNIX_OFFSET + int(lo, 16) / 1e9 if tai64n
                         else parse(m, ref))
                 address = cache.get(raw) or canonical_bytes(raw)
-                if rule is None:
+                if conn:
                     if address is not None:
-                        append(Connection(address, when, base + m.end() + 1))
+                        end = m.end()  # a pattern may stop before its line's end
+                        end = end if data[end] == 10 else find(b"\n", end)
+                        append(Connection(address, when, base + end + 1, rule.name))
                     continue
                 pos = m.start()
                 le = find(b"\n", pos)
@@ -185,7 +188,7 @@ class Scanner:
                 else:
                     append(Match(rule.name, address, when,
                                  data[pos:le].decode("utf-8", "replace"), base + le + 1))
-            if events:
+            if events and (not conn or self._counts(rule, len(events))):
                 runs.append(events)
         if len(runs) == 1:
             result.events = runs[0]
@@ -201,7 +204,7 @@ class Scanner:
             ig = next(ig for ig in rule.ignores
                       if ig.regex.search(buf, m.end(), le, timeout=LINE_TIMEOUT))
             text = buf[pos:le]
-            zone = _dnsbl_zone(text) if ig.kind == "dnsbl-error" else None
+            zone = dnsbl_zone(text) if ig.kind == "dnsbl-error" else None
             return Ignored(rule.name, ig.name, ig.kind, zone, address, when,
                            text.decode("utf-8", "replace"), offset)
         line = buf[pos:le].decode("utf-8", "replace")
@@ -275,8 +278,8 @@ class Scanner:
         found_by_rule: list[tuple[str, list, int, list[bytes]]] = []
         for rule, count, fast, full, veto_pattern, literals in self._count_patterns(fmt):
             found = deadline.findall(count, fast, data, stop, BUFFER_TIMEOUT)
-            if rule is None:
-                result.connection_count = len(found)
+            if type(rule) is ConnectionLine:
+                result.connection_count += len(found) if self._counts(rule, len(found)) else 0
                 continue
             vetoed: list[bytes] = []
             # Ignores look at the rest of each hit's line: search all of them at once.
@@ -301,7 +304,7 @@ class Scanner:
         return result
 
     def _count_patterns(self, fmt: StampFormat) -> list[tuple[
-            Rule | None, regex.Pattern, re.Pattern | None, regex.Pattern,
+            Source, regex.Pattern, re.Pattern | None, regex.Pattern,
             regex.Pattern | None, list[bytes] | None]]:
         """For tally(): each pattern without the stamp's groups and with the rest of the
         line captured (findall then returns little more than the addresses), the same
@@ -321,11 +324,11 @@ class Scanner:
                 count = regex.compile(count_text, _FLAGS)
                 fast = deadline.compile_fast(count_text, re.MULTILINE)
                 veto = None
-                if rule is not None and rule.veto is not None:
+                if type(rule) is Rule and rule.veto is not None:
                     veto = regex.compile(full.pattern + b"(?=[^\n]*?(?:" + rule.veto.pattern
                                          + b"))", _FLAGS)
                 literals = None
-                if rule is not None and rule.ignores:
+                if type(rule) is Rule and rule.ignores:
                     parts = [literal_alternatives(ig.regex.pattern) for ig in rule.ignores]
                     if all(part is not None for part in parts):
                         literals = [text for part in parts for text in part or ()]
@@ -355,12 +358,13 @@ class Scanner:
                     return self._classify(rule, m, message, 0, len(message), when, offset)
             except TimeoutError:
                 return self._timeout(rule, message, when, offset)
-        if self.connections:
-            m = CONNECTION.match(message, timeout=LINE_TIMEOUT)
+        for line in self.connection_lines:
+            m = line.regex.match(message, timeout=LINE_TIMEOUT)
             if m is not None:
                 address = canonical_address(m.group("addr").decode("ascii", "replace"))
-                if address is not None:
-                    return Connection(address, when, offset)
+                if address is None or not self._counts(line, 1):
+                    return None
+                return Connection(address, when, offset, line.name)
         return None
 
     def _timeout(self, rule: Rule, message: bytes, when: float | None,

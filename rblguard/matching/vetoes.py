@@ -3,18 +3,20 @@
 ``tally`` counts a rule's hits with one findall over a whole buffer.  Its ignores (a DNS
 failure, a DNSBL error reply) veto only a few of those hits; these helpers find which,
 mostly with bytes.find over the hits' tails, several times cheaper than matching every
-line again.  They also hold the bounds on matching time that the scanner uses.
+line again.  They also hold the bounds on matching time that the scanner uses, and
+name the DNSBL an error reply comes from (dnsbl_zone).
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
+import re
 from collections.abc import Iterator
 
 import regex
 
-from rblguard.matching.rules import split_literal
+from rblguard.matching.prefix import split_literal
 
 # Bounds on matching time (docs/rules.md): a rule that backtracks catastrophically on a
 # hostile line must not stall the daemon.  A buffer's search that takes longer than
@@ -23,6 +25,9 @@ from rblguard.matching.rules import split_literal
 # An ordinary rule needs microseconds per line; both bounds are far above that.
 BUFFER_TIMEOUT = 0.3
 LINE_TIMEOUT = 0.2
+# Where an error reply names its DNSBL: the URL of its TXT, else the zone a line names
+# (postscreen's dnsblog: "listed by domain zen.spamhaus.org as 127.255.255.254").
+_URL_HOST = re.compile(rb"https?://([A-Za-z0-9.-]+)|listed by domain ([A-Za-z0-9.-]+) as ")
 
 
 def literal_alternatives(pattern: bytes) -> list[bytes] | None:
@@ -58,12 +63,15 @@ def vetoed_tails(tails: list[bytes], veto: regex.Pattern,
             while at >= 0:
                 positions.append(at)
                 at = joined.find(text, at + 1)
-    if not positions:
+    if not positions or not tails:
         return set()
     starts = list(itertools.accumulate(map(len, tails), initial=0))
     if sep:
         starts = [start + i for i, start in enumerate(starts)]
-    return {tails[bisect.bisect_right(starts, at) - 1] for at in positions}
+    # A match at the very end (an empty pattern, as an error: rule's) names the last
+    # tail; naming one too many is harmless, as vetoed_hits checks each line again.
+    last = len(tails) - 1
+    return {tails[min(bisect.bisect_right(starts, at) - 1, last)] for at in positions}
 
 
 def vetoed_hits(veto: regex.Pattern, full: regex.Pattern,
@@ -100,3 +108,12 @@ def vetoed_hits(veto: regex.Pattern, full: regex.Pattern,
             at = data.find(text, le, stop)
     for ls in sorted(hits):
         yield hits[ls]
+
+
+def dnsbl_zone(text: bytes) -> str | None:
+    """The DNSBL operator named by an error reply's URL (``spamhaus.org``), if any."""
+    m = _URL_HOST.search(text)
+    if m is None:
+        return None
+    host = m.group(1) or m.group(2)
+    return ".".join(host.decode("ascii", "replace").lower().split(".")[-2:])

@@ -1,7 +1,8 @@
 """Line stamps: what comes before the message, and the time it tells.
 
 A qmail log line is a stamp followed by a message.  The stamp is multilog's TAI64N
-label, ``tai64nlocal``'s local time, a syslog header (RFC 3164 or RFC 3339), or nothing.
+label, ``tai64nlocal``'s local time, a syslog header (RFC 3164 or RFC 3339, which is
+also ``journalctl -o short-iso``), Exim's mainlog stamp, or nothing.
 One file keeps one format, so the format is detected once per file from its first
 complete lines, and every rule match is then anchored at the message start that the
 format defines: text a client chose later in a line can never look like a reject.
@@ -28,8 +29,16 @@ _RFC3339 = re.compile(
     rb"(?:<\d{1,3}>)?(?:1 )?(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d{1,9})?(Z|[+-]\d\d:?\d\d) "
     rb"\S+ ([^\s:\[\]]+)(?:\[\d+\])?: "
 )
+# Exim's mainlog: local "YYYY-MM-DD HH:MM:SS", with log_selector +millisec a ".mmm",
+# with +timezone a "+hhmm", with +pid a "[pid]" (Exim's log.c).
+_EXIM = re.compile(
+    rb"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(\.\d{3})?( [+-]\d{4})?(?: \[\d+\])? "
+)
 # A program that prefixes its own lines ("rblsmtpd: ...", "tcpserver: ...").
 _OWN_PREFIX = re.compile(rb"[\w.-]+: ")
+# qmail's splogger starts each message with its own seconds.microseconds stamp
+# ("qmail: 1157520813.485077 rblsmtpd: ..."): qmail's splogger.c.
+_SPLOGGER = re.compile(rb"\d{9,10}\.\d{6} ")
 
 _MONTHS = {m.encode(): i for i, m in enumerate(calendar.month_abbr) if m}
 
@@ -110,6 +119,22 @@ def _rfc3164_time(stamp: bytes, ref: float) -> float | None:
     return when
 
 
+def _parse_exim(m: re.Match[bytes], _ref: float) -> float | None:
+    """Local time, or the stated zone's when +timezone is logged."""
+    try:
+        if m.group(3) is None:
+            seconds = _local_seconds(m.group(1))
+        else:
+            zone = m.group(3)[1:]
+            offset = (int(zone[1:3]) * 3600 + int(zone[3:5]) * 60) * (
+                1 if zone[:1] == b"+" else -1)
+            seconds = calendar.timegm(time.strptime(m.group(1).decode(),
+                                                    "%Y-%m-%d %H:%M:%S")) - offset
+    except (ValueError, OverflowError):
+        return None
+    return seconds + (float(m.group(2)) if m.group(2) else 0.0)
+
+
 def _parse_rfc3339(m: re.Match[bytes], _ref: float) -> float | None:
     try:
         base = calendar.timegm(time.strptime(m.group(1).decode(), "%Y-%m-%dT%H:%M:%S"))
@@ -128,8 +153,9 @@ TAI64N = StampFormat("tai64n", _TAI64N, False, _parse_tai64n)
 TAI64NLOCAL = StampFormat("tai64nlocal", _TAI64NLOCAL, False, _parse_tai64nlocal)
 RFC3164 = StampFormat("syslog", _RFC3164, True, _parse_rfc3164)
 RFC3339 = StampFormat("rfc3339", _RFC3339, True, _parse_rfc3339)
+EXIM = StampFormat("exim", _EXIM, False, _parse_exim)
 NONE = StampFormat("none", None, False, lambda _m, _r: None)
-FORMATS = (TAI64N, TAI64NLOCAL, RFC3339, RFC3164)
+FORMATS = (TAI64N, TAI64NLOCAL, EXIM, RFC3339, RFC3164)
 
 
 def detect_format(buf: bytes, max_lines: int = 50) -> StampFormat:
@@ -191,7 +217,8 @@ def split_message(fmt: StampFormat, line: bytes) -> tuple[re.Match[bytes] | None
     """A line's stamp match (None if unstamped) and its message; the time is left to
     ``fmt.parse``, so that only lines that matter pay for it.
 
-    Syslog: the message is ``TAG: text`` unless the text names its own program.  A line
+    Syslog: the message is ``TAG: text`` unless the text names its own program, after
+    splogger's stamp if the text starts with one (qmail logging through splogger).  A line
     that lacks the file's stamp has no message: in a stamped log such a line was not
     written by the log's programs, so nothing in it is trusted.
     """
@@ -201,6 +228,8 @@ def split_message(fmt: StampFormat, line: bytes) -> tuple[re.Match[bytes] | None
     if m is None:
         return None, b""
     message = line[m.end():]
+    if fmt.syslog and (splogger := _SPLOGGER.match(message)) is not None:
+        message = message[splogger.end():]
     if fmt.syslog and not _OWN_PREFIX.match(message):
         tag = m.group(2) if fmt is RFC3164 else m.group(4)
         message = tag + b": " + message

@@ -263,11 +263,15 @@ class Frontend:
             "port=53", "listen-address=127.0.0.1", "bind-interfaces", "no-resolv",
             "no-hosts", "no-poll", "cache-size=0", "log-queries",
             f"log-facility={self.workdir / 'dns.log'}", "user=root",
-            *(f"local=/{zone}/" for zone in ZONES), *txt_records(self.population)]) + "\n")
+            *(f"local=/{zone}/" for zone in ZONES), *self.dns_records()]) + "\n")
         self._server(["dnsmasq", "--keep-in-foreground", "-C", str(conf)],
                      stderr=open(self.workdir / "dnsmasq.err", "wb"))  # noqa: SIM115
         self._wait(lambda: "using only locally-known" in self._read("dns.log"),
                    "dnsmasq to start")
+
+    def dns_records(self) -> list[str]:
+        """dnsmasq's records of the listed clients: what the DNSBL answers."""
+        return txt_records(self.population)
 
     def _start_smtp(self) -> None:
         standin = self.workdir / "standin"
