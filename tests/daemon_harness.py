@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.netns import run
+from tests.netns import delete_netns, run
 
 TAI64_UNIX_OFFSET = 4611686018427387914
 
@@ -249,8 +249,4 @@ def daemon_namespace(tmp_path: Path) -> Iterator[DaemonHarness]:
         yield harness
     finally:
         harness.kill()
-        for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
-                                  text=True).stdout.split():
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), signal.SIGKILL)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        delete_netns(ns)

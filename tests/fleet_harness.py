@@ -6,9 +6,6 @@ here is deleted afterwards, even on failure."""
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,7 +18,7 @@ from tests.daemon_harness import (
     tai64n,
     wait_for,
 )
-from tests.netns import require_root_tools, run
+from tests.netns import delete_netns, require_root_tools, run
 from tests.redis_hub import RedisHub
 
 
@@ -85,8 +82,4 @@ def fleet_of(tmp_path: Path, n: int = 3, allowlists: dict[int, list[str]] | None
                     h.start()
             yield Fleet(hub, members)
     finally:
-        for pid in subprocess.run(["ip", "netns", "pids", hub_ns], capture_output=True,
-                                  text=True).stdout.split():
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), signal.SIGKILL)
-        subprocess.run(["ip", "netns", "del", hub_ns], capture_output=True)
+        delete_netns(hub_ns)

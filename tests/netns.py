@@ -103,10 +103,15 @@ def netns_pair(prefix: str = "rg") -> Iterator[NetnsPair]:
         yield pair
     finally:
         for ns in (pair.server, pair.client):
-            subprocess.run(["ip", "netns", "pids", ns], capture_output=True)
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
-                                  text=True).stdout.split()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), 9)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            delete_netns(ns)
+
+
+def delete_netns(ns: str) -> None:
+    """Kill whatever still runs in ``ns``, then delete it; never raises (it runs in the
+    ``finally`` of every test that made a namespace)."""
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
+                          text=True).stdout.split()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), 9)
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True)

@@ -84,16 +84,25 @@ class ConnectionLine:
 def connection_line(name: str, pattern: str, where: str,
                     behind: str | None = None) -> ConnectionLine:
     """A ConnectionLine from a pattern written as a rule's match is (``<ADDR>`` once)."""
-    if pattern.count(ADDR) != 1:
-        raise RuleError(f"{where}: connection line {name}: match must hold {ADDR} exactly "
-                        "once, where the client's address stands")
-    literal, rest = split_literal(within_line(pattern, f"{where}: connection line {name}"))
-    if len(literal) < 2:
-        raise RuleError(f"{where}: connection line {name}: match must start with the "
-                        f"program's own fixed prefix, got {pattern!r}")
-    rest = rest.replace(ADDR, ADDR_CAPTURE)
-    compiled = _compile(re.escape(literal) + rest, where, f"connection line {name}")
+    literal, rest, compiled = _address_pattern(pattern, where, f"connection line {name}")
     return ConnectionLine(name, literal.encode(), rest.encode(), compiled, behind)
+
+
+def _address_pattern(pattern: str, where: str, what: str) -> tuple[str, str, regex.Pattern]:
+    """(fixed start, rest with the address group, compiled) of a rule's or a connection
+    line's match: ``<ADDR>`` exactly once, within one line, after a fixed start of two
+    characters at least (Exim's lines start with just "H=" after the stamp)."""
+    if pattern.count(ADDR) != 1:
+        raise RuleError(f"{where}: {what}: match must hold {ADDR} exactly once, where "
+                        "the client's address stands")
+    if pattern.startswith("^"):
+        pattern = pattern[1:]  # every match is anchored at the message start anyway
+    literal, rest = split_literal(within_line(pattern, f"{where}: {what}: match"))
+    if len(literal) < 2:
+        raise RuleError(f"{where}: {what}: match must start with the program's own "
+                        f"fixed prefix (like 'rblsmtpd: '), got {pattern!r}")
+    rest = rest.replace(ADDR, ADDR_CAPTURE)
+    return literal, rest, _compile(re.escape(literal) + rest, where, what)
 
 
 @dataclass
@@ -211,18 +220,7 @@ def _load_rule(ld: _Loader, node: Any) -> Rule:
     name = ld.scalar(fields["name"], "rule name")
     pattern = ld.scalar(fields["match"], f"rule {name}: match")
     where = _where(fields["match"], ld.file)
-    if pattern.count(ADDR) != 1:
-        raise RuleError(f"{where}: rule {name}: match must hold {ADDR} exactly once, "
-                        "where the client's address stands")
-    if pattern.startswith("^"):
-        pattern = pattern[1:]  # every match is anchored at the message start anyway
-    literal, rest = split_literal(within_line(pattern, f"{where}: rule {name}: match"))
-    # Two characters at least: Exim's lines start with just "H=" after the stamp.
-    if len(literal) < 2:
-        raise RuleError(f"{where}: rule {name}: match must start with the program's own "
-                        f"fixed prefix (like 'rblsmtpd: '), got {pattern!r}")
-    rest = rest.replace(ADDR, ADDR_CAPTURE)
-    regex = _compile(re.escape(literal) + rest, where, f"rule {name}")
+    literal, rest, regex = _address_pattern(pattern, where, f"rule {name}")
     ignores = []
     error = None
     if "error" in fields:

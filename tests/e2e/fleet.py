@@ -12,10 +12,7 @@ goes to one MX or the other, as a sender's MX fallback spreads its retries.
 from __future__ import annotations
 
 import contextlib
-import os
 import random
-import signal
-import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -24,7 +21,7 @@ from pathlib import Path
 from tests.daemon_harness import wait_for
 from tests.e2e.frontend import Frontend, Measured, Population, ideal_queries
 from tests.e2e.load import Outcome, Planned
-from tests.netns import netns_pair, run
+from tests.netns import delete_netns, netns_pair, run
 from tests.redis_hub import RedisHub
 
 
@@ -61,11 +58,7 @@ def _hub(workdir: Path, servers: list[str]) -> Iterator[RedisHub]:
         yield hub
     finally:
         hub.kill()
-        for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
-                                  text=True).stdout.split():
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), signal.SIGKILL)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        delete_netns(ns)
 
 
 @contextlib.contextmanager
