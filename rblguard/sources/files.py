@@ -30,30 +30,11 @@ def read_complete_lines(path: str | Path, start: int = 0, end: int | None = None
     ``end`` (a line boundary; default: the end of the file).
 
     A last line without its newline is left out: it is not complete yet.  A line longer
-    than a chunk is read whole up to MAX_LINE_BYTES; a longer one is skipped.
+    than a chunk is read whole up to MAX_LINE_BYTES; a longer one is skipped.  The
+    buffers are read_windows()'s, each copied out, so that they may be kept.
     """
-    with open(path, "rb") as f:
-        f.seek(start)
-        offset, carry, skipping = start, b"", False
-        while True:
-            want = chunk_size if end is None else min(chunk_size, end - offset - len(carry))
-            data = f.read(want) if want > 0 else b""
-            if not data:
-                return
-            if skipping:
-                cut = data.find(b"\n") + 1
-                offset += cut or len(data)
-                skipping, data = cut == 0, data[cut:] if cut else b""
-            data = carry + data if carry else data
-            cut = data.rfind(b"\n") + 1
-            if cut:
-                yield offset, data[:cut]
-                offset += cut
-            carry = data[cut:]
-            if len(carry) > MAX_LINE_BYTES:
-                log.warning("%s: the line at byte %d is longer than %d bytes: skipped",
-                            path, offset, MAX_LINE_BYTES)
-                offset, carry, skipping = offset + len(carry), b"", True
+    for offset, window, stop in read_windows(path, start, end, chunk_size):
+        yield offset, bytes(window[1:stop])
 
 
 WINDOW_SIZE = 1 << 20  # bytes per window: a pass over one stays in the CPU's cache
@@ -72,7 +53,7 @@ def read_windows(path: str | Path, start: int = 0, end: int | None = None,
     scan cheaper than reading line by line (fresh large buffers cost a page fault per
     page, and each pass over one that misses the cache costs a trip to memory).
     A line longer than the window grows it up to MAX_LINE_BYTES; a longer one is
-    skipped whole, as read_complete_lines() does.
+    skipped whole, and said once.
     """
     window = bytearray(size + 1)
     window[0] = 10
