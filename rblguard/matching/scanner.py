@@ -55,7 +55,7 @@ from rblguard.sources.stamps import (
     TAI64N,
     StampFormat,
     detect_format,
-    split_line,
+    span_times,
     split_message,
 )
 
@@ -90,11 +90,7 @@ class Scanner:
         result = ChunkResult(lines=buf.count(b"\n"), end_offset=base + len(buf))
         if not buf:
             return result
-        first_end = buf.find(b"\n")
-        result.first_time = split_line(fmt, buf[:first_end], ref_time)[0]
-        last_start = buf.rfind(b"\n", 0, len(buf) - 1) + 1
-        result.last_time = (result.first_time if last_start == 0  # one line, as often
-                            else split_line(fmt, buf[last_start:-1], ref_time)[0])
+        result.first_time, result.last_time = span_times(buf, 0, len(buf), fmt, ref_time)
         if fmt.syslog:
             self._scan_lines(buf, base, fmt, ref_time, result.events)
             return result
@@ -270,9 +266,7 @@ class Scanner:
         result = ChunkResult(lines=data.count(b"\n", 1, stop), end_offset=base + stop - 1)
         if stop <= 1:
             return result
-        result.first_time = split_line(fmt, bytes(data[1:data.find(b"\n", 1)]), ref_time)[0]
-        last_start = data.rfind(b"\n", 0, stop - 1) + 1
-        result.last_time = split_line(fmt, bytes(data[last_start:stop - 1]), ref_time)[0]
+        result.first_time, result.last_time = span_times(data, 1, stop, fmt, ref_time)
         # (rule, hits, vetoed addresses): added to raw only once every search is done,
         # so that a search that runs out of time leaves raw as it was
         found_by_rule: list[tuple[str, list, int, list[bytes]]] = []

@@ -240,3 +240,15 @@ def split_line(fmt: StampFormat, line: bytes, ref: float) -> tuple[float | None,
     """A line's time and message (see split_message)."""
     m, message = split_message(fmt, line)
     return (fmt.parse(m, ref) if m is not None else None), message
+
+
+def span_times(data: bytes | bytearray, start: int, stop: int, fmt: StampFormat,
+          ref_time: float) -> tuple[float | None, float | None]:
+    """The times of the first and the last of the lines ``data[start:stop]``; one
+    stamp read when they are one line (as a daemon's read often is)."""
+    first_end = data.find(b"\n", start, stop)
+    first = split_line(fmt, bytes(data[start:first_end]), ref_time)[0]
+    last_start = data.rfind(b"\n", start, stop - 1) + 1
+    if last_start <= start:
+        return first, first
+    return first, split_line(fmt, bytes(data[last_start:stop - 1]), ref_time)[0]
