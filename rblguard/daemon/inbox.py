@@ -3,8 +3,8 @@
 The control socket's threads, signal handlers and the fallback file watcher put items
 here.  Each put also writes a byte to a pipe, so the loop can wait in one poll() for
 this inbox and for inotify's descriptor together: a change to a log then wakes the
-loop thread directly, with no second thread and no hand-over between the two (which,
-at a few hundred log writes a second, was a third of the daemon's CPU).
+loop thread directly, with no second thread and no hand-over between the two
+(docs/following.md has what that saved: a few per cent of the daemon's CPU).
 """
 
 from __future__ import annotations

@@ -147,7 +147,7 @@ class Daemon:
         take every other one already there."""
         items, self.deferred = self.deferred, []
         readable = None  # not polled: look at both
-        if not items and not self.dirty:
+        if not items:
             readable = {fd for fd, _event in self._poller.poll(timeout * 1000)}
         items += self._arrived(readable)
         for item in items:
