@@ -31,6 +31,7 @@ from collections.abc import Iterable, Sequence
 from itertools import repeat
 from operator import attrgetter
 
+from rblguard.firewall import ipsettext, restore
 from rblguard.firewall.base import (
     INVALID,
     SET_FULL,
@@ -223,8 +224,8 @@ class IpsetBackend(Backend):
             return False
         names = map((self.sets[4], self.sets[6]).__getitem__,
                     map(str.__contains__, texts, repeat(":")))
-        self._restore(list(map("add %s %s timeout %d".__mod__,
-                               zip(names, texts, seconds, strict=True))), texts, result)
+        self._restore(map("add %s %s timeout %d".__mod__,
+                          zip(names, texts, seconds, strict=True)), texts, result)
         return True
 
     def unban(self, targets: Sequence[str]) -> BatchResult:
@@ -297,18 +298,25 @@ class IpsetBackend(Backend):
             lines = [f"del {self.sets[f]} {t}" for f, t, _ in items]
         self._restore(lines, [t for _, t, _ in items], result)
 
-    def _restore(self, lines: list[str], targets: list[str], result: BatchResult) -> None:
+    def _restore(self, lines: Iterable[str], targets: list[str], result: BatchResult) -> None:
         """Feed lines to ``ipset -exist restore``; a failing line aborts the rest, so resume.
 
-        On "Hash is full" the remaining adds to that set would all fail one process at a
-        time; instead they are split once: those already in the set (a refresh still
-        works in a full set) are retried, the others are reported refused.
+        ``lines`` may be lazy: they are formatted while the tool parses the ones before
+        (rblguard.firewall.restore).  On "Hash is full" the remaining adds to that set
+        would all fail one process at a time; instead they are split once: those
+        already in the set (a refresh still works in a full set) are retried, the
+        others are reported refused.
         """
-        pending = list(zip(lines, targets, strict=True))
+        pending: list[tuple[str, str]] = []
         full: dict[str, list[str]] = {}
-        while pending:
-            proc = _sh(["ipset", "-exist", "restore"],
-                       input="\n".join(ln for ln, _ in pending) + "\n", check=False)
+        while True:
+            try:
+                proc = restore.feed(["ipset", "-exist", "restore"],
+                                    lines if not pending else (ln for ln, _ in pending))
+            except restore.ToolError as exc:
+                raise FirewallError(str(exc)) from exc
+            if not pending:
+                pending = list(zip(proc.lines, targets, strict=True))
             if proc.returncode == 0:
                 result.done += len(pending)
                 break
@@ -336,6 +344,8 @@ class IpsetBackend(Backend):
             else:
                 result.refuse(target, found.group(2).strip())
             pending = rest
+            if not pending:
+                break
         for set_name, refused in full.items():
             text = f"{FULL_TEXT} ({set_name}, maxelem {self.options.maxelem}): " \
                    f"{len(refused)} entries refused"
@@ -351,32 +361,10 @@ class IpsetBackend(Backend):
 
     @staticmethod
     def _headers() -> dict[str, dict[str, str]]:
-        """Every set's header (``ipset list -t``: no elements, the kernel's own count):
-        name -> {"Type": "hash:net", "Header": "family inet ...", "Number of entries":
-        "12", ...}."""
-        headers: dict[str, dict[str, str]] = {}
-        current: dict[str, str] = {}
-        for line in _sh(["ipset", "list", "-t"]).stdout.splitlines():
-            key, sep, value = line.partition(":")
-            if not sep:
-                continue
-            if key == "Name":
-                current = headers.setdefault(value.strip(), {})
-            else:
-                current[key] = value.strip()
-        return headers
+        return ipsettext.parse_headers(_sh(["ipset", "list", "-t"]).stdout)
 
     def _list_set(self, name: str) -> Iterable[Listed]:
-        proc = _sh(["ipset", "list", "-o", "save", name])
-        for line in proc.stdout.splitlines():
-            parts = line.split()
-            if len(parts) < 3 or parts[0] != "add":
-                continue
-            expires = float("inf")
-            if "timeout" in parts:
-                seconds = int(parts[parts.index("timeout") + 1])
-                expires = float(seconds) if seconds else float("inf")
-            yield Listed(parts[2], expires)
+        return ipsettext.parse_saved(_sh(["ipset", "list", "-o", "save", name]).stdout)
 
     def list(self) -> list[Listed]:
         return [x for name in self.sets.values() for x in self._list_set(name)]
