@@ -56,8 +56,12 @@ class _Inotify:
 _IN_MODIFY, _IN_MOVED_FROM, _IN_MOVED_TO, _IN_CREATE = 0x2, 0x40, 0x80, 0x100
 _IN_DELETE, _IN_DELETE_SELF, _IN_MOVE_SELF = 0x200, 0x400, 0x800
 _IN_Q_OVERFLOW, _IN_IGNORED, _IN_ONLYDIR, _IN_ISDIR = 0x4000, 0x8000, 0x01000000, 0x40000000
-_WATCH_MASK = (_IN_MODIFY | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
-               | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR)
+# A directory whose entries come and go (the parent of a source directory, an ancestor
+# waited on) is watched for that only: its other files' writes (qmail-send's log in
+# /var/log/qmail, beside smtpd/) would each wake the daemon for nothing.
+_STRUCTURE_MASK = (_IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
+                   | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR)
+_WATCH_MASK = _STRUCTURE_MASK | _IN_MODIFY  # a directory whose files are the source's
 _RESHAPE = _IN_ISDIR | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED | _IN_Q_OVERFLOW
 _EVENT_HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len
 
@@ -91,6 +95,14 @@ def _interest(source: str) -> list[tuple[str, str | None, bool]]:
     return found
 
 
+def _writes_matter(directory: str, name: str | None, rotated_too: bool) -> bool:
+    """Whether writes in ``directory`` concern the interest: all of them for a source
+    directory (``name`` None), those to the source file itself for its parent; none
+    for the parent of a source directory or an ancestor waited on (``rotated_too``
+    False: the path below it does not exist yet)."""
+    return name is None or (rotated_too and not os.path.isdir(os.path.join(directory, name)))
+
+
 class SourceWatcher:
     """Calls ``on_change(source)`` within milliseconds of a change to a source's files.
 
@@ -116,6 +128,7 @@ class SourceWatcher:
         self._observer = None  # watchdog's Observer where inotify is unavailable
         self._wd_dir: dict[int, str] = {}
         self._dir_wd: dict[str, int] = {}
+        self._dir_mask: dict[str, int] = {}
         self._by_dir: dict[str, list[tuple[str, str | None, bool]]] = {}
 
     def start(self, own_thread: bool = True) -> None:
@@ -164,11 +177,17 @@ class SourceWatcher:
                    for s, _n, _r in by_dir.get(d, []) + self._by_dir.get(d, [])}
         for directory in set(self._dir_wd) - set(by_dir):
             self._inotify.remove(self._dir_wd.pop(directory))
-        for directory in set(by_dir) - set(self._dir_wd):
-            wd = self._inotify.add(directory, _WATCH_MASK)
+            self._dir_mask.pop(directory, None)
+        for directory, interests in by_dir.items():
+            mask = _WATCH_MASK if any(_writes_matter(directory, name, rotated_too)
+                                      for _s, name, rotated_too in interests) else _STRUCTURE_MASK
+            if directory in self._dir_wd and self._dir_mask.get(directory) == mask:
+                continue
+            wd = self._inotify.add(directory, mask)  # a new mask replaces the old one
             if wd >= 0:
                 self._dir_wd[directory] = wd
                 self._wd_dir[wd] = directory
+                self._dir_mask[directory] = mask
         self._by_dir = by_dir
         return changed
 
