@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from rblguard.addresses import canonical_address
 from rblguard.matching import deadline
 from rblguard.matching.rules import load_rules, shipped_rules_dir
-from rblguard.matching.scanner import Scanner, scan_file
+from rblguard.matching.scanner import Scanner
+from rblguard.matching.sources import scan_file
 from rblguard.model import MAX_LINE_BYTES, Connection, Ignored, Match, ParseError
 from rblguard.sources.files import read_complete_lines, read_windows
 from rblguard.sources.stamps import FORMATS, NONE, TAI64_UNIX_OFFSET, TAI64N, detect_format
@@ -545,3 +546,26 @@ def test_a_time_bound_stops_a_catastrophic_re_search() -> None:
     assert signal.getsignal(signal.SIGALRM) is before
     with deadline.bound(5):  # a quick search under a bound is just a search
         assert slow.match(b"12x") is not None
+
+
+@pytest.mark.parametrize("fmt", ["tai64n", "tai64nlocal", "rfc3339", "none", "syslog"])
+def test_counted_connections_are_the_connection_events(fmt: str, tmp_path: Path) -> None:
+    """The daemon's scanner counts connection lines instead of making an event each
+    (its metrics need only the count): the same count, and the same other events,
+    as the scanner simulate uses, on every stamp format and with hostile lines."""
+    from benchmarks import genlog
+
+    log = tmp_path / "current"
+    truth = genlog.write_log(log, fmt, 7, lines=20_000)
+    ruleset = load_rules()
+    evented, counted = Scanner(ruleset), Scanner(ruleset, connection_events=False)
+    events, others, count = 0, [], 0
+    for chunk in scan_file(log, evented):
+        events += sum(1 for e in chunk.events if type(e) is Connection)
+        others += [e for e in chunk.events if type(e) is not Connection]
+    rest = []
+    for chunk in scan_file(log, counted):
+        count += chunk.connection_count + sum(1 for e in chunk.events if type(e) is Connection)
+        rest += [e for e in chunk.events if type(e) is not Connection]
+    assert count == events == truth.connections
+    assert rest == others

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from rblguard.durations import format_duration, parse_duration
 from rblguard.matching.rules import RuleError, RuleSet, load_rules
-from rblguard.matching.scanner import Scanner, scan_source
+from rblguard.matching.scanner import Scanner
+from rblguard.matching.sources import scan_source
 from rblguard.model import Connection, Event, Match
 
 DAY = 86400.0

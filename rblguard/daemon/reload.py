@@ -98,7 +98,7 @@ def apply(d: Daemon, *, raise_errors: bool = False) -> dict[str, Any]:
         return {"rules": len(d.ruleset.rules), "changed": [], "lifted": [],
                 "error": str(exc)}
     changed = sorted({r.name for r in d.ruleset.rules} ^ {r.name for r in ruleset.rules})
-    d.config, d.ruleset, d.scanner = config, ruleset, Scanner(ruleset)
+    d.config, d.ruleset, d.scanner = config, ruleset, Scanner(ruleset, connection_events=False)
     old_allowlist, d.allowlist = d.allowlist, Allowlist.from_config(config)
     d.decider.set_allowlist(d.allowlist)
     lifted = lift_allowlisted(d.pipeline, d.allowlist, old_allowlist)

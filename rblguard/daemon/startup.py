@@ -47,7 +47,7 @@ def start(d: Daemon, serve_metrics: bool) -> None:
 
     cfg = d.config
     d.ruleset = reloading.ruleset_of(cfg)
-    d.scanner = Scanner(d.ruleset)
+    d.scanner = Scanner(d.ruleset, connection_events=False)
     d.metrics = Metrics(zones=cfg.dnsbl.zones,
                         connections_per_day=cfg.dnsbl.connections_per_day,
                         queries_per_day=cfg.dnsbl.queries_per_day)

@@ -14,12 +14,9 @@ rblguard.sources.stamps), so they are matched line by line, which is slower but 
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections import Counter
-from collections.abc import Iterator
-from operator import itemgetter
-from pathlib import Path
+from operator import itemgetter, methodcaller
 
 import regex
 
@@ -48,13 +45,10 @@ from rblguard.model import (
     Match,
     ParseError,
 )
-from rblguard.sources.files import read_complete_lines
-from rblguard.sources.layout import list_files
 from rblguard.sources.stamps import (
     TAI64_UNIX_OFFSET,
     TAI64N,
     StampFormat,
-    detect_format,
     span_times,
     split_message,
 )
@@ -71,8 +65,11 @@ class Scanner:
     """Finds the events of one rule set in buffers of complete lines."""
 
     def __init__(self, ruleset: RuleSet, *, connections: bool = True,
-                 tcpserver: bool = True) -> None:
+                 tcpserver: bool = True, connection_events: bool = True) -> None:
         self.rules = ruleset.rules
+        # False: connection lines are only counted (ChunkResult.connection_count), as the
+        # daemon's metrics need; an event each is for simulate, which replays them.
+        self.connection_events = connection_events
         # Front ends first, so that their lines are seen before those they pass on.
         lines = (([TCPSERVER] if tcpserver else []) + ruleset.connections) if connections else []
         self.connection_lines = sorted(lines, key=lambda line: line.behind is not None)
@@ -158,6 +155,10 @@ class Scanner:
             events: list[Event] = []
             append = events.append
             conn = type(rule) is ConnectionLine
+            if conn and not self.connection_events:
+                found = _usable_addresses(pattern, data)
+                result.connection_count += found if self._counts(rule, found) else 0
+                continue
             veto = None if conn else rule.veto
             for m in pattern.finditer(data, timeout=BUFFER_TIMEOUT):
                 hi, lo, raw = m.group(1, 2, "addr") if tai64n else (None, None, m["addr"])
@@ -386,6 +387,17 @@ class Scanner:
                 events.append(event)
 
 
+_ADDR = methodcaller("group", "addr")
+
+
+def _usable_addresses(pattern: regex.Pattern, data: bytes) -> int:
+    """How many hits of ``pattern`` in ``data`` hold an address (counted in C, then
+    each distinct address checked once)."""
+    found = Counter(map(_ADDR, pattern.finditer(data, timeout=BUFFER_TIMEOUT)))
+    return sum(n for raw, n in found.items()
+               if (BYTES_CACHE.get(raw) or canonical_bytes(raw)) is not None)
+
+
 def _anchored(literal: bytes, stamp: bytes, rest: bytes) -> bytes:
     """A pattern that finds ``literal`` and proves it stands right after newline + stamp."""
     lit = re.escape(literal)
@@ -417,25 +429,3 @@ def _as_counts(result: ChunkResult) -> ChunkResult:
 
 def _offset(event: Event) -> int:
     return event.offset
-
-
-def scan_file(path: str | Path, scanner: Scanner, *,
-              tally: bool = False) -> Iterator[ChunkResult]:
-    """Scan one file from start to end, detecting its stamp format from its first lines.
-
-    With ``tally`` the chunks come from Scanner.tally(): counts instead of events.
-    """
-    ref = os.stat(path).st_mtime
-    fmt: StampFormat | None = None
-    for offset, buf in read_complete_lines(path):
-        if fmt is None:
-            fmt = detect_format(buf)
-        yield (scanner.tally if tally else scanner.scan)(buf, offset, fmt, ref)
-
-
-def scan_source(path: str | Path, ruleset: RuleSet, *, scanner: Scanner | None = None,
-                tally: bool = False) -> Iterator[ChunkResult]:
-    """Scan every file of a source (a file, or a multilog directory oldest first)."""
-    scanner = scanner or Scanner(ruleset)
-    for file in list_files(str(path)):
-        yield from scan_file(file, scanner, tally=tally)
