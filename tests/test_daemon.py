@@ -84,9 +84,13 @@ def test_repeat_lines_after_restart_are_not_counted_twice(harness, tmp_path: Pat
         wait_for(lambda: len(harness.kernel_elements()) == 60, what="60 bans")
         harness.kill(15)  # SIGTERM: a clean stop
         harness.start()
+        before = time.time()
         for i in range(60, 80):
             log.write(reject_message(f"198.19.1.{i}"))
         wait_for(lambda: len(harness.kernel_elements()) == 80, what="80 bans")
+        # status reads the last line's time from the last chunk, when asked
+        last_time = harness.cli("status", "--json")["sources"][0]["last_time"]
+        assert before - 0.01 <= last_time <= time.time(), (before, last_time)
     finally:
         log.close()
     logs = "".join(p.read_text() for p in tmp_path.glob("daemon-*.log"))

@@ -221,10 +221,11 @@ class Daemon:
             fmt = st.formats[key] = detect_format(chunk.data)
             if len(st.formats) > 64:
                 st.formats.pop(next(iter(st.formats)))
-        result = self.scanner.scan(chunk.data, chunk.start, fmt, time.time())
+        now = time.time()
+        result = self.scanner.scan(chunk.data, chunk.start, fmt, now, times=False)
         self.metrics.observe_chunk(source, result)
-        if result.last_time is not None:
-            st.last_time = result.last_time
+        if result.lines:
+            st.last_chunk = (chunk.data, fmt, now)
         self.pipeline.decide(source, result, self._policy, time.time())
 
     def _policy(self, rule: str) -> Any:

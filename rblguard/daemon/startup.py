@@ -17,7 +17,7 @@ from rblguard.daemon import reload as reloading
 from rblguard.daemon.pipeline import Pipeline, lift_allowlisted
 from rblguard.matching.scanner import Scanner
 from rblguard.model import SourcePosition
-from rblguard.sources.stamps import StampFormat
+from rblguard.sources.stamps import StampFormat, span_times
 from rblguard.store.journal import Journal
 from rblguard.store.state import State, StateError
 
@@ -33,8 +33,18 @@ class Source:
 
     follower: Any  # rblguard.sources.follow.Follower
     formats: dict[tuple[int, int], StampFormat] = field(default_factory=dict)
-    last_time: float | None = None
+    # The last chunk read (its lines, their format, the file's time for stamps without
+    # a year): its last line's time is read when status asks, not on every read.
+    last_chunk: tuple[bytes, StampFormat, float] | None = None
     position: SourcePosition | None = None
+
+    @property
+    def last_time(self) -> float | None:
+        """The time of the last line read (None: none read, or it has no stamp)."""
+        if self.last_chunk is None:
+            return None
+        data, fmt, ref = self.last_chunk
+        return span_times(data, 0, len(data), fmt, ref)[1]
 
 
 def start(d: Daemon, serve_metrics: bool) -> None:

@@ -77,8 +77,11 @@ class Scanner:
         self._compiled: dict[str, list[tuple[Source, regex.Pattern]]] = {}
         self._timed_out: set[str] = set()  # rules already reported as too slow
 
-    def scan(self, buf: bytes, base: int, fmt: StampFormat, ref_time: float) -> ChunkResult:
-        """Events of ``buf`` (complete lines, starting at byte ``base`` of its file).
+    def scan(self, buf: bytes, base: int, fmt: StampFormat, ref_time: float, *,
+             times: bool = True) -> ChunkResult:
+        """Events of ``buf`` (complete lines, starting at byte ``base`` of its file);
+        with ``times`` False, without the first and last line's times (the daemon
+        reads them only when asked, from its last chunk).
 
         A last line without its newline is not complete: it is left out, here as in
         every path, and ``end_offset`` stops before it.
@@ -87,7 +90,8 @@ class Scanner:
         result = ChunkResult(lines=buf.count(b"\n"), end_offset=base + len(buf))
         if not buf:
             return result
-        result.first_time, result.last_time = span_times(buf, 0, len(buf), fmt, ref_time)
+        if times:
+            result.first_time, result.last_time = span_times(buf, 0, len(buf), fmt, ref_time)
         if fmt.syslog:
             self._scan_lines(buf, base, fmt, ref_time, result.events)
             return result
