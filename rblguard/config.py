@@ -394,7 +394,7 @@ def parse_config(text: str, path: str | Path = "<config>") -> Config:
     path = Path(path)
     try:
         node = yamlfile.compose(text, str(path))
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=yamlfile.SAFE_LOADER)
     except yamlfile.YamlFileError as exc:
         raise ConfigError(str(exc)) from None
     except yaml.YAMLError as exc:
