@@ -42,6 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import installed
 from tests.e2e.frontend import Measured, Population, frontend
 from tests.e2e.load import Planned, legit_connections, ordered, spammer_connections
 from tests.e2e.peers import tree_cpu_seconds
@@ -162,6 +163,7 @@ def main() -> int:
     parser.add_argument("--fleet", action="store_true",
                         help="instead: two front ends, without and with fleet sharing")
     args = parser.parse_args()
+    installed.compile_package()  # as the package's postinst does
     population = Population.make(args.seed, legit=args.legit, spam=args.spam)
     plan = plan_for(population, args.seconds, args.seed)
     if args.fleet:

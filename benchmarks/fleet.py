@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prometheus_client import CollectorRegistry
 
+from benchmarks import installed
 from rblguard.fleet.link import Link
 from rblguard.fleet.metrics import FleetMetrics
 from rblguard.fleet.settings import FleetSettings
@@ -109,6 +110,7 @@ def main() -> int:
     parser.add_argument("--steady-rate", type=float, default=50.0, help="bans a second")
     parser.add_argument("--seconds", type=float, default=5.0, help="of each shape")
     args = parser.parse_args()
+    installed.compile_package()  # as the package's postinst does
     with tempfile.TemporaryDirectory(prefix="rblguard-fleet-") as tmp, \
             fleet_of(Path(tmp), n=3, start=False) as fleet:
         for h in fleet.members[:2]:

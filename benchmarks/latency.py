@@ -35,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import installed
 from rblguard.model import Ban
 from rblguard.store.state import State
 from tests.daemon_harness import (
@@ -150,6 +151,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--skip-1m", action="store_true", help="skip the 1,000,000-ban RSS")
     args = parser.parse_args()
+    installed.compile_package()  # as the package's postinst does
     with tempfile.TemporaryDirectory() as tmp, daemon_namespace(Path(tmp)) as harness:
         harness.write_config(ban_time="1h")
         log = Multilog(Path(tmp) / "log", size=99999, keep=20)

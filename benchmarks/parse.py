@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import genlog
+from benchmarks import genlog, installed
 
 # The reference: anchored right after the TAI64N stamp (so client text elsewhere in a
 # line never counts), and the lines that must never ban excluded with the same cheap
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
+    installed.compile_package()  # as the package's postinst does
 
     with tempfile.TemporaryDirectory(prefix="rblguard-parse-") as tmp:
         directory = Path(tmp)
