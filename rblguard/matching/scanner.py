@@ -156,6 +156,8 @@ class Scanner:
         find = data.find
         cache = BYTES_CACHE
         for rule, pattern in patterns:
+            if rule.literal not in data:  # every hit starts with it: no search needed
+                continue
             events: list[Event] = []
             append = events.append
             conn = type(rule) is ConnectionLine
