@@ -64,3 +64,15 @@ def test_headers_and_saved_elements_parse() -> None:
         "add rblguard4 198.18.0.1 timeout 30\nadd rblguard4 198.18.0.0/24 timeout 0\n"))
     assert [(x.target, x.expires) for x in saved] == [("198.18.0.1", 30.0),
                                                        ("198.18.0.0/24", float("inf"))]
+
+
+def test_a_tool_that_writes_much_on_stderr_while_reading_does_not_stall() -> None:
+    # 1 MB of warnings, far more than a pipe holds, written while it reads its input:
+    # if nobody read its standard error it would block there and stop reading.
+    chatty = [sys.executable, "-c",
+              "import sys\n"
+              "for line in sys.stdin:\n"
+              "    sys.stderr.write('warning: ' + 'x' * 100 + '\\n')\n"]
+    fed = restore.feed(chatty, (f"line {i}" for i in range(10_000)), timeout=30)
+    assert fed.returncode == 0
+    assert fed.stderr.count("warning: ") == 10_000

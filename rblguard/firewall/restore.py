@@ -48,15 +48,16 @@ def feed(command: Sequence[str], lines: Iterable[str], timeout: float = TIMEOUT)
     except OSError as exc:
         raise ToolError(f"{command[0]}: {exc}") from exc
     made: list[str] = []
+    said = bytearray()  # what it wrote on standard error while it read
     try:
-        _write_all(proc, _slices(iter(lines), made), deadline)
+        _write_all(proc, _slices(iter(lines), made), deadline, said)
         # (a tool that stopped early still leaves every line made: the caller resumes)
         _, err = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired as exc:
         proc.kill()
         proc.wait()
         raise ToolError(f"{command[0]}: no answer within {timeout:.0f} s") from exc
-    return Fed(made, proc.returncode, err.decode("utf-8", "replace"))
+    return Fed(made, proc.returncode, (bytes(said) + err).decode("utf-8", "replace"))
 
 
 def _slices(lines: Iterator[str], made: list[str]) -> Iterator[bytes]:
@@ -70,23 +71,32 @@ def _slices(lines: Iterator[str], made: list[str]) -> Iterator[bytes]:
 
 
 def _write_all(proc: subprocess.Popen[bytes], slices: Iterator[bytes],
-               deadline: float) -> None:
+               deadline: float, said: bytearray) -> None:
     """Write every slice; once the tool stops reading (a line it refused ends a
-    restore), the remaining slices are only made, not written."""
-    assert proc.stdin is not None
-    fd = proc.stdin.fileno()
+    restore), the remaining slices are only made, not written.  Its standard error is
+    read meanwhile, into ``said``: a tool that writes much there while we write to it
+    must not block on a full pipe and stop reading."""
+    assert proc.stdin is not None and proc.stderr is not None
+    fd, err = proc.stdin.fileno(), proc.stderr.fileno()
     os.set_blocking(fd, False)
-    broken = False
+    broken, listen = False, [err]
     for data in slices:
         view = memoryview(data)
         while view and not broken:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([], [fd], [], left)[1]:
+            readable, writable, _ = select.select(listen, [fd], [], max(0.0, left))
+            if not readable and not writable:
                 raise subprocess.TimeoutExpired(proc.args, 0)
-            try:
-                view = view[os.write(fd, view):]
-            except BrokenPipeError:
-                broken = True
+            if readable:
+                text = os.read(err, 1 << 16)
+                said += text
+                if not text:  # closed: from now on only the writes are waited for
+                    listen = []
+            if writable:
+                try:
+                    view = view[os.write(fd, view):]
+                except BrokenPipeError:
+                    broken = True
     with contextlib.suppress(BrokenPipeError):
         proc.stdin.close()
     proc.stdin = None  # closed: communicate() must not flush it again
