@@ -73,7 +73,10 @@ def test_test_rules_command_exit_codes(tmp_path: Path) -> None:
 
     broken = rblguard("test-rules", "--rules", str(write(tmp_path, "rules: [\n")))
     assert broken.returncode == 2
-    assert "r.yaml: not valid YAML" in broken.stderr
+    # one line: the file, the line where the parser gave up, why, and what it was in
+    assert broken.stderr.strip().count("\n") == 0, broken.stderr
+    assert "r.yaml:2: not valid YAML: did not find expected node content" in broken.stderr
+    assert "(while parsing a flow node at line 2)" in broken.stderr
 
 
 @pytest.mark.parametrize("text, message", [
