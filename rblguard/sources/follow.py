@@ -20,7 +20,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from rblguard.model import MAX_LINE_BYTES, SourcePosition
+from rblguard.model import SourcePosition
 from rblguard.sources.layout import (
     FINGERPRINT_BYTES,
     LIVE_KEY,
@@ -38,10 +38,15 @@ from rblguard.sources.layout import (
     rotated,
     trouble,
 )
+from rblguard.sources.openfile import (
+    OpenFile,
+    before_rewrite,
+    complete_lines,
+    read_again,
+    rewritten,
+)
 
 log = logging.getLogger("rblguard.sources.follow")
-
-_LONG_LINE_STEP = 1 << 20
 
 
 # -- what the daemon gets -----------------------------------------------------------
@@ -69,24 +74,6 @@ class Chunk:
 
 
 @dataclass(slots=True)
-class _Open:
-    """A file being read, held open so a rename or unlink cannot take its bytes away."""
-
-    fd: int
-    path: str
-    dev: int
-    inode: int
-    offset: int
-    fingerprint: str
-    key: str  # TAI64N label of a rotated file, LIVE_KEY or PREVIOUS_KEY when unlabelled
-    floor: str  # newest rotated label that existed when it was opened (all older)
-    older: tuple[int, int] | None = None  # an older file still unlabelled at that time
-    finished: bool = False  # no longer the live file: read to its end, then move on
-    skipping: bool = False  # inside a line longer than MAX_LINE_BYTES: drop to its end
-    size_seen: int = 0  # the size at the last read: lines up to it were taken
-
-
-@dataclass(slots=True)
 class _Seen:
     """One file of a source as a snapshot found it (see Follower._snapshot)."""
 
@@ -103,7 +90,7 @@ class Follower:
     def __init__(self, source: str, position: SourcePosition | None = None) -> None:
         self.source = source
         self._layout = layout_of(source)
-        self._file: _Open | None = None
+        self._file: OpenFile | None = None
         # With no file open: the next file is the oldest rotated one newer than this
         # label ("" = all of them), or the live file.
         self._after = ""
@@ -133,7 +120,7 @@ class Follower:
             self._check_rewritten(self._file)
         while self._file is not None and budget > 0:
             f = self._file
-            data = _complete_lines(f, budget, whole_line=not chunks)
+            data = complete_lines(f, budget, whole_line=not chunks)
             if data is None:
                 break  # the next line would overrun the budget: next time
             if data:
@@ -150,7 +137,7 @@ class Follower:
                 continue
             if not self._next_after(f):
                 break  # multilog is between the two steps of a rotation
-        return chunks
+        return self._unless_rewritten(chunks)
 
     def lag_bytes(self) -> int:
         """Bytes written but not yet read: the rest of this file and every newer one."""
@@ -182,19 +169,23 @@ class Follower:
 
     # -- reading ---------------------------------------------------------------------
 
-    def _check_rewritten(self, f: _Open) -> None:
-        """A plain file truncated and refilled past our offset: its head changed."""
-        if self._layout.directory is not None:
-            return  # multilog never rewrites a file
-        if fingerprint_matches(f.fd, f.fingerprint):
-            return
-        if os.fstat(f.fd).st_size < fingerprint_length(f.fingerprint):
-            return  # shrunk: _complete_lines reports the truncation
-        log.warning("%s was rewritten in place: reading it again from its start", f.path)
-        f.offset = 0
-        f.fingerprint = fingerprint_fd(f.fd)
+    def _check_rewritten(self, f: OpenFile) -> None:
+        """A plain file truncated and refilled past our offset: its head changed
+        (multilog never rewrites a file)."""
+        if self._layout.directory is None and rewritten(f):
+            read_again(f)
 
-    def _replaced(self, f: _Open) -> bool:
+    def _unless_rewritten(self, chunks: list[Chunk]) -> list[Chunk]:
+        """``chunks``, checked once more against a rewrite between _check_rewritten and
+        the reads (see openfile.before_rewrite)."""
+        f = self._file
+        if not chunks or f is None or self._layout.directory is not None or not rewritten(f):
+            return chunks
+        kept = before_rewrite(f, chunks)
+        read_again(f)
+        return kept
+
+    def _replaced(self, f: OpenFile) -> bool:
         """Whether the live path now names another file (rotation or replacement).
 
         A missing live path is not a switch: multilog creates the new ``current`` right
@@ -205,7 +196,7 @@ class Follower:
 
     # -- moving between files --------------------------------------------------------
 
-    def _next_after(self, f: _Open) -> bool:
+    def _next_after(self, f: OpenFile) -> bool:
         """``f`` is read to its end: go on with the next newer file, if it can be known.
 
         multilog rotates in two steps: it renames ``current`` to ``previous``, creates a
@@ -289,7 +280,7 @@ class Follower:
             log.warning("%s is shorter than the saved position %d: reading it from its "
                         "start", seen.path, offset)
             offset = 0
-        self._file = _Open(fd, seen.path, st.st_dev, st.st_ino, offset,
+        self._file = OpenFile(fd, seen.path, st.st_dev, st.st_ino, offset,
                            stored_fingerprint or fingerprint_fd(fd), key=seen.key,
                            floor=floor, older=unlabelled, finished=seen.key != LIVE_KEY)
         return True
@@ -340,94 +331,6 @@ class Follower:
                         "files newer than it; lines after byte %d of it may have been lost",
                         pos.file, pos.dev, pos.inode, pos.offset)
         self._advance(after)
-
-
-def _complete_lines(f: _Open, budget: int, whole_line: bool) -> bytes | None:
-    """Complete lines from ``f`` within ``budget``; b"" if none is complete yet.
-
-    A line longer than the budget comes whole when ``whole_line`` (nothing else was
-    read in this call), else None says: stop here, it comes first next time.
-    """
-    size = f.size_seen = _size_now(f)
-    while not f.skipping or _skip_line(f, size):
-        available = size - f.offset
-        if available <= 0:
-            return b""
-        data = os.pread(f.fd, min(available, budget), f.offset)
-        cut = data.rfind(b"\n")
-        if cut >= 0:
-            return data[: cut + 1]
-        if len(data) < available and not whole_line:
-            return None
-        if len(data) < available:
-            line = _long_line(f, data, size)
-            if line is not None:
-                return line
-        elif f.finished:
-            log.warning("%s ends with %d bytes without a newline (the writer died "
-                        "mid-line): skipped", f.path, len(data))
-            f.offset = size
-            return b""
-        elif len(data) <= MAX_LINE_BYTES:
-            return b""  # the line is still being written
-        log.warning("%s: the line at byte %d is longer than %d bytes: skipped (no "
-                    "reject is that long)", f.path, f.offset, MAX_LINE_BYTES)
-        f.skipping = True
-    return b""
-
-
-def _size_now(f: _Open) -> int:
-    """The file's size, after noticing a truncation in place or a young head's growth."""
-    size = os.fstat(f.fd).st_size
-    if size < f.offset and not f.finished:
-        log.warning("%s was truncated in place (copy-and-truncate rotation?): reading "
-                    "it again from its start; lines written just before the "
-                    "truncation may be lost", f.path)
-        f.offset = 0
-        f.skipping = False
-        f.fingerprint = fingerprint_fd(f.fd)
-    if fingerprint_length(f.fingerprint) < min(size, FINGERPRINT_BYTES):
-        f.fingerprint = fingerprint_fd(f.fd)  # a young file's head grew
-    return size
-
-
-def _long_line(f: _Open, head: bytes, size: int) -> bytes | None:
-    """A line longer than the read budget, read on to its newline.
-
-    b"" while its newline is not written yet; None once it is past MAX_LINE_BYTES.
-    """
-    parts = [head]
-    got = len(head)
-    while f.offset + got < size and got <= MAX_LINE_BYTES:
-        piece = os.pread(f.fd, min(_LONG_LINE_STEP, size - f.offset - got), f.offset + got)
-        if not piece:
-            break
-        cut = piece.find(b"\n")
-        if cut >= 0:
-            parts.append(piece[: cut + 1])
-            return b"".join(parts)
-        parts.append(piece)
-        got += len(piece)
-    return None if got > MAX_LINE_BYTES else b""
-
-
-def _skip_line(f: _Open, size: int) -> bool:
-    """Drop the rest of an overlong line; False while its newline is not written yet.
-
-    The offset moves on without a chunk, so a saved position stays before the line and
-    a restart skips it again.
-    """
-    while f.offset < size:
-        piece = os.pread(f.fd, min(_LONG_LINE_STEP, size - f.offset), f.offset)
-        if not piece:
-            break
-        cut = piece.find(b"\n")
-        if cut >= 0:
-            f.offset += cut + 1
-            f.skipping = False
-            return True
-        f.offset += len(piece)
-    return False
 
 
 def _close_all(snapshot: list[_Seen]) -> None:
