@@ -111,13 +111,26 @@ class Follower:
         """New complete lines since the last read, at most about ``max_bytes``.
 
         A single line longer than ``max_bytes`` still comes whole, in a chunk of its own.
+        A plain file's head is looked at after the read (multilog never rewrites a
+        file): one truncated and refilled past our offset (copytruncate), before the
+        read or while it ran, gives back what the old file held, and is read again
+        from its start at once (openfile.before_rewrite).
         """
-        chunks: list[Chunk] = []
-        budget = max_bytes
         if self._file is None:
             self._advance(self._after)
-        elif not self._file.finished:
-            self._check_rewritten(self._file)
+        chunks = self._read_on(max_bytes)
+        f = self._file
+        if (f is not None and not f.finished and self._layout.directory is None
+                and rewritten(f)):
+            chunks = before_rewrite(f, chunks)
+            read_again(f)
+            chunks += self._read_on(max_bytes - sum(len(c.data) for c in chunks))
+        return chunks
+
+    def _read_on(self, max_bytes: int) -> list[Chunk]:
+        """Complete lines from where we are, across files, at most about ``max_bytes``."""
+        chunks: list[Chunk] = []
+        budget = max_bytes
         while self._file is not None and budget > 0:
             f = self._file
             data = complete_lines(f, budget, whole_line=not chunks)
@@ -137,7 +150,7 @@ class Follower:
                 continue
             if not self._next_after(f):
                 break  # multilog is between the two steps of a rotation
-        return self._unless_rewritten(chunks)
+        return chunks
 
     def lag_bytes(self) -> int:
         """Bytes written but not yet read: the rest of this file and every newer one."""
@@ -168,22 +181,6 @@ class Follower:
         self.close()
 
     # -- reading ---------------------------------------------------------------------
-
-    def _check_rewritten(self, f: OpenFile) -> None:
-        """A plain file truncated and refilled past our offset: its head changed
-        (multilog never rewrites a file)."""
-        if self._layout.directory is None and rewritten(f):
-            read_again(f)
-
-    def _unless_rewritten(self, chunks: list[Chunk]) -> list[Chunk]:
-        """``chunks``, checked once more against a rewrite between _check_rewritten and
-        the reads (see openfile.before_rewrite)."""
-        f = self._file
-        if not chunks or f is None or self._layout.directory is not None or not rewritten(f):
-            return chunks
-        kept = before_rewrite(f, chunks)
-        read_again(f)
-        return kept
 
     def _replaced(self, f: OpenFile) -> bool:
         """Whether the live path now names another file (rotation or replacement).
