@@ -398,9 +398,8 @@ def parse_config(text: str, path: str | Path = "<config>") -> Config:
     except yamlfile.YamlFileError as exc:
         raise ConfigError(str(exc)) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}: line {mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
+        line, problem = yamlfile.syntax_error(exc)
+        where = f"{path}: line {line}" if line is not None else str(path)
         raise ConfigError(f"{where}: not valid YAML: {problem}") from None
     if data is None:
         data = {}

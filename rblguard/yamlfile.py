@@ -54,6 +54,19 @@ def compose(text: str, file: str) -> yaml.Node | None:
     return root
 
 
+def syntax_error(exc: yaml.YAMLError) -> tuple[int | None, str]:
+    """The line where the parser gave up (None if it did not say) and why, in one line:
+    the problem, and what it was parsing when that started (libyaml's own text is
+    several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    context_mark = getattr(exc, "context_mark", None)
+    if context and context_mark is not None:
+        problem += f" ({context} at line {context_mark.line + 1})"
+    return (mark.line + 1 if mark is not None else None), problem
+
+
 def _expanded_size(root: yaml.Node) -> int:
     """Nodes in the tree with every alias expanded, counted without expanding: a shared
     node's size is computed once (children before parents, by an explicit stack)."""

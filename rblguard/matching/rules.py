@@ -166,14 +166,9 @@ class _Loader:
             raise RuleError(str(exc)) from None
         except OSError as exc:
             raise RuleError(f"{self.file}: cannot read: {exc.strerror or exc}") from exc
-        except yaml.YAMLError as exc:  # one line: where the parser gave up, and why
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{self.file}:{mark.line + 1}" if mark is not None else self.file
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            context = getattr(exc, "context", None)
-            context_mark = getattr(exc, "context_mark", None)
-            if context and context_mark is not None:
-                problem += f" ({context} at line {context_mark.line + 1})"
+        except yaml.YAMLError as exc:
+            line, problem = yamlfile.syntax_error(exc)
+            where = f"{self.file}:{line}" if line is not None else self.file
             raise RuleError(f"{where}: not valid YAML: {problem}") from None
 
     def err(self, node: Any, message: str) -> RuleError:
