@@ -67,7 +67,7 @@ def _sh(cmd: Sequence[str], *, input: str | None = None,
     """Run a tool; a failure becomes a FirewallError that quotes the tool's own words."""
     try:
         proc = subprocess.run(list(cmd), input=input, capture_output=True, text=True,
-                              timeout=120)
+                              timeout=restore.TIMEOUT)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise FirewallError(f"{cmd[0]}: {exc}") from exc
     if check and proc.returncode != 0:

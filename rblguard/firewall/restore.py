@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from itertools import islice
 
 SLICE_LINES = 1_000  # lines formatted and written at a time
-TIMEOUT = 120.0  # s for the whole run, as for every other tool call
+TIMEOUT = 120.0  # s for a whole run of a tool (ipset._sh gives every other call the same)
 
 
 class ToolError(Exception):
