@@ -42,6 +42,13 @@ def rblguard(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
+def refusal(tmp_path: Path, text: str) -> str:
+    """The RuleError a rule file with ``text`` gets (it must get one)."""
+    with pytest.raises(RuleError) as err:
+        load_rules([write(tmp_path, text)])
+    return str(err.value)
+
+
 def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
     (tmp_path / name).write_text(text)
     return tmp_path
@@ -89,9 +96,7 @@ def test_test_rules_command_exit_codes(tmp_path: Path) -> None:
     (GOOD.replace("    ignore:", "    ban: {for: 5x}\n    ignore:"), "ban: '5x' is not a duration"),
 ])
 def test_rule_errors_name_file_line_and_problem(tmp_path: Path, text: str, message: str) -> None:
-    with pytest.raises(RuleError) as err:
-        load_rules([write(tmp_path, text)])
-    assert message in str(err.value)
+    assert message in refusal(tmp_path, text)
 
 
 CONNECTIONS = GOOD.replace("samples:\n", """connections:
@@ -117,9 +122,7 @@ samples:
 ])
 def test_connection_line_errors_name_file_line_and_problem(tmp_path: Path, text: str,
                                                            message: str) -> None:
-    with pytest.raises(RuleError) as err:
-        load_rules([write(tmp_path, text)])
-    assert message in str(err.value)
+    assert message in refusal(tmp_path, text)
 
 
 def test_connection_lines_are_proven_by_samples(tmp_path: Path) -> None:
@@ -250,9 +253,7 @@ def test_within_line_rewrites(pattern: str, confined: str) -> None:
 ])
 def test_patterns_that_cannot_stay_in_one_line_are_refused(tmp_path: Path, text: str,
                                                            message: str) -> None:
-    with pytest.raises(RuleError) as err:
-        load_rules([write(tmp_path, text)])
-    assert message in str(err.value)
+    assert message in refusal(tmp_path, text)
 
 
 def test_numbered_back_reference_fails_test_rules(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from tests.daemon_harness import DaemonHarness, ElementMonitor, NotifyListener, wait_for
 from tests.e2e import peers
@@ -510,14 +511,25 @@ class Frontend:
             self.notify.close()
 
 
+F = TypeVar("F", bound=Frontend)
+
+
 @contextlib.contextmanager
-def frontend(workdir: Path, population: Population, **kwargs) -> Iterator[Frontend]:
-    """A started front end in namespaces of its own, always torn down afterwards."""
-    with netns_pair("e2e") as pair:
-        fe = Frontend(pair, workdir, population, **kwargs)
+def started(kind: type[F], prefix: str, workdir: Path, population: Population,
+            **kwargs) -> Iterator[F]:
+    """A started front end of ``kind`` in namespaces of its own (named ``prefix``-...),
+    always torn down afterwards."""
+    with netns_pair(prefix) as pair:
+        fe = kind(pair, workdir, population, **kwargs)
         try:
             fe.start()
             yield fe
         finally:
             fe.close()
+
+
+def frontend(workdir: Path, population: Population,
+             **kwargs) -> contextlib.AbstractContextManager[Frontend]:
+    """A started qmail front end (see started())."""
+    return started(Frontend, "e2e", workdir, population, **kwargs)
 

@@ -28,14 +28,12 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 from tests.daemon_harness import DaemonHarness, ElementMonitor, NotifyListener
-from tests.e2e.frontend import METRICS, ZONES, Frontend, Measured, Population
+from tests.e2e.frontend import METRICS, ZONES, Frontend, Measured, Population, started
 from tests.e2e.load import Outcome, Planned
-from tests.netns import netns_pair
 
 MASTER_CF = """\
 {smtp_service}
@@ -264,15 +262,8 @@ class PostfixFrontend(Frontend):
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-@contextlib.contextmanager
 def postfix_frontend(workdir: Path, population: Population,
-                     **kwargs) -> Iterator[PostfixFrontend]:
-    """A started Postfix front end in namespaces of its own, always torn down after."""
-    with netns_pair("pf") as pair:
-        fe = PostfixFrontend(pair, workdir, population, **kwargs)
-        try:
-            fe.start()
-            yield fe
-        finally:
-            fe.close()
+                     **kwargs) -> contextlib.AbstractContextManager[PostfixFrontend]:
+    """A started Postfix front end (see tests.e2e.frontend.started())."""
+    return started(PostfixFrontend, "pf", workdir, population, **kwargs)
 
