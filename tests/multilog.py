@@ -62,12 +62,26 @@ class Multilog:
                 time.sleep(0.0005)
 
     def wait_written(self, timeout: float = 5.0) -> None:
-        """Until the last line written is in ``current`` (multilog wrote it out)."""
+        """Until the last line written is in the log (multilog wrote it out)."""
         deadline = time.monotonic() + timeout
-        while self._last and not (self.directory / "current").read_bytes().rstrip(
-                b"\n").endswith(b" " + self._last):
+        while self._last and not self._newest_text().rstrip(b"\n").endswith(b" " + self._last):
             assert time.monotonic() < deadline, f"multilog did not write {self._last!r}"
             time.sleep(0.005)
+
+    def _newest_text(self) -> bytes:
+        """The text of the file that holds the newest line: ``current``, unless multilog
+        has just rotated it (then it is empty or missing, and the line is in
+        ``previous`` or the newest ``@…`` file).  A rotation under way can make this
+        miss the line once; the caller looks again."""
+        rotated = sorted(p.name for p in self.directory.glob("@*"))
+        for name in ["current", "previous", *rotated[-1:]]:
+            try:
+                text = (self.directory / name).read_bytes()
+            except FileNotFoundError:
+                continue
+            if text:
+                return text
+        return b""
 
     def close(self) -> None:
         """Stop multilog; it writes out everything it holds first."""
