@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import rblguard.sources.watch
 from rblguard.model import MAX_LINE_BYTES, SourcePosition
 from rblguard.sources.follow import Chunk, Follower
 from rblguard.sources.layout import fingerprint, list_files
@@ -443,6 +444,38 @@ def test_writes_beside_a_source_directory_wake_nothing(tmp_path: Path) -> None:
             names.append(raw[pos + 16:pos + 16 + length].rstrip(b"\0").decode())
             pos += 16 + length
         assert names and "current" not in names, names  # no write to the sibling woke it
+    finally:
+        watcher.stop()
+
+
+def test_a_path_made_at_once_is_followed_down_to_the_source(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mkdir -p not/yet`` makes ``yet`` before the watch on ``not`` is added when the
+    watcher looks in between: no event will ever say so, so it must look again.  CI
+    met it by chance (the source's file was never reported); here the directory is made
+    inside the add itself, every time."""
+    missing = tmp_path / "not" / "yet" / "there"
+    real_add = rblguard.sources.watch._Inotify.add
+
+    def add_after_mkdir(inotify: object, directory: str, mask: int) -> int:
+        if directory == str(tmp_path / "not"):
+            (tmp_path / "not" / "yet").mkdir()
+        return real_add(inotify, directory, mask)
+
+    monkeypatch.setattr(rblguard.sources.watch._Inotify, "add", add_after_mkdir)
+    # A source beside keeps tmp_path watched: dropping its watch would queue an event,
+    # and that one's reshape would find yet/ by luck.
+    watcher = SourceWatcher([str(missing), str(tmp_path / "maillog")], lambda _source: None)
+    watcher.start(own_thread=False)
+    poller = select.poll()
+    poller.register(watcher.fileno(), select.POLLIN)
+    try:
+        (tmp_path / "not").mkdir()
+        assert poller.poll(5000), "no inotify event for not/"
+        watcher.changed()  # the reshape: watches not/, which makes yet/ meanwhile
+        missing.write_bytes(b"x\n")
+        assert poller.poll(5000), "no inotify event for not/yet/there"
+        assert watcher.changed() == {str(missing)}
     finally:
         watcher.stop()
 

@@ -63,6 +63,7 @@ _STRUCTURE_MASK = (_IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
                    | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR)
 _WATCH_MASK = _STRUCTURE_MASK | _IN_MODIFY  # a directory whose files are the source's
 _RESHAPE = _IN_ISDIR | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED | _IN_Q_OVERFLOW
+_RESHAPE_ROUNDS = 8  # looks at the paths after a change of watches (see _reshape)
 _EVENT_HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len
 
 
@@ -168,11 +169,31 @@ class SourceWatcher:
         self._fd, self._wakeup = -1, None
 
     def _reshape(self) -> set[str]:
-        """Watch exactly the directories the sources need now; the sources that moved."""
+        """Watch exactly the directories the sources need now; the sources that moved.
+
+        A directory made between looking at the paths and adding its parent's watch
+        (``mkdir -p`` makes a whole path at once) gives that watch no event, so the
+        paths are looked at again after each change of watches until they hold still.
+        """
+        changed: set[str] = set()
+        wanted = self._wanted()
+        for _ in range(_RESHAPE_ROUNDS):  # bounded: a path that never holds still
+            changed |= self._watch(wanted)  # is picked up again by its next event
+            wanted = self._wanted()
+            if wanted == self._by_dir:
+                break
+        return changed
+
+    def _wanted(self) -> dict[str, list[tuple[str, str | None, bool]]]:
+        """Each directory to watch, with the interests of the sources in it."""
         by_dir: dict[str, list[tuple[str, str | None, bool]]] = {}
         for source in self.sources:
             for directory, name, rotated_too in _interest(source):
                 by_dir.setdefault(directory, []).append((source, name, rotated_too))
+        return by_dir
+
+    def _watch(self, by_dir: dict[str, list[tuple[str, str | None, bool]]]) -> set[str]:
+        """Set the watches to ``by_dir``; the sources whose directories changed."""
         changed = {s for d in set(by_dir) ^ set(self._by_dir)
                    for s, _n, _r in by_dir.get(d, []) + self._by_dir.get(d, [])}
         for directory in set(self._dir_wd) - set(by_dir):
