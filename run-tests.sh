@@ -16,11 +16,12 @@ fi
 APT_PACKAGES=(nftables ipset iptables iproute2 ucspi-tcp daemontools dnsmasq-base
               postfix  # tests/e2e/test_postfix.py: the Postfix pack on a real Postfix
               prometheus systemd python3 python3-venv python3-pip
+              python3-dev gcc  # pip install -e builds the compiled prefilter
               e2fsprogs util-linux mount  # a loop-device ext4 for the read-only state test
               # tests/test_package.py: build (debian/control's Build-Depends), check,
               # install (the package's Depends) and piuparts
               dpkg-dev build-essential debhelper dh-python pybuild-plugin-pyproject
-              python3-all python3-setuptools python3-argparse-manpage lintian
+              python3-all python3-all-dev python3-setuptools python3-argparse-manpage lintian
               piuparts debootstrap python3-yaml python3-watchdog
               python3-prometheus-client python3-pyroute2 python3-nftables python3-regex
               python3-redis

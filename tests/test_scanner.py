@@ -198,11 +198,17 @@ def test_injected_reject_after_any_prefix_never_bans(prefix, address) -> None:
     b"tcpserver: pid 8 from ::ffff:198.18.5.127",
 ]), max_size=40))
 def test_tally_counts_what_scan_finds(lines) -> None:
-    """`rblguard scan` counts with tally(); the daemon acts on scan(): they must agree."""
+    """`rblguard scan` counts with tally(); the daemon acts on scan(): they must agree,
+    whether tally() searches whole windows or the lines the prefilter picked."""
     buf = b"".join(LINE_START + line + b"\n" for line in lines)
     scanner = Scanner(load_rules([shipped_rules_dir()]))
     events = scanner.scan(buf, 0, TAI64N, 0).events
     counted = scanner.tally(buf, 0, TAI64N, 0)
+    assert scanner.fixed_texts, "the shipped rules are prefiltered"
+    whole = Scanner(load_rules([shipped_rules_dir()]), use_prefilter=False).tally(
+        buf, 0, TAI64N, 0)
+    assert (counted.lines, counted.match_counts, counted.connection_count, counted.events) \
+        == (whole.lines, whole.match_counts, whole.connection_count, whole.events)
     matches: dict[tuple[str, str], int] = {}
     for e in events:
         if isinstance(e, Match):
@@ -481,10 +487,13 @@ def test_tally_vetoes_what_scan_vetoes(tmp_path: Path, texts: tuple[bytes, ...])
         i // 250, i % 250, texts[i % len(texts)].replace(b"%d", b"%d" % i))
         for i in range(300))
     events = scanner.scan(buf, 0, TAI64N, 0).events
-    counted = scanner.tally(buf, 0, TAI64N, 0)
-    vetoed = sorted(e.address for e in events if isinstance(e, Ignored))
+    vetoed = sorted((e.address, e.offset, e.line) for e in events if isinstance(e, Ignored))
     assert len(vetoed) in (100, 150)
-    assert sorted(e.address for e in counted.events if isinstance(e, Ignored)) == vetoed
+    for use_prefilter in (False, True):  # whole windows, and the prefilter's lines
+        scanner.use_prefilter = use_prefilter
+        counted = scanner.tally(buf, 0, TAI64N, 0)
+        assert sorted((e.address, e.offset, e.line)
+                      for e in counted.events if isinstance(e, Ignored)) == vetoed
     banned = {e.address for e in events if isinstance(e, Match)}
     assert {a for _rule, a in counted.match_counts or {}} == banned
 

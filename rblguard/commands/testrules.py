@@ -22,6 +22,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from rblguard.matching import prefilter
 from rblguard.matching.rules import (
     ConnectionLine,
     Rule,
@@ -32,7 +33,7 @@ from rblguard.matching.rules import (
     rule_files,
 )
 from rblguard.matching.scanner import Scanner
-from rblguard.model import Connection, Ignored, Match, ParseError
+from rblguard.model import ChunkResult, Connection, Ignored, Match, ParseError
 from rblguard.sources.files import log_files, read_complete_lines
 from rblguard.sources.stamps import NONE, TAI64N, StampFormat, detect_format, split_line
 
@@ -81,10 +82,19 @@ def _scanned(scanner: Scanner, lines: list[bytes], stamp: bytes = b"") -> list[O
     return out
 
 
-def _tallied(scanner: Scanner, lines: list[bytes], stamp: bytes = b"") -> Counter[Outcome]:
-    """What `rblguard scan` counts in the same buffer (it counts, it does not list)."""
+def _tallies(scanner: Scanner, lines: list[bytes], stamp: bytes = b"") -> list[Counter[Outcome]]:
+    """What `rblguard scan` counts in the same buffer (it counts, it does not list), by
+    each of its paths: searching whole windows, and searching only the lines its
+    compiled prefilter picks where that is built (rblguard.matching.prefilter)."""
     buf, fmt = _log(lines, stamp)
-    result = scanner.tally(buf, 0, fmt, 0.0)
+    counts = []
+    for use in (False, True) if prefilter.available() else (False,):
+        scanner.use_prefilter = use
+        counts.append(_counts(scanner.tally(buf, 0, fmt, 0.0)))
+    return counts
+
+
+def _counts(result: ChunkResult) -> Counter[Outcome]:
     counted: Counter[Outcome] = Counter()
     for (rule, address), n in (result.match_counts or {}).items():
         counted["ban", address, rule] += n
@@ -113,10 +123,12 @@ def _check_paths(scanner: Scanner, samples: list[Sample]) -> tuple[list[Outcome]
             if other != got:
                 problems.append(f"{where}: sample gives {_show(got)} but {_show(other)} "
                                 f"{how}: the rule means different things to the scanner")
-        counted = _tallied(scanner, [line])
-        if counted != Counter([_counted(got)] if got != NO_EVENT else []):
-            problems.append(f"{where}: sample gives {_show(got)} but `rblguard scan` counts "
-                            f"{_show_counts(counted)}")
+        want = Counter([_counted(got)] if got != NO_EVENT else [])
+        for counted in _tallies(scanner, [line]):
+            if counted != want:
+                problems.append(f"{where}: sample gives {_show(got)} but `rblguard scan` "
+                                f"counts {_show_counts(counted)}")
+                break
     for stamp in (b"", SAMPLE_STAMP):
         together = _scanned(scanner, lines, stamp)
         for sample, got, alone_got in zip(samples, together, alone, strict=True):
@@ -125,11 +137,11 @@ def _check_paths(scanner: Scanner, samples: list[Sample]) -> tuple[list[Outcome]
                                 f"alone but {_show(got)} scanned with the other samples: a "
                                 "pattern must never reach into another line")
         expected = Counter(_counted(o) for o in together if o != NO_EVENT)
-        counted = _tallied(scanner, lines, stamp)
-        if counted != expected and samples:
+        wrong = [c for c in _tallies(scanner, lines, stamp) if c != expected]
+        if wrong and samples:
             problems.append(f"{samples[0].file}: the samples scanned as one log give "
                             f"{_show_counts(expected)} but `rblguard scan` counts "
-                            f"{_show_counts(counted)}: a pattern reaches into another line")
+                            f"{_show_counts(wrong[0])}: a pattern reaches into another line")
     return alone, problems
 
 

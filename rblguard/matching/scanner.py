@@ -13,8 +13,8 @@ rblguard.sources.stamps), so they are matched line by line, which is slower but 
 
 from __future__ import annotations
 
+import functools
 import logging
-import re
 from collections import Counter
 from operator import itemgetter
 
@@ -26,14 +26,12 @@ from rblguard.addresses import (
     canonical_bytes,
     canonical_many,
 )
-from rblguard.matching import deadline
-from rblguard.matching.confine import RESERVED_GROUP_PREFIX
+from rblguard.matching import counting, deadline, prefilter
 from rblguard.matching.rules import TCPSERVER, ConnectionLine, Rule, RuleSet
 from rblguard.matching.vetoes import (
     BUFFER_TIMEOUT,
     LINE_TIMEOUT,
     dnsbl_zone,
-    literal_alternatives,
     vetoed_hits,
     vetoed_tails,
 )
@@ -55,9 +53,6 @@ from rblguard.sources.stamps import (
 
 log = logging.getLogger("rblguard.matching.scanner")
 
-_FLAGS = regex.MULTILINE | regex.VERSION0
-_STAMP_GROUP = re.compile(rb"(?<!\\)\((?!\?)")  # a capturing "(" in a stamp's pattern
-_TAIL = RESERVED_GROUP_PREFIX + "tail"  # tally()'s group: the rest of a hit's line
 Source = Rule | ConnectionLine  # what a pattern of the scanner finds
 
 
@@ -65,8 +60,10 @@ class Scanner:
     """Finds the events of one rule set in buffers of complete lines."""
 
     def __init__(self, ruleset: RuleSet, *, connections: bool = True,
-                 tcpserver: bool = True, connection_events: bool = True) -> None:
+                 tcpserver: bool = True, connection_events: bool = True,
+                 use_prefilter: bool = True) -> None:
         self.rules = ruleset.rules
+        self.use_prefilter = use_prefilter  # False: tally() searches whole windows
         # False: connection lines are only counted (ChunkResult.connection_count), as the
         # daemon's metrics need; an event each is for simulate, which replays them.
         self.connection_events = connection_events
@@ -118,8 +115,9 @@ class Scanner:
             return self._compiled[fmt.name]
         stamp = fmt.prefix.pattern if fmt.prefix is not None else b""
         try:
-            patterns = [(rule, regex.compile(_anchored(literal, stamp, rest), _FLAGS))
-                        for rule, literal, rest in self._sources()]
+            patterns = [(source, regex.compile(counting.anchored(literal, stamp, rest),
+                                               counting.FLAGS))
+                        for source, literal, rest in self._sources()]
         except regex.error:  # "look-behind requires fixed-width pattern"
             patterns = None
         self._compiled[fmt.name] = patterns
@@ -240,13 +238,14 @@ class Scanner:
         log holds: resolve() turns them into counts once per distinct address, after
         the last window, instead of once per address and window.
         """
-        patterns = None if fmt.syslog or not self._disjoint() else self._patterns(fmt)
+        disjoint = counting.disjoint([r.literal for r in self.rules])
+        patterns = None if fmt.syslog or not disjoint else self._patterns(fmt)
         if patterns is not None:
             try:
                 return self._tally_buffer(window, stop, base, fmt, ref_time, raw)
             except TimeoutError:  # as in scan(): each line on its own, each one bounded
                 pass
-        return _as_counts(self.scan(bytes(window[1:stop]), base, fmt, ref_time))
+        return counting.as_counts(self.scan(bytes(window[1:stop]), base, fmt, ref_time))
 
     def resolve(self, raw: dict[str, Counter[bytes]], into: ChunkResult) -> ChunkResult:
         """``into`` with the matches in ``raw`` added to its counts by canonical address;
@@ -270,14 +269,20 @@ class Scanner:
     def _tally_buffer(self, data: bytes | bytearray, stop: int, base: int,
                       fmt: StampFormat, ref_time: float,
                       raw: dict[str, Counter[bytes]]) -> ChunkResult:
-        result = ChunkResult(lines=data.count(b"\n", 1, stop), end_offset=base + stop - 1)
+        picked = self._prefiltered(data, stop, fmt)
+        lines = picked.lines if picked is not None else data.count(b"\n", 1, stop)
+        result = ChunkResult(lines=lines, end_offset=base + stop - 1)
         if stop <= 1:
             return result
         result.first_time, result.last_time = span_times(data, 1, stop, fmt, ref_time)
+        if picked is not None:  # from here on, search only the lines it picked
+            data, stop = picked.text, len(picked.text)
         # (rule, hits, vetoed addresses): added to raw only once every search is done,
         # so that a search that runs out of time leaves raw as it was
         found_by_rule: list[tuple[str, list, int, list[bytes]]] = []
-        for rule, count, fast, full, veto_pattern, literals in self._count_patterns(fmt):
+        for cp in self._count_patterns(fmt):
+            rule, count, full, veto_pattern = cp.source, cp.count, cp.full, cp.veto
+            fast, literals = cp.fast, cp.literals
             found = deadline.findall(count, fast, data, stop, BUFFER_TIMEOUT)
             if type(rule) is ConnectionLine:
                 result.connection_count += len(found) if self._counts(rule, len(found)) else 0
@@ -286,15 +291,16 @@ class Scanner:
             # Ignores look at the rest of each hit's line: search all of them at once.
             if veto_pattern is not None and rule.veto is not None:
                 # A look-behind may reach before the tail: then only the full pass is sure.
-                tail = count.groupindex[_TAIL] - 1
+                tail = count.groupindex[counting.TAIL] - 1
                 texts = None
                 if b"(?<" not in rule.veto.pattern:
                     tails = list(map(itemgetter(tail), found))
                     texts = {text: tails.count(text)
                              for text in vetoed_tails(tails, rule.veto, literals)}
                 for m, le in vetoed_hits(rule.veto, full, veto_pattern, data, stop, texts):
+                    at = le if picked is None else picked.origin(le)  # in the window
                     result.events.append(self._classify(
-                        rule, m, data, m.start(), le, fmt.parse(m, ref_time), base + le))
+                        rule, m, data, m.start(), le, fmt.parse(m, ref_time), base + at))
                     vetoed.append(m["addr"])
             found_by_rule.append((rule.name, found, count.groupindex["addr"] - 1, vetoed))
         for name, found, index, vetoed in found_by_rule:
@@ -304,44 +310,30 @@ class Scanner:
                 counter[address_bytes] -= 1
         return result
 
-    def _count_patterns(self, fmt: StampFormat) -> list[tuple[
-            Source, regex.Pattern, re.Pattern | None, regex.Pattern,
-            regex.Pattern | None, list[bytes] | None]]:
-        """For tally(): each pattern without the stamp's groups and with the rest of the
-        line captured (findall then returns little more than the addresses), the same
-        compiled by ``re`` where it can be (rblguard.matching.deadline), the full
-        pattern, the pattern of the hits an ignore vetoes, and the ignores' texts when
-        every one of them is a plain text (or several, with ``|``)."""
+    def _prefiltered(self, window: bytes | bytearray, stop: int,
+                     fmt: StampFormat) -> prefilter.Selection | None:
+        """The lines of ``window[1:stop]`` a pattern may match, or None where the
+        prefilter cannot tell (rblguard.matching.prefilter.pick)."""
+        if not self.use_prefilter:
+            return None
+        return prefilter.pick(window, stop, fmt.width, self.fixed_texts)
+
+    @functools.cached_property
+    def fixed_texts(self) -> tuple[bytes, ...]:
+        """The patterns' fixed texts the prefilter picks lines by; empty where it cannot
+        (rblguard.matching.prefilter.fixed_texts)."""
+        vetoes = [rule.veto.pattern for rule in self.rules if rule.veto is not None]
+        return prefilter.fixed_texts([(lit, rest) for _s, lit, rest in self._sources()], vetoes)
+
+    def _count_patterns(self, fmt: StampFormat) -> list[counting.CountPattern]:
+        """tally()'s patterns for ``fmt`` (rblguard.matching.counting), made once."""
         key = "count:" + fmt.name
         cached = self._compiled.get(key)
         if cached is None:
-            cached = []
             stamp = fmt.prefix.pattern if fmt.prefix is not None else b""
-            uncaptured = _STAMP_GROUP.sub(b"(?:", stamp)  # findall: only what it counts
-            patterns = self._patterns(fmt) or []
-            for (rule, literal, rest), (_, full) in zip(self._sources(), patterns, strict=True):
-                count_text = (_anchored(literal, uncaptured, rest)
-                              + b"(?P<" + _TAIL.encode() + b">[^\n]*)")
-                count = regex.compile(count_text, _FLAGS)
-                fast = deadline.compile_fast(count_text, re.MULTILINE)
-                veto = None
-                if type(rule) is Rule and rule.veto is not None:
-                    veto = regex.compile(full.pattern + b"(?=[^\n]*?(?:" + rule.veto.pattern
-                                         + b"))", _FLAGS)
-                literals = None
-                if type(rule) is Rule and rule.ignores:
-                    parts = [literal_alternatives(ig.regex.pattern) for ig in rule.ignores]
-                    if all(part is not None for part in parts):
-                        literals = [text for part in parts for text in part or ()]
-                cached.append((rule, count, fast, full, veto, literals))
+            cached = counting.count_patterns(self._sources(), self._patterns(fmt) or [], stamp)
             self._compiled[key] = cached
         return cached
-
-    def _disjoint(self) -> bool:
-        """True when no line can match two rules (no literal is a prefix of another)."""
-        lits = [r.literal for r in self.rules]
-        return not any((a != b and b.startswith(a)) or (a == b and i != j)
-                       for i, a in enumerate(lits) for j, b in enumerate(lits))
 
     # -- the line path: syslog, samples, and anything whose message is rebuilt ---------
 
@@ -405,33 +397,11 @@ def _usable_addresses(pattern: regex.Pattern, data: bytes) -> int:
     return n
 
 
-def _anchored(literal: bytes, stamp: bytes, rest: bytes) -> bytes:
-    """A pattern that finds ``literal`` and proves it stands right after newline + stamp."""
-    lit = re.escape(literal)
-    return lit + b"(?<=\n" + stamp + lit + b")" + rest
-
-
 def _complete(buf: bytes) -> bytes:
     """``buf`` without a last line that lacks its newline."""
     if buf and buf[-1] != 10:
         return buf[:buf.rfind(b"\n") + 1]
     return buf
-
-
-def _as_counts(result: ChunkResult) -> ChunkResult:
-    """A scan() result in tally() form: Match and Connection events become counts."""
-    counts: dict[tuple[str, str], int] = {}
-    rest: list[Event] = []
-    for event in result.events:
-        if isinstance(event, Match):
-            key = (event.rule, event.address)
-            counts[key] = counts.get(key, 0) + 1
-        elif isinstance(event, Connection):
-            result.connection_count += 1
-        else:
-            rest.append(event)
-    result.events, result.match_counts = rest, counts
-    return result
 
 
 def _offset(event: Event) -> int:

@@ -1,0 +1,87 @@
+"""What Scanner.tally() counts with: its patterns, and the pieces around them.
+
+``rblguard scan`` counts a rule's hits with one findall per buffer instead of an event
+per line.  Its patterns are the scanner's, anchored the same way (``anchored``), minus
+the stamp's groups and plus the rest of the line, so findall returns little more than
+the addresses and the text an ignore would veto.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import regex
+
+from rblguard.matching import deadline
+from rblguard.matching.confine import RESERVED_GROUP_PREFIX
+from rblguard.matching.rules import ConnectionLine, Rule
+from rblguard.matching.vetoes import literal_alternatives
+from rblguard.model import ChunkResult, Connection, Event, Match
+
+FLAGS = regex.MULTILINE | regex.VERSION0  # every pattern the scanner compiles
+TAIL = RESERVED_GROUP_PREFIX + "tail"  # the count pattern's group: the rest of a hit's line
+_STAMP_GROUP = re.compile(rb"(?<!\\)\((?!\?)")  # a capturing "(" in a stamp's pattern
+
+
+@dataclass(frozen=True)
+class CountPattern:
+    """One rule's (or connection line's) patterns for tally()."""
+
+    source: Rule | ConnectionLine
+    count: regex.Pattern  # without the stamp's groups, with TAIL: for findall
+    fast: re.Pattern | None  # the same compiled by ``re`` where it can be (deadline)
+    full: regex.Pattern  # the scanner's own pattern, with the stamp's groups
+    veto: regex.Pattern | None  # the full pattern's hits that an ignore vetoes
+    literals: list[bytes] | None  # the ignores' texts, when each is plain text (or |)
+
+
+def anchored(literal: bytes, stamp: bytes, rest: bytes) -> bytes:
+    """A pattern that finds ``literal`` and proves it stands right after newline + stamp."""
+    lit = re.escape(literal)
+    return lit + b"(?<=\n" + stamp + lit + b")" + rest
+
+
+def count_patterns(sources: list[tuple[Rule | ConnectionLine, bytes, bytes]],
+                   full_patterns: list[tuple[Rule | ConnectionLine, regex.Pattern]],
+                   stamp: bytes) -> list[CountPattern]:
+    """The CountPattern of each (source, fixed text, rest of its pattern), beside its
+    full pattern (Scanner's, for the stamp ``stamp``)."""
+    uncaptured = _STAMP_GROUP.sub(b"(?:", stamp)  # findall: only what it counts
+    made = []
+    for (source, literal, rest), (_, full) in zip(sources, full_patterns, strict=True):
+        count_text = anchored(literal, uncaptured, rest) + b"(?P<" + TAIL.encode() + b">[^\n]*)"
+        veto = literals = None
+        if type(source) is Rule and source.veto is not None:
+            veto = regex.compile(full.pattern + b"(?=[^\n]*?(?:" + source.veto.pattern + b"))",
+                                 FLAGS)
+        if type(source) is Rule and source.ignores:
+            parts = [literal_alternatives(ig.regex.pattern) for ig in source.ignores]
+            if all(part is not None for part in parts):
+                literals = [text for part in parts for text in part or ()]
+        made.append(CountPattern(source, regex.compile(count_text, FLAGS),
+                                 deadline.compile_fast(count_text, re.MULTILINE),
+                                 full, veto, literals))
+    return made
+
+
+def disjoint(literals: list[bytes]) -> bool:
+    """True when no line can match two rules (no fixed text is a prefix of another)."""
+    return not any((a != b and b.startswith(a)) or (a == b and i != j)
+                   for i, a in enumerate(literals) for j, b in enumerate(literals))
+
+
+def as_counts(result: ChunkResult) -> ChunkResult:
+    """A scan() result in tally() form: Match and Connection events become counts."""
+    counts: dict[tuple[str, str], int] = {}
+    rest: list[Event] = []
+    for event in result.events:
+        if isinstance(event, Match):
+            key = (event.rule, event.address)
+            counts[key] = counts.get(key, 0) + 1
+        elif isinstance(event, Connection):
+            result.connection_count += 1
+        else:
+            rest.append(event)
+    result.events, result.match_counts = rest, counts
+    return result

@@ -1,0 +1,83 @@
+"""The scanner's prefilter: the lines a rule may match, picked out in one pass in C.
+
+A rule's anchored pattern (rblguard.matching.scanner) only matches a line whose message,
+right after the stamp, begins with the rule's fixed text.  When the stamp has a fixed
+width, those lines can be told from all others by a byte comparison at one place in
+each line.  ``select`` does that, and counts the lines, in one pass of compiled code
+(``_prefilter.c``): about 14 ms for a 95 MB log, where counting the newlines alone
+takes Python 40 ms and each rule's search over the whole text 30-90 ms.  The rules'
+searches then run over the copy it returns, about a tenth of a front end's log.  It is
+an exact filter, not a heuristic: every line it leaves out cannot match, because the
+pattern requires the fixed text at exactly that place.
+
+The module is compiled when the package is built (setup.py; the Debian package is
+built with it).  Where it is not there, ``available()`` is False and the scanner
+searches whole windows, as before: the same results, slower.
+"""
+
+from __future__ import annotations
+
+import bisect
+from array import array
+from dataclasses import dataclass
+
+try:
+    from rblguard.matching._prefilter import select as _select
+except ImportError:  # built without a compiler: the scanner searches whole windows
+    _select = None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The lines of a window a rule may match, copied out.
+
+    ``text`` is a newline followed by each chosen line with its newline, so a pattern's
+    look-behind finds a newline before each as in the window.  ``lines`` counts every
+    line of the window, chosen or not.
+    """
+
+    lines: int
+    text: bytes
+    starts: array  # where each chosen line starts in text
+    origins: array  # where it starts in the window
+
+    def origin(self, pos: int) -> int:
+        """The window's position of ``text[pos]`` (a byte of a chosen line or its
+        newline)."""
+        k = bisect.bisect_right(self.starts, pos) - 1
+        return self.origins[k] + pos - self.starts[k]
+
+
+def available() -> bool:
+    """Whether the compiled prefilter is there."""
+    return _select is not None
+
+
+def select(window: bytes | bytearray, start: int, stop: int, width: int,
+           literals: tuple[bytes, ...]) -> Selection:
+    """The lines of ``window[start:stop]`` (whole lines) whose bytes at ``width``
+    from their start begin with one of ``literals``; RuntimeError if not available()."""
+    if _select is None:
+        raise RuntimeError("rblguard's compiled prefilter is not built")
+    lines, text, pairs = _select(window, start, stop, width, literals)
+    both = array("q")
+    both.frombytes(pairs)
+    return Selection(lines, text, both[0::2], both[1::2])
+
+
+def fixed_texts(patterns: list[tuple[bytes, bytes]], vetoes: list[bytes]) -> tuple[bytes, ...]:
+    """The fixed texts of (fixed text, rest) patterns, for pick(); empty when one has
+    none, or when a pattern's rest or an ignore (``vetoes``) looks behind: a look-behind
+    might reach the line before, which a Selection does not keep."""
+    texts = tuple(literal for literal, _rest in patterns)
+    behind = any(b"(?<" in rest for _lit, rest in patterns) or any(b"(?<" in v for v in vetoes)
+    return () if behind or not all(texts) else texts
+
+
+def pick(window: bytes | bytearray, stop: int, width: int | None,
+         texts: tuple[bytes, ...]) -> Selection | None:
+    """select() of ``window[1:stop]``, or None where it cannot tell: not built, a stamp
+    of varying width (``width`` None), or no fixed texts (see fixed_texts())."""
+    if width is None or not texts or _select is None:
+        return None
+    return select(window, 1, stop, width, texts)
