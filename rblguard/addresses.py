@@ -18,6 +18,9 @@ _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _PLAIN_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 _PLAIN_IPV4_LINES = re.compile(rb"^" + _OCTET.encode() + rb"(?:\." + _OCTET.encode()
                                + rb"){3}$", re.MULTILINE)
+# ::ffff:198.18.5.124, an IPv4 client seen by an IPv6 socket: the IPv4 part is canonical
+_MAPPED_IPV4_LINES = re.compile(rb"^(::[fF]{4}:(" + _OCTET.encode() + rb"(?:\."
+                                + _OCTET.encode() + rb"){3}))$", re.MULTILINE)
 _cache: dict[str, str | None] = {}
 # canonical_bytes()'s memory, public so that the scanner's hot loop can try a dict
 # lookup before paying for a call.  Read it; only canonical_bytes() writes it.
@@ -41,11 +44,13 @@ def canonical_bytes(raw: bytes) -> str | None:
 def canonical_many(raws: list[bytes]) -> dict[bytes, str | None]:
     """canonical_bytes() of many addresses at once, for a scan's tens of thousands of
     distinct ones: the plain dotted IPv4 addresses among them, which are their own
-    canonical form, are picked out by one search over all of them instead of a call
-    each."""
+    canonical form, and the IPv4-mapped ones (``::ffff:`` and one), are picked out by a
+    search over all of them instead of a call each."""
     joined = b"\n".join(raws)
     plain = set(_PLAIN_IPV4_LINES.findall(joined))
-    return {raw: raw.decode("ascii") if raw in plain else _canonical_fast(raw)
+    mapped = dict(_MAPPED_IPV4_LINES.findall(joined)) if b"::" in joined else {}
+    return {raw: raw.decode("ascii") if raw in plain
+            else mapped[raw].decode("ascii") if raw in mapped else _canonical_fast(raw)
             for raw in raws}
 
 

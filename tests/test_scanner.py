@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rblguard.addresses import canonical_address
+from rblguard.addresses import canonical_address, canonical_many
 from rblguard.matching import deadline
 from rblguard.matching.rules import load_rules, shipped_rules_dir
 from rblguard.matching.scanner import Scanner
@@ -291,6 +291,19 @@ def _address(draw) -> tuple[str, str]:
     spelling = draw(st.sampled_from([v6.compressed, v6.exploded, v6.compressed.upper()]))
     canonical = str(v6.ipv4_mapped) if v6.ipv4_mapped is not None else v6.compressed
     return spelling, canonical
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(_address().map(lambda a: a[0]),
+                          st.sampled_from(["::ffff:1.2.3.999", "01.2.3.4", "::ffff:01.2.3.4",
+                                           "[2001:db8::1]", "fe80::1%eth0", "x", "1.2.3",
+                                           "::ffff:1.2.3.4:5", "::fffff:1.2.3.4"])),
+                unique=True, max_size=30))
+def test_canonical_many_is_canonical_address_of_each(spellings: list[str]) -> None:
+    """scan resolves its distinct addresses in one batch; each must come out exactly as
+    one at a time, invalid ones as None."""
+    got = canonical_many([s.encode() for s in spellings])
+    assert got == {s.encode(): canonical_address(s) for s in spellings}
 
 
 @st.composite
