@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from benchmarks import genlog
 from rblguard.commands import scan as scan_module
@@ -170,3 +172,17 @@ def test_a_failure_in_a_scan_worker_is_raised_in_the_parent(tmp_path: Path) -> N
         scan_module._forked(parts, 2)
     reports = scan_module._forked(parts[:1] * 2, 2)  # one each: both answers come back
     assert [r.lines for r in reports] == [1000, 1000]
+
+
+@settings(max_examples=200, deadline=None)
+@given(counts=st.dictionaries(st.sampled_from([f"198.18.0.{i}" for i in range(30)]),
+                              st.integers(1, 4)),
+       top=st.integers(0, 40))
+def test_the_top_offenders_are_the_head_of_the_whole_ranking(counts: dict[str, int],
+                                                            top: int) -> None:
+    """--top picks its rows without sorting every offender: the same rows, ties by
+    address, as the head of the full list."""
+    report = scan_module.ScanReport()
+    report.offenders.update(counts)
+    assert report.ranked(top) == report.ranked()[:top]
+    assert report.as_json(top, False)["top"] == report.as_json(top, True)["top"]

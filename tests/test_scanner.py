@@ -193,6 +193,7 @@ def test_injected_reject_after_any_prefix_never_bans(prefix, address) -> None:
     b"rblsmtpd: 198.18.5.125 pid 7: 451 temporary RBL lookup error",
     b"rblsmtpd: 198.18.5.126 pid 7: 451 Error: open resolver; https://x.example/returnc/",
     b"rblsmtpd: 198.18.999.1 pid 7: 553 listed",
+    b"rblsmtpd: 198.18.5.128/returnc/ pid 7: 553 listed",  # an ignore's text, not in the tail
     b"qmail-smtpd: HELO rblsmtpd: 203.0.113.9 pid 1: 553 x",
     b"tcpserver: pid 7 from 198.18.5.124",
     b"tcpserver: pid 8 from ::ffff:198.18.5.127",

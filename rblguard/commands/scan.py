@@ -9,6 +9,9 @@ server's queries, the very cut-off rblguard exists to prevent.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import heapq
 import itertools
 import json
 import os
@@ -16,6 +19,7 @@ import pickle
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,13 +79,16 @@ class ScanReport:
             elif kind is ParseError:
                 self.parse_errors += 1
 
-    def ranked(self) -> list[tuple[str, int]]:
+    def ranked(self, top: int | None = None) -> list[tuple[str, int]]:
         """Offenders, most matches first, ties by address: the order must not depend on
-        where the file was cut into chunks or between processes."""
-        return sorted(self.offenders.items(), key=lambda item: (-item[1], item[0]))
+        where the file was cut into chunks or between processes.  With ``top``, only
+        the first ``top`` (picked without sorting tens of thousands)."""
+        if top is not None:
+            return heapq.nsmallest(top, self.offenders.items(), key=_rank)
+        return sorted(self.offenders.items(), key=_rank)
 
     def as_json(self, top: int, with_list: bool) -> dict:
-        ranked = self.ranked()
+        ranked = self.ranked() if with_list else self.ranked(max(top, 0))
         out = {
             "lines": self.lines,
             "matches": sum(self.by_rule.values()),
@@ -117,6 +124,10 @@ class ScanReport:
         times = [t for t in (self.last_time, other.last_time) if t is not None]
         self.last_time = max(times) if times else None
         self.first_dnsbl_error = self.first_dnsbl_error or other.first_dnsbl_error
+
+
+def _rank(item: tuple[str, int]) -> tuple[int, str]:
+    return -item[1], item[0]
 
 
 # A file at least this large is scanned in two halves by two processes: scanning is
@@ -169,13 +180,31 @@ def scan_paths(paths: list[str], ruleset: RuleSet) -> ScanReport:
         report.files.extend(files)
         for file in files:
             parts.extend(_parts(file, workers))
-    if workers > 1 and len(parts) > 1 and sum(b - a for _, a, b, _ in parts) >= PARALLEL_MIN_BYTES:
-        scanned = _forked(parts, workers)
-    else:
-        scanned = [_scan_part(part) for part in parts]
+    with _no_collector():
+        if workers > 1 and len(parts) > 1 and sum(b - a for _, a, b, _ in parts) >= \
+                PARALLEL_MIN_BYTES:
+            scanned = _forked(parts, workers)
+        else:
+            scanned = [_scan_part(part) for part in parts]
     for part_report in scanned:  # in file order: the first DNSBL error is the earliest
         report.merge(part_report)
     return report
+
+
+@contextlib.contextmanager
+def _no_collector() -> Iterator[None]:
+    """No cyclic garbage collection while scanning.  A scan makes no cycles, but its
+    hundreds of thousands of short-lived tuples would set the collector off again and
+    again, each time walking every object made so far; and the objects made so far
+    (modules, rules) are frozen out of it, so that a forked child neither walks them
+    nor copies their pages by writing to them (copy on write)."""
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
 
 
 def _forked(parts: list[tuple[str, int, int, str]], workers: int) -> list[ScanReport]:

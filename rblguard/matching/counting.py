@@ -34,6 +34,9 @@ class CountPattern:
     full: regex.Pattern  # the scanner's own pattern, with the stamp's groups
     veto: regex.Pattern | None  # the full pattern's hits that an ignore vetoes
     literals: list[bytes] | None  # the ignores' texts, when each is plain text (or |)
+    # ``count`` without TAIL, by ``re`` (None where it cannot be): findall then gives
+    # the addresses alone, for lines the prefilter picked (Scanner._tally_buffer)
+    bare: re.Pattern | None = None
 
 
 def anchored(literal: bytes, stamp: bytes, rest: bytes) -> bytes:
@@ -61,7 +64,8 @@ def count_patterns(sources: list[tuple[Rule | ConnectionLine, bytes, bytes]],
                 literals = [text for part in parts for text in part or ()]
         made.append(CountPattern(source, regex.compile(count_text, FLAGS),
                                  deadline.compile_fast(count_text, re.MULTILINE),
-                                 full, veto, literals))
+                                 full, veto, literals, deadline.compile_fast(
+                                     anchored(literal, uncaptured, rest), re.MULTILINE)))
     return made
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from operator import itemgetter
 
 import regex
@@ -33,6 +34,7 @@ from rblguard.matching.vetoes import (
     LINE_TIMEOUT,
     dnsbl_zone,
     vetoed_hits,
+    vetoed_lines,
     vetoed_tails,
 )
 from rblguard.model import (
@@ -279,36 +281,60 @@ class Scanner:
             data, stop = picked.text, len(picked.text)
         # (rule, hits, vetoed addresses): added to raw only once every search is done,
         # so that a search that runs out of time leaves raw as it was
-        found_by_rule: list[tuple[str, list, int, list[bytes]]] = []
+        found_by_rule: list[tuple[str, list, int | None, list[bytes]]] = []
         for cp in self._count_patterns(fmt):
-            rule, count, full, veto_pattern = cp.source, cp.count, cp.full, cp.veto
-            fast, literals = cp.fast, cp.literals
-            found = deadline.findall(count, fast, data, stop, BUFFER_TIMEOUT)
+            rule = cp.source
+            if picked is not None and self._bare_usable(cp):
+                with deadline.bound(BUFFER_TIMEOUT):
+                    found = cp.bare.findall(data, 0, stop)
+                hits = (vetoed_lines(rule.veto, cp.full, data, stop, cp.literals)
+                        if cp.veto is not None and rule.veto is not None else ())
+                index = None if cp.bare.groups == 1 else cp.bare.groupindex["addr"] - 1
+            else:
+                found = deadline.findall(cp.count, cp.fast, data, stop, BUFFER_TIMEOUT)
+                hits = self._vetoed(cp, found, data, stop)
+                index = cp.count.groupindex["addr"] - 1
             if type(rule) is ConnectionLine:
                 result.connection_count += len(found) if self._counts(rule, len(found)) else 0
                 continue
             vetoed: list[bytes] = []
-            # Ignores look at the rest of each hit's line: search all of them at once.
-            if veto_pattern is not None and rule.veto is not None:
-                # A look-behind may reach before the tail: then only the full pass is sure.
-                tail = count.groupindex[counting.TAIL] - 1
-                texts = None
-                if b"(?<" not in rule.veto.pattern:
-                    tails = list(map(itemgetter(tail), found))
-                    texts = {text: tails.count(text)
-                             for text in vetoed_tails(tails, rule.veto, literals)}
-                for m, le in vetoed_hits(rule.veto, full, veto_pattern, data, stop, texts):
-                    at = le if picked is None else picked.origin(le)  # in the window
-                    result.events.append(self._classify(
-                        rule, m, data, m.start(), le, fmt.parse(m, ref_time), base + at))
-                    vetoed.append(m["addr"])
-            found_by_rule.append((rule.name, found, count.groupindex["addr"] - 1, vetoed))
+            for m, le in hits:
+                at = le if picked is None else picked.origin(le)  # in the window
+                result.events.append(self._classify(
+                    rule, m, data, m.start(), le, fmt.parse(m, ref_time), base + at))
+                vetoed.append(m["addr"])
+            found_by_rule.append((rule.name, found, index, vetoed))
         for name, found, index, vetoed in found_by_rule:
             counter = raw.setdefault(name, Counter())
-            counter.update(map(itemgetter(index), found))  # in C: no loop in Python
+            # in C, no loop in Python: the addresses themselves, or each hit's one
+            counter.update(found if index is None else map(itemgetter(index), found))
             for address_bytes in vetoed:
                 counter[address_bytes] -= 1
         return result
+
+    @staticmethod
+    def _bare_usable(cp: counting.CountPattern) -> bool:
+        """Whether a hit's address alone will do (CountPattern.bare): compiled, bounded
+        by a timer (deadline.usable), and the ignores, if any, plain texts that
+        vetoes.vetoed_lines can look for in the lines the prefilter picked."""
+        return cp.bare is not None and deadline.usable() and (
+            cp.veto is None or cp.literals is not None)
+
+    @staticmethod
+    def _vetoed(cp: counting.CountPattern, found: list, data: bytes | bytearray,
+                stop: int) -> Iterator[tuple[regex.Match, int]]:
+        """The hits in ``found`` (with their tails) that an ignore vetoes."""
+        rule = cp.source
+        if cp.veto is None or type(rule) is not Rule or rule.veto is None:
+            return iter(())
+        # Ignores look at the rest of each hit's line: search all of them at once.
+        # A look-behind may reach before the tail: then only the full pass is sure.
+        texts = None
+        if b"(?<" not in rule.veto.pattern:
+            tails = list(map(itemgetter(cp.count.groupindex[counting.TAIL] - 1), found))
+            texts = {text: tails.count(text)
+                     for text in vetoed_tails(tails, rule.veto, cp.literals)}
+        return vetoed_hits(rule.veto, cp.full, cp.veto, data, stop, texts)
 
     def _prefiltered(self, window: bytes | bytearray, stop: int,
                      fmt: StampFormat) -> prefilter.Selection | None:

@@ -110,6 +110,30 @@ def vetoed_hits(veto: regex.Pattern, full: regex.Pattern,
         yield hits[ls]
 
 
+def vetoed_lines(veto: regex.Pattern, full: regex.Pattern, data: bytes | bytearray,
+                 stop: int, texts: list[bytes]) -> Iterator[tuple[regex.Match, int]]:
+    """The hits of ``full`` in ``data[:stop]`` whose rest of line ``veto`` matches, with
+    the index of their line's end, in line order, when ``texts`` are the veto's plain
+    texts: only a line that holds one can be vetoed, so only those lines are checked.
+
+    For the few lines the prefilter picked (rblguard.matching.prefilter), where a pass
+    of bytes.find per text is cheap and findall need not hand back every hit's tail.
+    """
+    lines: dict[int, int] = {}  # the newline before each line that holds a text: its end
+    for text in texts:
+        at = data.find(text, 0, stop)
+        while at >= 0:
+            ls, le = data.rfind(b"\n", 0, at), data.find(b"\n", at, stop)
+            le = stop if le < 0 else le
+            lines[ls] = le
+            at = data.find(text, le, stop)
+    for ls in sorted(lines):
+        le = lines[ls]
+        m = full.search(data, ls, le, timeout=LINE_TIMEOUT)  # the line's own hit
+        if m is not None and veto.search(data, m.end(), le, timeout=LINE_TIMEOUT):
+            yield m, le
+
+
 def dnsbl_zone(text: bytes) -> str | None:
     """The DNSBL operator named by an error reply's URL (``spamhaus.org``), if any."""
     m = _URL_HOST.search(text)
