@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": args.runs,
         "ref_seconds": round(ref_best, 3),
         "scan_seconds": round(scan_best, 3),
+        "prefilter": installed.prefilter_built(),
     }))
     return 0 if not problems and ratio_minimal >= 1.0 and cpu_ratio <= 1.0 else 1
 
