@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,17 @@ def test_the_top_offenders_are_the_head_of_the_whole_ranking(counts: dict[str, i
     report.offenders.update(counts)
     assert report.ranked(top) == report.ranked()[:top]
     assert report.as_json(top, False)["top"] == report.as_json(top, True)["top"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(mine=st.dictionaries(st.sampled_from("abcdefgh"), st.integers(1, 9)),
+       theirs=st.dictionaries(st.sampled_from("abcdefgh"), st.integers(1, 9)))
+def test_merging_two_parts_adds_their_offenders(mine: dict[str, int],
+                                                theirs: dict[str, int]) -> None:
+    a, b = scan_module.ScanReport(), scan_module.ScanReport()
+    a.offenders.update(mine)
+    b.offenders.update(theirs)
+    a.merge(b)
+    want = Counter(mine)
+    want.update(theirs)
+    assert a.offenders == want and type(a.offenders) is Counter
