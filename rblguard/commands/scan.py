@@ -325,4 +325,7 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         _print_text(report, args.top, args.list)
+    # The command ends here.  Frozen, its objects are not walked once more by the
+    # interpreter's last collection on the way out: 10-15 ms of a 1 M-line scan's 0.18 s.
+    gc.freeze()
     return 0
