@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -152,6 +153,9 @@ def fleet_comparison(population: Population, plan: list[Planned], seed: int) -> 
     return result
 
 
+PEER_TOOLS = {"swatchdog": "swatch", "fail2ban-server": "fail2ban"}  # command: package
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=70.0)
@@ -163,6 +167,11 @@ def main() -> int:
     parser.add_argument("--fleet", action="store_true",
                         help="instead: two front ends, without and with fleet sharing")
     args = parser.parse_args()
+    missing = [] if args.fleet else [tool for tool in PEER_TOOLS if shutil.which(tool) is None]
+    if missing:  # said at once, not as a start-up timeout minutes into the run
+        print(f"e2e.py: {', '.join(missing)} not found: the peers' rows need Debian's "
+              f"packages (apt-get install {' '.join(PEER_TOOLS.values())})", file=sys.stderr)
+        return 2
     installed.compile_package()  # as the package's postinst does
     population = Population.make(args.seed, legit=args.legit, spam=args.spam)
     plan = plan_for(population, args.seconds, args.seed)
