@@ -1,8 +1,8 @@
 /* The scanner's prefilter: one pass over a window of log lines, in C.
  *
- * It counts the lines and copies out those whose message (the bytes at a fixed
- * distance from the line's start: the width of its stamp) begins with one of the
- * rules' fixed texts.  Every hit of a rule's anchored pattern stands on such a line,
+ * It counts the lines and copies out the messages of those that start with a
+ * stamp of the file's format (one of fixed width, given as a template) followed by
+ * one of the rules' fixed texts.  Every hit of a rule's anchored pattern stands on such a line,
  * so the rules' searches then run over the copy, a tenth of the window on a typical
  * front end's log, instead of over all of it.  rblguard/matching/prefilter.py says
  * why and how it is used; without this module the scanner searches whole windows.
@@ -33,6 +33,26 @@ reserve(char **buf, Py_ssize_t *cap, Py_ssize_t need)
     return 1;
 }
 
+/* Whether ``line`` starts with a stamp that ``template`` describes, byte by byte:
+ * 'x' a lower-case hex digit, 'd' a decimal digit, any other byte itself. */
+static int
+stamped(const unsigned char *line, const unsigned char *template, Py_ssize_t width)
+{
+    for (Py_ssize_t i = 0; i < width; i++) {
+        unsigned char c = line[i], t = template[i];
+        if (t == 'x') {
+            if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f')))
+                return 0;
+        } else if (t == 'd') {
+            if (!(c >= '0' && c <= '9'))
+                return 0;
+        } else if (c != t) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
 static int
 starts_with_one(const char *message, Py_ssize_t room, const literal_t *lits, int n)
 {
@@ -43,22 +63,25 @@ starts_with_one(const char *message, Py_ssize_t room, const literal_t *lits, int
     return 0;
 }
 
-/* select(window, start, stop, offset, literals) -> (lines, selected, origins)
+/* select(window, start, stop, template, literals) -> (lines, selected, origins)
  *
  * lines: the newlines in window[start:stop], whose lines it looks at; bytes after
  * the last newline are no line yet and are left out.
- * selected: b"\n" followed by each chosen line with its newline.
- * origins: for each chosen line, two native 8-byte integers: where it starts in
- * ``selected``, and where in ``window``.
+ * selected: b"\n" followed by the message of each chosen line (what follows its
+ * stamp) with its newline.  A line is chosen when it starts with a stamp ``template``
+ * describes (see stamped) and its message with one of ``literals``.
+ * origins: for each chosen line, two native 8-byte integers: where its message starts
+ * in ``selected``, and where in ``window``.
  */
 static PyObject *
 prefilter_select(PyObject *self, PyObject *args)
 {
     (void)self;
     Py_buffer view;
-    Py_ssize_t start, stop, offset;
+    Py_ssize_t start, stop, width;
+    const char *template;
     PyObject *literals;
-    if (!PyArg_ParseTuple(args, "y*nnnO!", &view, &start, &stop, &offset,
+    if (!PyArg_ParseTuple(args, "y*nny#O!", &view, &start, &stop, &template, &width,
                           &PyTuple_Type, &literals))
         return NULL;
     PyObject *result = NULL;
@@ -79,8 +102,8 @@ prefilter_select(PyObject *self, PyObject *args)
         lits[i].text = PyBytes_AS_STRING(item);
         lits[i].len = PyBytes_GET_SIZE(item);
     }
-    if (start < 0 || stop > view.len || start > stop || offset < 0) {
-        PyErr_SetString(PyExc_ValueError, "start, stop or offset out of range");
+    if (start < 0 || stop > view.len || start > stop) {
+        PyErr_SetString(PyExc_ValueError, "start or stop out of range");
         goto done;
     }
     out_cap = (stop - start) / 8 + 64;
@@ -100,15 +123,18 @@ prefilter_select(PyObject *self, PyObject *args)
         if (nl == NULL)  /* a partial last line: not a line yet */
             break;
         Py_ssize_t len = nl - p;
-        if (len > offset && starts_with_one(p + offset, len - offset, lits, n)) {
-            int64_t pair[2] = {(int64_t)out_len, (int64_t)(p - base)};
-            if (!reserve(&out, &out_cap, out_len + len + 1)
+        if (len > width && starts_with_one(p + width, len - width, lits, n)
+                && stamped((const unsigned char *)p, (const unsigned char *)template,
+                           width)) {
+            Py_ssize_t message = len - width;
+            int64_t pair[2] = {(int64_t)out_len, (int64_t)(p + width - base)};
+            if (!reserve(&out, &out_cap, out_len + message + 1)
                     || !reserve(&org, &org_cap, org_len + (Py_ssize_t)sizeof pair)) {
                 out_len = -1;
                 break;
             }
-            memcpy(out + out_len, p, (size_t)len);
-            out_len += len;
+            memcpy(out + out_len, p + width, (size_t)message);
+            out_len += message;
             out[out_len++] = '\n';
             memcpy(org + org_len, pair, sizeof pair);
             org_len += sizeof pair;
@@ -131,7 +157,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"select", prefilter_select, METH_VARARGS,
-     "select(window, start, stop, offset, literals) -> (lines, selected, origins)"},
+     "select(window, start, stop, template, literals) -> (lines, selected, origins)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,14 +1,18 @@
 """The scanner's prefilter: the lines a rule may match, picked out in one pass in C.
 
 A rule's anchored pattern (rblguard.matching.scanner) only matches a line whose message,
-right after the stamp, begins with the rule's fixed text.  When the stamp has a fixed
-width, those lines can be told from all others by a byte comparison at one place in
-each line.  ``select`` does that, and counts the lines, in one pass of compiled code
+right after a valid stamp, begins with the rule's fixed text.  When the stamp has a
+fixed width, such lines can be told from all others byte by byte: the stamp against
+its format's template (StampFormat.template), then the fixed text right after it.
+``select`` does that, and counts the lines, in one pass of compiled code
 (``_prefilter.c``): about 14 ms for a 95 MB log, where counting the newlines alone
-takes Python 40 ms and each rule's search over the whole text 30-90 ms.  The rules'
-searches then run over the copy it returns, about a tenth of a front end's log.  It is
-an exact filter, not a heuristic: every line it leaves out cannot match, because the
-pattern requires the fixed text at exactly that place.
+takes Python 40 ms and each rule's search over the whole text 30-90 ms.  It copies out
+the messages of the lines it picks, about a tenth of a front end's log, and the rules'
+searches then run over them as over a log without stamps, with no look-behind at the
+stamp left to check for each hit.  It is an exact filter, not a heuristic: a line it
+leaves out cannot match, because the pattern requires a valid stamp and the fixed
+text at exactly that place; the template is checked against the stamp's own pattern
+in the tests.
 
 The module is compiled when the package is built (setup.py; the Debian package is
 built with it).  Where it is not there, ``available()`` is False and the scanner
@@ -29,20 +33,21 @@ except ImportError:  # built without a compiler: the scanner searches whole wind
 
 @dataclass(frozen=True)
 class Selection:
-    """The lines of a window a rule may match, copied out.
+    """The messages of the lines of a window a rule may match, copied out.
 
-    ``text`` is a newline followed by each chosen line with its newline, so a pattern's
-    look-behind finds a newline before each as in the window.  ``lines`` counts every
+    ``text`` is a newline followed by each chosen line's message (the line without its
+    stamp, which select() has checked) with its newline, so a pattern anchored after a
+    newline finds each as it would a line without a stamp.  ``lines`` counts every
     line of the window, chosen or not.
     """
 
     lines: int
     text: bytes
-    starts: array  # where each chosen line starts in text
+    starts: array  # where each chosen message starts in text
     origins: array  # where it starts in the window
 
     def origin(self, pos: int) -> int:
-        """The window's position of ``text[pos]`` (a byte of a chosen line or its
+        """The window's position of ``text[pos]`` (a byte of a chosen message or its
         newline)."""
         k = bisect.bisect_right(self.starts, pos) - 1
         return self.origins[k] + pos - self.starts[k]
@@ -53,13 +58,14 @@ def available() -> bool:
     return _select is not None
 
 
-def select(window: bytes | bytearray, start: int, stop: int, width: int,
+def select(window: bytes | bytearray, start: int, stop: int, template: bytes,
            literals: tuple[bytes, ...]) -> Selection:
-    """The lines of ``window[start:stop]`` (whole lines) whose bytes at ``width``
-    from their start begin with one of ``literals``; RuntimeError if not available()."""
+    """The messages of the lines of ``window[start:stop]`` (whole lines) that start with
+    a stamp ``template`` describes (StampFormat.template) followed by one of
+    ``literals``; RuntimeError if not available()."""
     if _select is None:
         raise RuntimeError("rblguard's compiled prefilter is not built")
-    lines, text, pairs = _select(window, start, stop, width, literals)
+    lines, text, pairs = _select(window, start, stop, template, literals)
     both = array("q")
     both.frombytes(pairs)
     return Selection(lines, text, both[0::2], both[1::2])
@@ -74,10 +80,10 @@ def fixed_texts(patterns: list[tuple[bytes, bytes]], vetoes: list[bytes]) -> tup
     return () if behind or not all(texts) else texts
 
 
-def pick(window: bytes | bytearray, stop: int, width: int | None,
+def pick(window: bytes | bytearray, stop: int, template: bytes | None,
          texts: tuple[bytes, ...]) -> Selection | None:
     """select() of ``window[1:stop]``, or None where it cannot tell: not built, a stamp
-    of varying width (``width`` None), or no fixed texts (see fixed_texts())."""
-    if width is None or not texts or _select is None:
+    of varying width (``template`` None), or no fixed texts (see fixed_texts())."""
+    if template is None or not texts or _select is None:
         return None
-    return select(window, 1, stop, width, texts)
+    return select(window, 1, stop, template, texts)

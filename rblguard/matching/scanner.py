@@ -46,6 +46,7 @@ from rblguard.model import (
     ParseError,
 )
 from rblguard.sources.stamps import (
+    NONE,
     TAI64_UNIX_OFFSET,
     TAI64N,
     StampFormat,
@@ -277,12 +278,13 @@ class Scanner:
         if stop <= 1:
             return result
         result.first_time, result.last_time = span_times(data, 1, stop, fmt, ref_time)
-        if picked is not None:  # from here on, search only the lines it picked
-            data, stop = picked.text, len(picked.text)
+        window, searched = data, fmt
+        if picked is not None:  # from here on, search only the messages it picked,
+            data, stop, searched = picked.text, len(picked.text), NONE  # stamps checked
         # (rule, hits, vetoed addresses): added to raw only once every search is done,
         # so that a search that runs out of time leaves raw as it was
         found_by_rule: list[tuple[str, list, int | None, list[bytes]]] = []
-        for cp in self._count_patterns(fmt):
+        for cp in self._count_patterns(searched):
             rule = cp.source
             if picked is not None and self._bare_usable(cp):
                 with deadline.bound(BUFFER_TIMEOUT):
@@ -299,9 +301,13 @@ class Scanner:
                 continue
             vetoed: list[bytes] = []
             for m, le in hits:
-                at = le if picked is None else picked.origin(le)  # in the window
+                if picked is None:
+                    at, when = le, fmt.parse(m, ref_time)
+                else:  # the line's end and stamp in the window
+                    at, when = picked.origin(le), _stamp_time(
+                        window, picked.origin(m.start()), fmt, ref_time)
                 result.events.append(self._classify(
-                    rule, m, data, m.start(), le, fmt.parse(m, ref_time), base + at))
+                    rule, m, data, m.start(), le, when, base + at))
                 vetoed.append(m["addr"])
             found_by_rule.append((rule.name, found, index, vetoed))
         for name, found, index, vetoed in found_by_rule:
@@ -342,7 +348,7 @@ class Scanner:
         prefilter cannot tell (rblguard.matching.prefilter.pick)."""
         if not self.use_prefilter:
             return None
-        return prefilter.pick(window, stop, fmt.width, self.fixed_texts)
+        return prefilter.pick(window, stop, fmt.template, self.fixed_texts)
 
     @functools.cached_property
     def fixed_texts(self) -> tuple[bytes, ...]:
@@ -421,6 +427,16 @@ def _usable_addresses(pattern: regex.Pattern, data: bytes) -> int:
         if (cached(raw) or canonical_bytes(raw)) is not None:
             n += 1
     return n
+
+
+def _stamp_time(window: bytes | bytearray, message: int, fmt: StampFormat,
+                ref_time: float) -> float | None:
+    """The time of the line whose message starts at ``window[message]``, from its
+    stamp (of fixed width: the prefilter has checked it)."""
+    if fmt.prefix is None or fmt.template is None:  # lines without stamps: no time
+        return None
+    m = fmt.prefix.match(window, message - len(fmt.template))
+    return fmt.parse(m, ref_time) if m is not None else None
 
 
 def _complete(buf: bytes) -> bytes:

@@ -58,9 +58,11 @@ class StampFormat:
     prefix: re.Pattern[bytes] | None
     syslog: bool
     parse: Callable[[re.Match[bytes], float], float | None]
-    # The stamp's width in bytes where every line's is the same (the message then
-    # starts there: the scanner's prefilter looks for the rules' fixed texts at it).
-    width: int | None = None
+    # Where every line's stamp has the same width: the stamp byte by byte ("x" a
+    # lower-case hex digit, "d" a decimal digit, any other byte itself), exactly what
+    # ``prefix`` matches.  The scanner's prefilter checks stamps by it, and looks for
+    # the rules' fixed texts right after (rblguard.matching.prefilter).
+    template: bytes | None = None
 
 
 def _parse_tai64n(m: re.Match[bytes], _ref: float) -> float:
@@ -152,12 +154,13 @@ def _parse_rfc3339(m: re.Match[bytes], _ref: float) -> float | None:
     return base + fraction - offset
 
 
-TAI64N = StampFormat("tai64n", _TAI64N, False, _parse_tai64n, width=26)
-TAI64NLOCAL = StampFormat("tai64nlocal", _TAI64NLOCAL, False, _parse_tai64nlocal, width=30)
+TAI64N = StampFormat("tai64n", _TAI64N, False, _parse_tai64n, template=b"@" + b"x" * 24 + b" ")
+TAI64NLOCAL = StampFormat("tai64nlocal", _TAI64NLOCAL, False, _parse_tai64nlocal,
+                          template=b"dddd-dd-dd dd:dd:dd.ddddddddd ")
 RFC3164 = StampFormat("syslog", _RFC3164, True, _parse_rfc3164)
 RFC3339 = StampFormat("rfc3339", _RFC3339, True, _parse_rfc3339)
 EXIM = StampFormat("exim", _EXIM, False, _parse_exim)
-NONE = StampFormat("none", None, False, lambda _m, _r: None, width=0)
+NONE = StampFormat("none", None, False, lambda _m, _r: None, template=b"")
 FORMATS = (TAI64N, TAI64NLOCAL, EXIM, RFC3339, RFC3164)
 
 
