@@ -53,7 +53,8 @@ def count_patterns(sources: list[tuple[Rule | ConnectionLine, bytes, bytes]],
     uncaptured = _STAMP_GROUP.sub(b"(?:", stamp)  # findall: only what it counts
     made = []
     for (source, literal, rest), (_, full) in zip(sources, full_patterns, strict=True):
-        count_text = anchored(literal, uncaptured, rest) + b"(?P<" + TAIL.encode() + b">[^\n]*)"
+        bare = anchored(literal, uncaptured, rest)
+        count_text = bare + b"(?P<" + TAIL.encode() + b">[^\n]*)"
         veto = literals = None
         if type(source) is Rule and source.veto is not None:
             veto = regex.compile(full.pattern + b"(?=[^\n]*?(?:" + source.veto.pattern + b"))",
@@ -64,8 +65,8 @@ def count_patterns(sources: list[tuple[Rule | ConnectionLine, bytes, bytes]],
                 literals = [text for part in parts for text in part or ()]
         made.append(CountPattern(source, regex.compile(count_text, FLAGS),
                                  deadline.compile_fast(count_text, re.MULTILINE),
-                                 full, veto, literals, deadline.compile_fast(
-                                     anchored(literal, uncaptured, rest), re.MULTILINE)))
+                                 full, veto, literals,
+                                 deadline.compile_fast(bare, re.MULTILINE)))
     return made
 
 

@@ -66,6 +66,7 @@ class Scanner:
                  tcpserver: bool = True, connection_events: bool = True,
                  use_prefilter: bool = True) -> None:
         self.rules = ruleset.rules
+        self._disjoint = counting.disjoint([r.literal for r in self.rules])  # for tally()
         self.use_prefilter = use_prefilter  # False: tally() searches whole windows
         # False: connection lines are only counted (ChunkResult.connection_count), as the
         # daemon's metrics need; an event each is for simulate, which replays them.
@@ -241,8 +242,7 @@ class Scanner:
         log holds: resolve() turns them into counts once per distinct address, after
         the last window, instead of once per address and window.
         """
-        disjoint = counting.disjoint([r.literal for r in self.rules])
-        patterns = None if fmt.syslog or not disjoint else self._patterns(fmt)
+        patterns = None if fmt.syslog or not self._disjoint else self._patterns(fmt)
         if patterns is not None:
             try:
                 return self._tally_buffer(window, stop, base, fmt, ref_time, raw)
