@@ -58,6 +58,7 @@ class Outcome:
     outcome: str  # accepted | rejected | dropped | failed
     detail: str = ""
     port: int = 0  # the client's source port (ipset counts a connection per address+port)
+    replied: float = 0.0  # Unix time of the server's answer to RCPT (0: none came)
 
 
 # -- plans ------------------------------------------------------------------------------
@@ -135,6 +136,7 @@ async def one_connection(p: Planned, server: tuple[str, int], t0: float) -> Outc
             code = line[:3]
             if not code.startswith(b"2"):
                 break
+        out.replied = time.time()
         out.outcome = "accepted" if code == b"250" else "rejected"
         out.detail = code.decode("ascii", "replace")
         await loop.sock_sendall(sock, b"QUIT\r\n")

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, OrderedDict, defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
@@ -67,6 +67,22 @@ REJECT = re.compile(r": NOQUEUE: reject: RCPT from \S*?\[([^\]]+)\](?::\d+)?: \d
                     r"Service unavailable; [Cc]lient (?:host )?\[[^\]]+\] blocked using (\S+);")
 ZONE_QUERY = re.compile(r" query\[(?:A|TXT)\] \S+\.(?:" + "|".join(map(re.escape, ZONES))
                         + r") from ")
+
+
+RBL_CACHE = 100  # smtpd_check.c: ctable_create(100, rbl_pagein, ...), least recently used out
+
+
+def _rbl_lookup(cache: OrderedDict[str, None], name: str, listed: bool) -> int:
+    """The DNS queries smtpd makes for one DNSBL name with this process's ``cache``
+    (ctable: a hit moves to the front, a miss when full drops the least recently used):
+    none on a hit; on a miss the A record, and the TXT record if it is listed."""
+    if name in cache:
+        cache.move_to_end(name)
+        return 0
+    cache[name] = None
+    if len(cache) > RBL_CACHE:
+        cache.popitem(last=False)
+    return 2 if listed else 1
 
 
 def main_cf(base: Path, listen: str, postscreen: bool) -> str:
@@ -179,10 +195,18 @@ class PostfixFrontend(Frontend):
         rejected = sum(o.outcome == "rejected" for o in outcomes)
         self._wait(lambda: self._settled(rejected), "the last lines through Postfix's log")
         text = self._read_maillog()
+        # who was rejected comes from Postfix's log; when, from the client's clock: the
+        # log's stamps have whole seconds only, which would add 0-1 s to every latency
+        answered: dict[str, float] = {}
+        for o in sorted(outcomes, key=lambda o: o.replied):
+            if o.outcome == "rejected":
+                answered.setdefault(o.src, o.replied)
         first_reject: dict[str, float] = {}
         for line in text.splitlines():
             if r := REJECT.search(line):
-                first_reject.setdefault(r.group(1), self._line_time(line))
+                address = r.group(1)
+                first_reject.setdefault(address, answered.get(address)
+                                        or self._line_time(line))
         counts = Counter(f"{o.kind}/{o.outcome}" for o in outcomes)
         banned, blocked = self._kernel_bans_and_blocked()
         legit = set(self.population.legit)
@@ -206,25 +230,40 @@ class PostfixFrontend(Frontend):
         """An instant banner's DNSBL queries, with Postfix's own caches counted as the
         run used them (so the figure is exact, not an upper bound):
 
-        - smtpd: each smtpd process keeps the DNSBL answers it got (smtpd_check.c's
-          rbl cache), so a connection asks a zone only the first time its process
-          meets its client; a listed client's zone answers A, then TXT for the text;
+        - smtpd: each smtpd process keeps its last ``RBL_CACHE`` DNSBL answers
+          (smtpd_check.c's rbl cache), so a connection asks a zone only where its
+          process has not asked it lately; a listed client's zone answers A, then TXT
+          for the text.  The log's connections are replayed through that cache, each
+          spammer's first only (an instant ban keeps its retries out);
         - postscreen: each client not in postscreen's cache asks every zone at once;
           a client that passed is cached (PASS OLD) and asks nothing.
 
         An ``erred`` client is never banned: each of its connections asks again (zen's
-        A and TXT for smtpd, where its process has not asked yet; every zone for
-        postscreen).
+        A and TXT for smtpd, where its process's cache does not hold them; every zone
+        for postscreen).
         """
         spammers = {p.src for p in plan if p.kind == "spam"}
-        legit = {p.src for p in plan if p.kind == "legit"}
-        erred = sum(p.kind == "erred" for p in plan)
         if self.postscreen:
+            legit = {p.src for p in plan if p.kind == "legit"}
+            erred = sum(p.kind == "erred" for p in plan)
             return len(ZONES) * (len(legit) + len(spammers) + erred)
-        queries = sum(self.population.spam[a] + 1 for a in spammers)
-        met = {(m.group(1), m.group(2)) for m in CONNECT.finditer(text)}
-        return (queries + len(ZONES) * sum(a in legit for _, a in met)
-                + 2 * sum(a in self.erred for _, a in met))
+        caches: dict[str, OrderedDict[str, None]] = defaultdict(OrderedDict)
+        met: set[str] = set()
+        queries = 0
+        for m in CONNECT.finditer(text):
+            pid, address = m.groups()
+            if address in spammers:
+                if address in met:
+                    continue
+                listed = self.population.spam[address]  # the zone that lists it
+            else:
+                listed = 1 if address in self.erred else 0  # zen answers the error reply
+            met.add(address)
+            reversed_address = ".".join(reversed(address.split(".")))
+            for number, zone in enumerate(ZONES[:listed or len(ZONES)], 1):
+                queries += _rbl_lookup(caches[pid], f"{reversed_address}.{zone}",
+                                       listed=number == listed)
+        return queries
 
     def _line_time(self, line: str) -> float:
         """Unix time of a maillog line's stamp (``Dec 07 09:26:57.123456`` or without
