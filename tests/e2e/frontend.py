@@ -107,11 +107,17 @@ class Population:
                    spam={a: 2 if rng.random() < spamcop_share else 1 for a in spammers})
 
 
+def dnsbl_name(address: str, zone: str) -> str:
+    """The name a DNSBL is asked about an IPv4 address: its octets reversed, then the
+    zone (198.19.0.1 on zen: 1.0.19.198.zen.spamhaus.org)."""
+    return ".".join(reversed(address.split("."))) + "." + zone
+
+
 def txt_records(population: Population) -> list[str]:
     """dnsmasq ``txt-record`` lines: what each zone answers for its listed clients."""
     lines = []
     for address, zone in population.spam.items():
-        name = ".".join(reversed(address.split("."))) + "." + ZONES[zone - 1]
+        name = dnsbl_name(address, ZONES[zone - 1])
         text = (f"https://www.spamhaus.org/query/ip/{address}" if zone == 1
                 else f"Blocked - see https://www.spamcop.net/bl.shtml?{address}")
         lines.append(f'txt-record={name},"{text}"')

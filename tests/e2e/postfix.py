@@ -32,7 +32,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tests.daemon_harness import DaemonHarness, ElementMonitor, NotifyListener
-from tests.e2e.frontend import METRICS, ZONES, Frontend, Measured, Population, started
+from tests.e2e.frontend import METRICS, ZONES, Frontend, Measured, Population, dnsbl_name, started
 from tests.e2e.load import Outcome, Planned
 
 MASTER_CF = """\
@@ -122,10 +122,10 @@ def dnsbl_records(population: Population, erred: list[str]) -> list[str]:
     each ``erred`` client Spamhaus' error reply, 127.255.255.254 with its text."""
     lines = []
     for address, zone in population.spam.items():
-        name = ".".join(reversed(address.split("."))) + "." + ZONES[zone - 1]
+        name = dnsbl_name(address, ZONES[zone - 1])
         lines.append(f"host-record={name},127.0.0.2")
     for address in erred:
-        name = ".".join(reversed(address.split("."))) + "." + ZONES[0]
+        name = dnsbl_name(address, ZONES[0])
         lines += [f"host-record={name},127.255.255.254", f'txt-record={name},"{ERROR_TEXT}"']
     return lines
 
@@ -259,9 +259,8 @@ class PostfixFrontend(Frontend):
             else:
                 listed = 1 if address in self.erred else 0  # zen answers the error reply
             met.add(address)
-            reversed_address = ".".join(reversed(address.split(".")))
             for number, zone in enumerate(ZONES[:listed or len(ZONES)], 1):
-                queries += _rbl_lookup(caches[pid], f"{reversed_address}.{zone}",
+                queries += _rbl_lookup(caches[pid], dnsbl_name(address, zone),
                                        listed=number == listed)
         return queries
 
