@@ -8,19 +8,25 @@ reserved: only the allowlist exempts an address.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import operator
 import os
 import re
 import socket
 import struct
+from collections.abc import Iterator
+from itertools import repeat
 
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _PLAIN_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 _PLAIN_IPV4_LINES = re.compile(rb"^" + _OCTET.encode() + rb"(?:\." + _OCTET.encode()
                                + rb"){3}$", re.MULTILINE)
-# ::ffff:198.18.5.124, an IPv4 client seen by an IPv6 socket: the IPv4 part is canonical
-_MAPPED_IPV4_LINES = re.compile(rb"^(::[fF]{4}:(" + _OCTET.encode() + rb"(?:\."
-                                + _OCTET.encode() + rb"){3}))$", re.MULTILINE)
+_PTON6 = functools.partial(socket.inet_pton, socket.AF_INET6)
+_NTOP6 = functools.partial(socket.inet_ntop, socket.AF_INET6)
+# how inet_ntop prints an IPv4-mapped address, one per line: the IPv4 part is canonical
+_MAPPED_PRINTED = re.compile(r"^::ffff:(?=\d+\.\d+\.\d+\.\d+$)", re.MULTILINE)
+_COMPAT_PRINTED = re.compile(r"^[0-9a-f:]*:[0-9]*\.[0-9.]+$", re.MULTILINE)
 _cache: dict[str, str | None] = {}
 # canonical_bytes()'s memory, public so that the scanner's hot loop can try a dict
 # lookup before paying for a call.  Read it; only canonical_bytes() writes it.
@@ -41,17 +47,66 @@ def canonical_bytes(raw: bytes) -> str | None:
     return result
 
 
-def canonical_many(raws: list[bytes]) -> dict[bytes, str | None]:
-    """canonical_bytes() of many addresses at once, for a scan's tens of thousands of
-    distinct ones: the plain dotted IPv4 addresses among them, which are their own
-    canonical form, and the IPv4-mapped ones (``::ffff:`` and one), are picked out by a
-    search over all of them instead of a call each."""
-    joined = b"\n".join(raws)
-    plain = set(_PLAIN_IPV4_LINES.findall(joined))
-    mapped = dict(_MAPPED_IPV4_LINES.findall(joined)) if b"::" in joined else {}
-    return {raw: raw.decode("ascii") if raw in plain
-            else mapped[raw].decode("ascii") if raw in mapped else _canonical_fast(raw)
-            for raw in raws}
+def canonical_counts(found: dict[bytes, int]) -> tuple[dict[str, int], dict[bytes, int]]:
+    """(matches per canonical address, matches per spelling that is no address) of
+    ``found``, matches per address as the log spells it; counts of 0 or less (every hit
+    vetoed) are left out.
+
+    A scan meets tens of thousands of distinct addresses: the plain dotted IPv4 ones,
+    nearly all of them and their own canonical form, are picked out by one search over
+    all of them and counted in C, not resolved by a call each.  Only the rest (IPv6,
+    IPv4-mapped, anything odd) go through canonical_bytes(), and two spellings of one
+    client (``::ffff:198.18.5.124`` and ``198.18.5.124``) add up.
+    """
+    if found and min(found.values()) <= 0:
+        found = {raw: n for raw, n in found.items() if n > 0}
+    joined = b"\n".join(found)
+    # one address per line, unless a (hostile) rule let a newline into one
+    plain = (_PLAIN_IPV4_LINES.findall(joined)
+             if joined.count(b"\n") == len(found) - 1 else [])
+    counts = dict(zip(b"\n".join(plain).decode("ascii").split("\n") if plain else (),
+                      map(found.__getitem__, plain), strict=True))
+    unparsable: dict[bytes, int] = {}
+    if len(plain) < len(found):
+        rest = list(found.keys() - set(plain))
+        resolved = _canonical_ipv6(rest)
+        if resolved is not None and len(set(resolved)) == len(resolved):
+            _add_counts(counts, resolved, map(found.__getitem__, rest))  # all in C
+        else:
+            for raw, address in zip(rest, resolved or map(canonical_bytes, rest),
+                                    strict=True):
+                if address is None:
+                    unparsable[raw] = found[raw]
+                else:
+                    counts[address] = counts.get(address, 0) + found[raw]
+    return counts, unparsable
+
+
+def _add_counts(counts: dict[str, int], keys: list[str], values: Iterator[int]) -> None:
+    """``counts[k] += v`` (from 0) for each pair of distinct ``keys`` and ``values``, in C."""
+    dict.update(counts, zip(keys, map(operator.add, map(counts.get, keys, repeat(0)),
+                                      values), strict=True))
+
+
+def _canonical_ipv6(raws: list[bytes]) -> list[str] | None:
+    """canonical_bytes() of each of ``raws`` if all are IPv6 addresses (IPv4-mapped
+    ones included) as inet_pton takes them, else None: a scan's thousands of them
+    parsed and printed by C calls in a row, not one Python call each."""
+    try:
+        texts = b"\n".join(raws).decode("ascii").split("\n")
+        packed = list(map(_PTON6, texts))
+    except (UnicodeDecodeError, OSError, ValueError):  # one that is odd: one at a time
+        return None
+    printed = "\n".join(map(_NTOP6, packed))
+    if "." in printed:  # the C library prints IPv4-mapped ones as ::ffff:198.18.5.124
+        printed = _MAPPED_PRINTED.sub("", printed)  # a literal "": no Python per hit
+    out = printed.split("\n")
+    if len(out) != len(raws):
+        return None
+    if _COMPAT_PRINTED.search(printed):  # IPv4-compatible ones (see _ipv6_text)
+        out = [_ipv6_text(p) if "." in a and ":" in a else a
+               for a, p in zip(out, packed, strict=True)]
+    return out
 
 
 def _canonical_fast(raw: bytes) -> str | None:
@@ -75,7 +130,17 @@ def _canonical_fast(raw: bytes) -> str | None:
         return None
     if packed[:12] == b"\0" * 10 + b"\xff\xff":
         return socket.inet_ntop(socket.AF_INET, packed[12:])
-    return socket.inet_ntop(socket.AF_INET6, packed)
+    return _ipv6_text(packed)
+
+
+def _ipv6_text(packed: bytes) -> str:
+    """An IPv6 address (not IPv4-mapped) as canonical_address() spells it.
+
+    The C library prints an IPv4-compatible one (deprecated, RFC 4291) in dotted form,
+    ``::1.2.3.4``, where ipaddress says ``::102:304``: that one goes through ipaddress.
+    """
+    text = socket.inet_ntop(socket.AF_INET6, packed)
+    return ipaddress.IPv6Address(packed).compressed if "." in text else text
 
 
 def canonical_address(text: str) -> str | None:

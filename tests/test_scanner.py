@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rblguard.addresses import canonical_address, canonical_many
+from rblguard.addresses import canonical_address, canonical_counts
 from rblguard.matching import deadline
 from rblguard.matching.rules import load_rules, shipped_rules_dir
 from rblguard.matching.scanner import Scanner
@@ -294,17 +294,30 @@ def _address(draw) -> tuple[str, str]:
     return spelling, canonical
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.one_of(_address().map(lambda a: a[0]),
-                          st.sampled_from(["::ffff:1.2.3.999", "01.2.3.4", "::ffff:01.2.3.4",
-                                           "[2001:db8::1]", "fe80::1%eth0", "x", "1.2.3",
-                                           "::ffff:1.2.3.4:5", "::fffff:1.2.3.4"])),
-                unique=True, max_size=30))
-def test_canonical_many_is_canonical_address_of_each(spellings: list[str]) -> None:
-    """scan resolves its distinct addresses in one batch; each must come out exactly as
-    one at a time, invalid ones as None."""
-    got = canonical_many([s.encode() for s in spellings])
-    assert got == {s.encode(): canonical_address(s) for s in spellings}
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(
+    st.one_of(_address().map(lambda a: a[0]),
+              st.sampled_from(["::ffff:1.2.3.999", "01.2.3.4", "::ffff:01.2.3.4",
+                               "[2001:db8::1]", "fe80::1%eth0", "x", "1.2.3", "::1.2.3.4",
+                               "::ffff:1.2.3.4:5", "::fffff:1.2.3.4", "1.2.3.4\n5.6.7.8",
+                               "1.2.3.4", "::ffff:1.2.3.4", "1.2.3.\xe9"])),
+    st.integers(-2, 5), max_size=30))
+def test_canonical_counts_is_canonical_address_of_each(found: dict[str, int]) -> None:
+    """scan resolves its distinct addresses in one batch: the counts must be those of
+    resolving each spelling on its own and adding up by canonical address (two
+    spellings of one client are one offender), with counts of 0 or less left out and
+    the spellings that are no address counted apart."""
+    want: dict[str, int] = {}
+    bad: dict[bytes, int] = {}
+    for spelling, n in found.items():
+        if n <= 0:
+            continue
+        address = canonical_address(spelling)
+        if address is None:
+            bad[spelling.encode()] = n
+        else:
+            want[address] = want.get(address, 0) + n
+    assert canonical_counts({s.encode(): n for s, n in found.items()}) == (want, bad)
 
 
 @st.composite

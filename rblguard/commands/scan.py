@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rblguard.matching import counting
 from rblguard.matching.rules import RuleError, RuleSet, load_rules
 from rblguard.matching.scanner import Scanner
 from rblguard.model import ChunkResult, Connection, Ignored, Match, ParseError
@@ -47,6 +48,9 @@ class ScanReport:
     offenders: Counter[str] = field(default_factory=Counter)
     files: list[str] = field(default_factory=list)
     first_dnsbl_error: str | None = None
+    # matches per rule by address as the log spells it, until settle() resolves them:
+    # a forked worker hands these back, so each distinct address is resolved only once
+    raw: dict[str, Counter[bytes]] = field(default_factory=dict)
 
     def add(self, chunk: ChunkResult) -> None:
         self.lines += chunk.lines
@@ -118,6 +122,11 @@ class ScanReport:
                              (self.dnsbl_zones, other.dnsbl_zones)):
             mine.update(theirs)
         _add_counts(self.offenders, other.offenders)
+        for rule, found in other.raw.items():
+            if rule in self.raw:
+                _add_counts(self.raw[rule], found)
+            else:  # the other part's own, not a copy: it is not used after this
+                self.raw[rule] = found
         self.parse_errors += other.parse_errors
         self.connections += other.connections
         times = [t for t in (self.first_time, other.first_time) if t is not None]
@@ -126,8 +135,19 @@ class ScanReport:
         self.last_time = max(times) if times else None
         self.first_dnsbl_error = self.first_dnsbl_error or other.first_dnsbl_error
 
+    def settle(self) -> None:
+        """Turn ``raw`` into matches by rule and offender (canonical addresses) and
+        parse errors, once every part of the logs is merged."""
+        by_rule, errors = counting.resolve(self.raw, 0)
+        self.raw = {}
+        for rule, counts in by_rule.items():
+            if counts:
+                self.by_rule[rule] += sum(counts.values())
+                _add_counts(self.offenders, counts)
+        self.parse_errors += len(errors)
 
-def _add_counts(mine: Counter[str], theirs: Counter[str]) -> None:
+
+def _add_counts(mine: Counter, theirs: dict) -> None:
     """``mine.update(theirs)`` for tens of thousands of offenders, in C: Counter.update
     loops in Python, and this merge is the part of a forked scan nothing runs beside."""
     keys = theirs.keys()
@@ -152,13 +172,8 @@ def _scan_part(part: tuple[str, int, int, str]) -> ScanReport:
     fmt = next(f for f in (*FORMATS, NONE) if f.name == fmt_name)
     ref = os.stat(path).st_mtime
     report = ScanReport()
-    raw: dict[str, Counter[bytes]] = {}  # addresses as the log spells them, per rule
-    end_offset = start
     for offset, window, stop in read_windows(path, start, end):
-        chunk = _worker_scanner.tally_window(window, stop, offset, fmt, ref, raw)
-        report.add(chunk)
-        end_offset = chunk.end_offset
-    report.add(_worker_scanner.resolve(raw, ChunkResult(end_offset=end_offset)))
+        report.add(_worker_scanner.tally_window(window, stop, offset, fmt, ref, report.raw))
     return report
 
 
@@ -197,6 +212,7 @@ def scan_paths(paths: list[str], ruleset: RuleSet) -> ScanReport:
             scanned = [_scan_part(part) for part in parts]
     for part_report in scanned:  # in file order: the first DNSBL error is the earliest
         report.merge(part_report)
+    report.settle()
     return report
 
 

@@ -9,15 +9,17 @@ the addresses and the text an ignore would veto.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import regex
 
+from rblguard.addresses import canonical_counts
 from rblguard.matching import deadline
 from rblguard.matching.confine import RESERVED_GROUP_PREFIX
 from rblguard.matching.rules import ConnectionLine, Rule
 from rblguard.matching.vetoes import literal_alternatives
-from rblguard.model import ChunkResult, Connection, Event, Match
+from rblguard.model import ChunkResult, Connection, Event, Match, ParseError
 
 FLAGS = regex.MULTILINE | regex.VERSION0  # every pattern the scanner compiles
 TAIL = RESERVED_GROUP_PREFIX + "tail"  # the count pattern's group: the rest of a hit's line
@@ -90,3 +92,18 @@ def as_counts(result: ChunkResult) -> ChunkResult:
             rest.append(event)
     result.events, result.match_counts = rest, counts
     return result
+
+
+def resolve(raw: dict[str, Counter[bytes]], offset: int
+            ) -> tuple[dict[str, dict[str, int]], list[ParseError]]:
+    """({rule: {canonical address: matches}}, a ParseError per match whose address is
+    none, at ``offset``) of ``raw``, tally()'s matches per rule as the log spells each
+    address: resolved once for a whole log, not once per window or process."""
+    by_rule: dict[str, dict[str, int]] = {}
+    errors: list[ParseError] = []
+    for name, found in raw.items():
+        by_rule[name], unparsable = canonical_counts(found)
+        for address_bytes, n in unparsable.items():
+            text = address_bytes.decode("ascii", "replace")
+            errors.extend(ParseError(name, text, None, offset) for _ in range(n))
+    return by_rule, errors

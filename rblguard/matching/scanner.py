@@ -25,7 +25,6 @@ from rblguard.addresses import (
     BYTES_CACHE,
     canonical_address,
     canonical_bytes,
-    canonical_many,
 )
 from rblguard.matching import counting, deadline, prefilter
 from rblguard.matching.rules import TCPSERVER, ConnectionLine, Rule, RuleSet
@@ -254,18 +253,11 @@ class Scanner:
         """``into`` with the matches in ``raw`` added to its counts by canonical address;
         an address that is none becomes a ParseError per match."""
         counts = into.match_counts if into.match_counts is not None else {}
-        for name, found in raw.items():
-            canonical = canonical_many(list(found))
-            for address_bytes, n in found.items():
-                if n <= 0:
-                    continue
-                address = canonical[address_bytes]
-                if address is None:
-                    text = address_bytes.decode("ascii", "replace")
-                    into.events.extend(ParseError(name, text, None, into.end_offset)
-                                       for _ in range(n))
-                else:
-                    counts[(name, address)] = counts.get((name, address), 0) + n
+        by_rule, errors = counting.resolve(raw, into.end_offset)
+        for name, found in by_rule.items():
+            for address, n in found.items():
+                counts[(name, address)] = counts.get((name, address), 0) + n
+        into.events.extend(errors)
         into.match_counts = counts
         return into
 
@@ -290,7 +282,7 @@ class Scanner:
                 with deadline.bound(BUFFER_TIMEOUT):
                     found = cp.bare.findall(data, 0, stop)
                 hits = (vetoed_lines(rule.veto, cp.full, data, stop, cp.literals)
-                        if cp.veto is not None and rule.veto is not None else ())
+                        if found and cp.veto is not None and rule.veto is not None else ())
                 index = None if cp.bare.groups == 1 else cp.bare.groupindex["addr"] - 1
             else:
                 found = deadline.findall(cp.count, cp.fast, data, stop, BUFFER_TIMEOUT)
@@ -314,8 +306,12 @@ class Scanner:
             counter = raw.setdefault(name, Counter())
             # in C, no loop in Python: the addresses themselves, or each hit's one
             counter.update(found if index is None else map(itemgetter(index), found))
-            for address_bytes in vetoed:
-                counter[address_bytes] -= 1
+            for address_bytes in vetoed:  # each was counted above: none goes below 0
+                left = counter[address_bytes] - 1
+                if left:
+                    counter[address_bytes] = left
+                else:
+                    del counter[address_bytes]
         return result
 
     @staticmethod
