@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks import genlog
+from rblguard.addresses import canonical_address
 from rblguard.commands import scan as scan_module
 
 STAMP = "@4000000065a1d28a302953e2 "
@@ -201,3 +202,32 @@ def test_merging_two_parts_adds_their_offenders(mine: dict[str, int],
     want = Counter(mine)
     want.update(theirs)
     assert a.offenders == want and type(a.offenders) is Counter
+
+
+@settings(max_examples=200, deadline=None)
+@given(parts=st.lists(st.dictionaries(
+    st.sampled_from([b"198.18.0.1", b"::ffff:198.18.0.1", b"::FFFF:198.18.0.1",
+                     b"2001:db8::1", b"2001:DB8:0::1", b"198.18.0.2", b"not-an-address"]),
+    st.integers(1, 5)), min_size=1, max_size=3))
+def test_merged_parts_settle_to_one_count_per_client(parts: list[dict[bytes, int]]) -> None:
+    """Each part (a process's share) hands back its matches by the address as the log
+    spells it; after the merge they are made canonical once: a client spelled two ways,
+    or seen by two parts, is one offender with all its matches, and a spelling that is
+    no address is a parse error per match."""
+    want: Counter[str] = Counter()
+    errors = 0
+    merged = scan_module.ScanReport()
+    for part in parts:
+        report = scan_module.ScanReport()
+        report.raw["rblsmtpd"] = Counter(part)
+        merged.merge(report)
+        for spelled, n in part.items():
+            address = canonical_address(spelled.decode())
+            if address is None:
+                errors += n
+            else:
+                want[address] += n
+    merged.settle()
+    assert merged.offenders == want and merged.parse_errors == errors
+    assert merged.by_rule == (Counter({"rblsmtpd": sum(want.values())}) if want else Counter())
+    assert merged.raw == {}
