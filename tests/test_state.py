@@ -151,3 +151,27 @@ def test_history_prune_uses_an_index_and_old_files_get_it(tmp_path: Path) -> Non
                               for i in range(60)])
         state.prune(NOW, forget_before=NOW - 30 * 86400)
         assert len(state.load_history()) == 31
+
+
+def test_admin_bans_are_found_by_their_own_index_and_old_files_get_it(tmp_path: Path) -> None:
+    """A start looks up the admins' own bans among all saved ones: by a partial index
+    that holds only those, made when a file without it is opened; without it (a file
+    we may only read) by one pass over the table, with the same answer."""
+    bans = [*_bans(200), Ban("198.51.100.7", NOW + 60, "manual", "by hand"),
+            Ban("198.51.100.8", NOW - 60, "manual", "ran out"),
+            Ban("2001:db8::7", NOW + 60, "manual", "by hand")]
+    with State(tmp_path) as state:
+        assert state.db is not None
+        state.commit(bans=bans)
+        state.db.execute("DROP INDEX bans_manual")
+        assert state.manual_targets(NOW) == {"198.51.100.7", "2001:db8::7"}
+    with State(tmp_path) as state:
+        assert state.db is not None
+        assert state.manual_targets(NOW) == {"198.51.100.7", "2001:db8::7"}
+        plan = " ".join(str(row) for row in state.db.execute(
+            "EXPLAIN QUERY PLAN SELECT target FROM bans WHERE rule = 'manual' "
+            "AND +until > 1"))
+        assert "bans_manual" in plan
+        indexed = state.db.execute("SELECT count(*) FROM bans INDEXED BY bans_manual "
+                                   "WHERE rule = 'manual'").fetchone()[0]
+        assert indexed == 3  # the daemon's 200 never enter it
