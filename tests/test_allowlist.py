@@ -142,6 +142,9 @@ def test_membership_agrees_with_ipaddress(nets: list[tuple[int, int]],
         assert allow.overlaps(probe) == any(probe.overlaps(n) for n in networks)
         assert bool(allow.overlapping([str(probe)])) == allow.overlaps(probe)
         assert bool(allow.overlapping([str(addr)])) == allow.contains(str(addr))
+    # all at once, as a start checks its saved bans: the same answer, in their order
+    texts = [str(ipaddress.IPv4Address(v)) for v in probes] + ["2001:db8::1", "198.18.0.0/8"]
+    assert allow.overlapping(texts) == [t for t in texts if allow.overlaps(t)]
 
 
 def test_host_addresses_in_a_namespace() -> None:

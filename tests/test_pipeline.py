@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rblguard.config import Config
 from rblguard.daemon.metrics import Metrics
@@ -33,6 +35,7 @@ from rblguard.firewall.base import (
     Health,
     Listed,
 )
+from rblguard.firewall.sync import restore_batches
 from rblguard.model import Ban, BanPolicy, ChunkResult, Match, SourcePosition
 from rblguard.store.journal import Journal
 from rblguard.store.state import State
@@ -293,3 +296,28 @@ def test_a_reject_after_a_dnsbl_error_reply_for_its_client_never_bans(tmp_path: 
     pipe.read(_position(2000))
     assert pipe.flush() == {}
     assert kernel.elements.keys() == {"198.18.7.1", "198.18.7.2"}
+
+
+NOW_RESTORE = 1_700_000_000.0
+_UNTILS = st.one_of(
+    st.floats(-1e6, 1e6).map(lambda s: NOW_RESTORE + s),
+    st.sampled_from([None, math.nan, math.inf, -math.inf, 1e300, -1e300,
+                     NOW_RESTORE, NOW_RESTORE + 0.5, NOW_RESTORE + 1.0, NOW_RESTORE - 0.5]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_UNTILS, max_size=40), st.integers(1, 7))
+def test_restore_batches_give_each_ban_its_remaining_time(untils: list[float | None],
+                                                          size: int) -> None:
+    """A restart's entries, made in batches of C-level maps where every until is a
+    time: each ban its whole remaining seconds, one already past 1 s, an until that is
+    no time (None, NaN, infinite, beyond any timeout) left out, in order, at most
+    ``size`` a batch, and never a refresh."""
+    targets = [f"198.18.0.{i}" for i in range(len(untils))]
+    want = [Entry(t, max(1, int(u - NOW_RESTORE)), False) for t, u in zip(targets, untils,
+                                                                         strict=True)
+            if u is not None and math.isfinite(u) and abs(u - NOW_RESTORE) < 1e15]
+    batches = list(restore_batches(targets, untils, NOW_RESTORE, size))
+    assert [e for batch in batches for e in batch] == want
+    assert all(0 < len(batch) <= size for batch in batches)
+    assert all(type(e) is Entry and e.refresh is False for batch in batches for e in batch)

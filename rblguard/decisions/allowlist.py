@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 from itertools import compress, repeat
-from operator import not_, or_
+from operator import ge, not_, or_
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -162,13 +162,13 @@ class Allowlist:
         except (OSError, TypeError, ValueError):  # some text is not an address
             plain, values = [], []
             odd = [True] * len(texts)
-        starts, ends = self._starts[4], self._ends[4]
+        starts = self._starts[4]
         found = set()
         if starts:
-            found = {t for t, v, i in zip(plain, values, map(bisect.bisect_right,
-                                                             repeat(starts), values),
-                                          strict=False)
-                     if i and ends[i - 1] >= v}
+            # the end of the span that starts at or before each value, -1 for none
+            ends = [-1, *self._ends[4]]
+            found = set(compress(plain, map(ge, map(ends.__getitem__, map(
+                bisect.bisect_right, repeat(starts), values)), values)))
         found.update(self._overlapping_spans(compress(texts, odd)))
         return [t for t in texts if t in found] if found else []
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from itertools import islice
+from itertools import repeat
+from operator import sub
 
 from rblguard.firewall.base import Backend, BatchResult, Entry, FirewallError
 from rblguard.logs import warn_limited
@@ -35,21 +36,40 @@ def kernel_entry(target: str, until: float, now: float,
         return None
 
 
-def restore_batches(active: Iterable[tuple[str, float | None]], now: float,
+def restore_batches(targets: Sequence[str], untils: Sequence[float | None], now: float,
                     size: int = RESTORE_BATCH) -> Iterator[list[Entry]]:
-    """Every active (target, until) as kernel entries with their remaining time,
-    ``size`` at a time.  Not refreshes: an element the kernel kept holds its time.
-
-    One comprehension per batch, not a call per ban (a restart makes 100,000 of them
-    before it is ready): an ``until`` that is not a finite time (None, NaN, inf) is
-    skipped, one already past gets 1 s, as kernel_entry gives them."""
-    pairs = iter(active)
-    while chunk := list(islice(pairs, size)):
-        batch = [Entry(target, int(seconds) if seconds >= 1 else 1, False)
-                 for target, until in chunk
-                 if until is not None and -_FOREVER < (seconds := until - now) < _FOREVER]
+    """Each target with its until (the two side by side) as a kernel entry with its
+    remaining time, ``size`` at a time.  Not refreshes: an element the kernel kept holds
+    its time.  An until that is not a finite time (None, NaN, inf) is skipped, one
+    already past gets 1 s, as kernel_entry gives them."""
+    for start in range(0, len(targets), size):
+        chunk_targets = targets[start:start + size]
+        chunk_untils = untils[start:start + size]
+        batch = _plain_entries(chunk_targets, chunk_untils, now)
+        if batch is None:  # some until is no finite time: each one looked at
+            batch = [Entry(target, int(seconds) if seconds >= 1 else 1, False)
+                     for target, until in zip(chunk_targets, chunk_untils, strict=True)
+                     if until is not None and -_FOREVER < (seconds := until - now) < _FOREVER]
         if batch:
             yield batch
+
+
+def _plain_entries(targets: Sequence[str], untils: Sequence[float | None],
+                   now: float) -> list[Entry] | None:
+    """The entries of ``targets`` if every until is a finite time, else None.
+
+    A restart makes 100,000 entries before it is ready: here by C-level maps, with no
+    Python step per ban; each entry made as Entry._make makes it (tuple.__new__)."""
+    try:
+        if not (min(untils) - now > -_FOREVER and max(untils) - now < _FOREVER):
+            return None
+        if any(map(math.isnan, untils)):
+            return None
+    except (TypeError, ValueError):  # None, not a number, or no until at all
+        return None
+    seconds = map(max, map(int, map(sub, untils, repeat(now))), repeat(1))
+    return list(map(tuple.__new__, repeat(Entry),
+                    zip(targets, seconds, repeat(False), strict=False)))
 
 
 @dataclass(slots=True)
