@@ -257,7 +257,7 @@ class Pipeline:
         """Every active ban back into the kernel (start-up, repair); how many."""
         restored = 0
         targets = self.decider.active_targets()
-        for batch in restore_batches(targets, list(self.decider.untils(targets)), now):
+        for batch in restore_batches(targets, self.decider.untils(targets), now):
             self.to_kernel(batch)
             restored += len(batch)
         return restored

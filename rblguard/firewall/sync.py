@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import islice, repeat
 from operator import sub
 
 from rblguard.firewall.base import Backend, BatchResult, Entry, FirewallError
@@ -36,15 +36,17 @@ def kernel_entry(target: str, until: float, now: float,
         return None
 
 
-def restore_batches(targets: Sequence[str], untils: Sequence[float | None], now: float,
+def restore_batches(targets: Sequence[str], untils: Iterable[float | None], now: float,
                     size: int = RESTORE_BATCH) -> Iterator[list[Entry]]:
     """Each target with its until (the two side by side) as a kernel entry with its
     remaining time, ``size`` at a time.  Not refreshes: an element the kernel kept holds
     its time.  An until that is not a finite time (None, NaN, inf) is skipped, one
-    already past gets 1 s, as kernel_entry gives them."""
+    already past gets 1 s, as kernel_entry gives them.  ``untils`` is read a batch at a
+    time: a million bans never have a second list of a million."""
+    pending = iter(untils)
     for start in range(0, len(targets), size):
         chunk_targets = targets[start:start + size]
-        chunk_untils = untils[start:start + size]
+        chunk_untils = list(islice(pending, size))
         batch = _plain_entries(chunk_targets, chunk_untils, now)
         if batch is None:  # some until is no finite time: each one looked at
             batch = [Entry(target, int(seconds) if seconds >= 1 else 1, False)
