@@ -231,3 +231,23 @@ def test_merged_parts_settle_to_one_count_per_client(parts: list[dict[bytes, int
     assert merged.offenders == want and merged.parse_errors == errors
     assert merged.by_rule == (Counter({"rblsmtpd": sum(want.values())}) if want else Counter())
     assert merged.raw == {}
+
+
+def test_a_forked_scan_of_many_parts_gives_the_one_process_answer(tmp_path: Path) -> None:
+    """Each process of a forked scan settles its whole share of parts at once (here
+    several files each): the merged answer is the one of scanning them in turn."""
+    scan_module._worker_scanner = scan_module.Scanner(
+        scan_module.load_rules(None, explicit=False, require_enabled=True), connections=False)
+    parts = []
+    for seed in range(5):
+        log = tmp_path / f"log{seed}"
+        genlog.write_log(log, "tai64n", seed, lines=3000 + 500 * seed)
+        parts += scan_module._parts(str(log), 1)
+    answers = []
+    for reports in (scan_module._forked(parts, 2), [scan_module._scan_part(p) for p in parts]):
+        merged = scan_module.ScanReport()
+        for report in reports:
+            merged.merge(report)
+        merged.settle()
+        answers.append(merged.as_json(10, True))
+    assert answers[0] == answers[1] and answers[0]["matches"] > 0
