@@ -15,7 +15,7 @@ import os
 import re
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Mapping
 from itertools import repeat
 
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
@@ -54,9 +54,10 @@ def canonical_counts(found: dict[bytes, int]) -> tuple[dict[str, int], dict[byte
 
     A scan meets tens of thousands of distinct addresses: the plain dotted IPv4 ones,
     nearly all of them and their own canonical form, are picked out by one search over
-    all of them and counted in C, not resolved by a call each.  Only the rest (IPv6,
-    IPv4-mapped, anything odd) go through canonical_bytes(), and two spellings of one
-    client (``::ffff:198.18.5.124`` and ``198.18.5.124``) add up.
+    all of them and counted in C, not resolved by a call each.  The rest (IPv6,
+    IPv4-mapped) are parsed and printed in one batch (_canonical_ipv6); only when one
+    of them is odd do they go through canonical_bytes() one by one.  Two spellings of
+    one client (``::ffff:198.18.5.124`` and ``198.18.5.124``) add up.
     """
     if found and min(found.values()) <= 0:
         found = {raw: n for raw, n in found.items() if n > 0}
@@ -71,7 +72,8 @@ def canonical_counts(found: dict[bytes, int]) -> tuple[dict[str, int], dict[byte
         rest = list(found.keys() - set(plain))
         resolved = _canonical_ipv6(rest)
         if resolved is not None and len(set(resolved)) == len(resolved):
-            _add_counts(counts, resolved, map(found.__getitem__, rest))  # all in C
+            add_counts(counts, dict(zip(resolved, map(found.__getitem__, rest),
+                                        strict=True)))
         else:
             for raw, address in zip(rest, resolved or map(canonical_bytes, rest),
                                     strict=True):
@@ -82,10 +84,12 @@ def canonical_counts(found: dict[bytes, int]) -> tuple[dict[str, int], dict[byte
     return counts, unparsable
 
 
-def _add_counts(counts: dict[str, int], keys: list[str], values: Iterator[int]) -> None:
-    """``counts[k] += v`` (from 0) for each pair of distinct ``keys`` and ``values``, in C."""
-    dict.update(counts, zip(keys, map(operator.add, map(counts.get, keys, repeat(0)),
-                                      values), strict=True))
+def add_counts(mine: dict, theirs: Mapping) -> None:
+    """``mine[k] += n`` (from 0) for each ``k: n`` of ``theirs``, in C: Counter.update
+    loops in Python, and a scan adds tens of thousands of addresses' counts at once."""
+    keys = theirs.keys()
+    dict.update(mine, zip(keys, map(operator.add, map(mine.get, keys, repeat(0)),
+                                    theirs.values()), strict=True))
 
 
 def _canonical_ipv6(raws: list[bytes]) -> list[str] | None:

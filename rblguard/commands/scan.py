@@ -14,7 +14,6 @@ import gc
 import heapq
 import itertools
 import json
-import operator
 import os
 import pickle
 import sys
@@ -24,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rblguard.addresses import add_counts
 from rblguard.matching import counting
 from rblguard.matching.rules import RuleError, RuleSet, load_rules
 from rblguard.matching.scanner import Scanner
@@ -121,7 +121,7 @@ class ScanReport:
                              (self.ignored_kinds, other.ignored_kinds),
                              (self.dnsbl_zones, other.dnsbl_zones)):
             mine.update(theirs)
-        _add_counts(self.offenders, other.offenders)
+        add_counts(self.offenders, other.offenders)
         self.take_raw(other)
         self.parse_errors += other.parse_errors
         self.connections += other.connections
@@ -135,29 +135,21 @@ class ScanReport:
         """Move ``other``'s unsettled matches into this report's (``other`` keeps none)."""
         for rule, found in other.raw.items():
             if rule in self.raw:
-                _add_counts(self.raw[rule], found)
+                add_counts(self.raw[rule], found)
             else:  # the other part's own, not a copy: it is not used after this
                 self.raw[rule] = found
         other.raw = {}
 
     def settle(self) -> None:
         """Turn ``raw`` into matches by rule and offender (canonical addresses) and
-        parse errors, once every part of the logs is merged."""
+        parse errors: once for all the parts merged into this report so far."""
         by_rule, errors = counting.resolve(self.raw, 0)
         self.raw = {}
         for rule, counts in by_rule.items():
             if counts:
                 self.by_rule[rule] += sum(counts.values())
-                _add_counts(self.offenders, counts)
+                add_counts(self.offenders, counts)
         self.parse_errors += len(errors)
-
-
-def _add_counts(mine: Counter, theirs: dict) -> None:
-    """``mine.update(theirs)`` for tens of thousands of offenders, in C: Counter.update
-    loops in Python, and this merge is the part of a forked scan nothing runs beside."""
-    keys = theirs.keys()
-    dict.update(mine, zip(keys, map(operator.add, map(mine.get, keys, itertools.repeat(0)),
-                                    theirs.values()), strict=True))
 
 
 def _rank(item: tuple[str, int]) -> tuple[int, str]:

@@ -98,7 +98,7 @@ def resolve(raw: dict[str, Counter[bytes]], offset: int
             ) -> tuple[dict[str, dict[str, int]], list[ParseError]]:
     """({rule: {canonical address: matches}}, a ParseError per match whose address is
     none, at ``offset``) of ``raw``, tally()'s matches per rule as the log spells each
-    address: resolved once for a whole log, not once per window or process."""
+    address: resolved once for all the windows they came from, not once per window."""
     by_rule: dict[str, dict[str, int]] = {}
     errors: list[ParseError] = []
     for name, found in raw.items():
