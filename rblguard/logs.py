@@ -3,13 +3,20 @@
 A flood of bad log lines or a firewall that keeps refusing must not flood the journal:
 ``warn_limited`` lets through a few messages per key per minute and then says how many
 it held back.
+
+``logging`` itself is imported only where a message is made (``warn``) or the daemon
+sets it up: it is 5 ms of the start of every command, and ``scan`` of a clean log never
+says a thing.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import logging
 
 INTERVAL = 60.0  # seconds
 BURST = 5  # messages per key per interval before suppression
@@ -19,6 +26,8 @@ _windows: dict[str, list[float | int]] = {}  # key -> [window start, sent, suppr
 
 def setup_logging(level: str = "info") -> None:
     """Log to stderr; a timestamp only on a terminal (journald adds its own)."""
+    import logging
+
     fmt = "%(levelname)s %(message)s"
     if sys.stderr.isatty():
         fmt = "%(asctime)s " + fmt
@@ -31,6 +40,14 @@ def setup_logging(level: str = "info") -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+
+
+def warn(logger: str, message: str, *args: object) -> None:
+    """``logging.getLogger(logger).warning(message, *args)``, with logging imported
+    only now (see above): for the stages, which rarely have something to say."""
+    import logging
+
+    logging.getLogger(logger).warning(message, *args)
 
 
 def warn_limited(log: logging.Logger, key: str, message: str, *args: object,

@@ -153,6 +153,24 @@ def test_duplicate_rule_names_across_files(tmp_path: Path) -> None:
         load_rules([tmp_path])
 
 
+def test_a_file_that_is_off_is_not_compiled_but_test_rules_checks_it(tmp_path: Path) -> None:
+    """A start reads a file that is off no further than its header (the Postfix and Exim
+    packs cost a qmail host's every start a few ms a rule): its broken rule does not stop
+    the daemon, test-rules still names it, and turning the file on does too."""
+    broken = GOOD.replace("(?:451|553) '", "(?:451|553 '")
+    write(tmp_path, GOOD, "a.yaml")
+    write(tmp_path, "pack: extra\n" + broken.replace("r1", "r2"), "b.yaml")
+    write(tmp_path, "enabled: false\n" + broken.replace("r1", "r3"), "c.yaml")
+    ruleset = load_rules([tmp_path], packs=[])
+    assert [r.name for r in ruleset.rules] == ["r1"]
+    assert [Path(f).name for f in ruleset.disabled_files] == ["b.yaml", "c.yaml"]
+    _rules, _problems, errors = check_files([tmp_path])
+    assert [e.split(":")[0].rsplit("/", 1)[-1] for e in errors] == ["b.yaml", "c.yaml"]
+    assert all("bad regular expression" in e for e in errors)
+    with pytest.raises(RuleError, match=r"b.yaml:\d+: rule r2: bad regular expression"):
+        load_rules([tmp_path], packs=["extra"])
+
+
 def test_literal_prefix() -> None:
     assert literal_prefix(r"rblsmtpd: <ADDR> pid") == "rblsmtpd: "
     assert literal_prefix(r"qmail-smtpd: pid \d+ x") == "qmail-smtpd: pid "

@@ -15,7 +15,6 @@ import heapq
 import itertools
 import json
 import os
-import pickle
 import sys
 import time
 from collections import Counter
@@ -29,7 +28,7 @@ from rblguard.matching.rules import RuleError, RuleSet, load_rules
 from rblguard.matching.scanner import Scanner
 from rblguard.model import ChunkResult, Connection, Ignored, Match, ParseError
 from rblguard.sources.files import log_files, read_windows
-from rblguard.sources.stamps import FORMATS, NONE, detect_file_format
+from rblguard.sources.stamps import FORMATS, NONE, StampFormat, detect_file_format
 
 
 @dataclass
@@ -166,12 +165,16 @@ def _scan_part(part: tuple[str, int, int, str]) -> ScanReport:
     """Tally one byte range of one file (runs in a forked worker or in-process)."""
     path, start, end, fmt_name = part
     assert _worker_scanner is not None
-    fmt = next(f for f in (*FORMATS, NONE) if f.name == fmt_name)
+    fmt = _format(fmt_name)
     ref = os.stat(path).st_mtime
     report = ScanReport()
     for offset, window, stop in read_windows(path, start, end):
         report.add(_worker_scanner.tally_window(window, stop, offset, fmt, ref, report.raw))
     return report
+
+
+def _format(name: str) -> StampFormat:
+    return next(f for f in (*FORMATS, NONE) if f.name == name)
 
 
 def _scan_share(parts: list[tuple[str, int, int, str]],
@@ -223,6 +226,8 @@ def scan_paths(paths: list[str], ruleset: RuleSet) -> ScanReport:
     with _no_collector():
         if workers > 1 and len(parts) > 1 and sum(b - a for _, a, b, _ in parts) >= \
                 PARALLEL_MIN_BYTES:
+            for fmt_name in {part[3] for part in parts}:  # compiled once, not per process
+                _worker_scanner.prepare(_format(fmt_name))
             scanned = _forked(parts, workers)
         else:
             scanned = [_scan_part(part) for part in parts]
@@ -252,6 +257,8 @@ def _forked(parts: list[tuple[str, int, int, str]], workers: int) -> list[ScanRe
     """Each part's report, the parts shared out between this process and forked
     children (a plain fork and a pipe: multiprocessing's pool would cost more to start
     than a child's share of a scan); an exception in a child is raised here."""
+    import pickle  # here: a scan in one process never needs it (2.5 ms of a start)
+
     shares: list[list[int]] = [[] for _ in range(workers)]
     loads = [0] * workers
     for i in sorted(range(len(parts)), key=lambda i: parts[i][1] - parts[i][2]):
@@ -282,6 +289,8 @@ def _forked(parts: list[tuple[str, int, int, str]], workers: int) -> list[ScanRe
 def _fork_share(parts: list[tuple[str, int, int, str]], share: list[int]) -> tuple[int, int]:
     """(pid, read end of its pipe) of a child that scans the parts ``share`` names and
     writes back {part index: report}, or the exception that stopped it."""
+    import pickle  # imported by _forked() already: its name only
+
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: scan, answer, and never run on into the parent's code

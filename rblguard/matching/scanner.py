@@ -14,7 +14,6 @@ rblguard.sources.stamps), so they are matched line by line, which is slower but 
 from __future__ import annotations
 
 import functools
-import logging
 from collections import Counter
 from collections.abc import Iterator
 from operator import itemgetter
@@ -26,6 +25,7 @@ from rblguard.addresses import (
     canonical_address,
     canonical_bytes,
 )
+from rblguard.logs import warn
 from rblguard.matching import counting, deadline, prefilter
 from rblguard.matching.rules import TCPSERVER, ConnectionLine, Rule, RuleSet
 from rblguard.matching.vetoes import (
@@ -52,8 +52,6 @@ from rblguard.sources.stamps import (
     span_times,
     split_message,
 )
-
-log = logging.getLogger("rblguard.matching.scanner")
 
 Source = Rule | ConnectionLine  # what a pattern of the scanner finds
 
@@ -353,6 +351,12 @@ class Scanner:
         vetoes = [rule.veto.pattern for rule in self.rules if rule.veto is not None]
         return prefilter.fixed_texts([(lit, rest) for _s, lit, rest in self._sources()], vetoes)
 
+    def prepare(self, fmt: StampFormat) -> None:
+        """Compile what tally() of ``fmt`` needs now: before a scan forks, not in each."""
+        if self.use_prefilter and self.fixed_texts:
+            self._count_patterns(NONE)  # for the lines the prefilter picks
+        self._count_patterns(fmt)
+
     def _count_patterns(self, fmt: StampFormat) -> list[counting.CountPattern]:
         """tally()'s patterns for ``fmt`` (rblguard.matching.counting), made once."""
         key = "count:" + fmt.name
@@ -392,7 +396,7 @@ class Scanner:
                  offset: int) -> ParseError:
         if rule.name not in self._timed_out:
             self._timed_out.add(rule.name)
-            log.warning("%s:%d: rule %s took over %.1f s on one line (at byte %d): that "
+            warn(__name__, "%s:%d: rule %s took over %.1f s on one line (at byte %d): that "
                         "line is skipped for it; the pattern backtracks catastrophically "
                         "(nested or overlapping repetition, like (\\d+)+ or (a|a)*): "
                         "rewrite it", rule.file, rule.lineno, rule.name, LINE_TIMEOUT,

@@ -9,17 +9,15 @@ MAX_LINE_BYTES (see docs/limits.md).
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from rblguard.logs import warn
 from rblguard.model import MAX_LINE_BYTES
 from rblguard.sources.layout import list_files
-
-log = logging.getLogger("rblguard.sources.files")
 
 CHUNK_SIZE = 8 << 20  # bytes per buffer: big enough that the scanner's setup is noise
 
@@ -90,7 +88,7 @@ def read_windows(path: str | Path, start: int = 0, end: int | None = None,
                 window.extend(bytes(min(len(window), cap - len(window))))
                 have = filled
             else:
-                log.warning("%s: the line at byte %d is longer than %d bytes: skipped",
+                warn(__name__, "%s: the line at byte %d is longer than %d bytes: skipped",
                             path, offset, MAX_LINE_BYTES)
                 offset, have, skipping = offset + filled - 1, 1, True
 

@@ -10,14 +10,13 @@ path is said once.  rblguard.sources.follow reads the files it names.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("rblguard.sources.layout")
+from rblguard.logs import warn
 
 LIVE_NAME = "current"
 PREVIOUS_NAME = "previous"  # multilog's name for a full `current` before it gets a label
@@ -125,7 +124,7 @@ def trouble(path: str, what: str | None) -> None:
         _TROUBLE.pop(path, None)
     elif _TROUBLE.get(path) != what:
         _TROUBLE[path] = what
-        log.warning("%s is %s: waiting for a log file there", path, what)
+        warn(__name__, "%s is %s: waiting for a log file there", path, what)
 
 
 def dangling(path: str) -> None:
