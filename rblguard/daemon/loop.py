@@ -209,7 +209,8 @@ class Daemon:
             if chunks:
                 self.pipeline.read(chunks[-1].position(source))
                 read = True
-            self.pipeline.flush(save=False)
+            if self.pipeline.pending:  # most wake-ups bring none: no call for nothing
+                self.pipeline.flush(save=False)
             if self.pipeline.journal.unsaved >= SAVE_EVERY:
                 self._commit(force=True)
         return read
@@ -226,7 +227,8 @@ class Daemon:
         self.metrics.observe_chunk(source, result)
         if result.lines:
             st.last_chunk = (chunk.data, fmt, now)
-        self.pipeline.decide(source, result, self._policy, time.time())
+        if result.events:
+            self.pipeline.decide(source, result, self._policy, time.time())
 
     def _policy(self, rule: str) -> Any:
         return self.ruleset.by_name(rule).policy
