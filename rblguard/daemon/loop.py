@@ -17,6 +17,8 @@ import select
 import signal
 import threading
 import time
+from collections.abc import Container
+from operator import attrgetter
 from typing import Any
 
 from rblguard import __version__
@@ -40,6 +42,7 @@ SAVE_EVERY = 10_000
 SAVE_AFTER = 0.5  # seconds a due commit may wait while more lines keep coming
 HOUSEKEEPING = 5.0  # seconds: firewall health (self-repair), counters, expiry
 RELOAD = object()  # the queue item SIGHUP sends (a str would be taken for a source)
+_DATA = attrgetter("data")  # a chunk's bytes
 
 
 class Daemon:
@@ -55,6 +58,7 @@ class Daemon:
         self.started = time.time()
         self.dirty: set[str] = set()
         self.deferred: list[Any] = []  # wake-ups taken early by _more_came: for _wait
+        self._fds = (-1, -1)  # the inbox's and inotify's descriptors, once run() has them
         self.sources: dict[str, startup.Source] = {}
         self.triggers = reloading.Triggers()
         # The stages, built by start() (rblguard.daemon.startup):
@@ -90,9 +94,10 @@ class Daemon:
             fleet.start_link(self)
             self.watcher = SourceWatcher(list(self.sources), self.wakeups.put)
             self.watcher.start(own_thread=False)  # the loop polls its descriptor
-            self._poller.register(self.wakeups.fileno(), select.POLLIN)
-            if self.watcher.fileno() >= 0:
-                self._poller.register(self.watcher.fileno(), select.POLLIN)
+            self._fds = (self.wakeups.fileno(), self.watcher.fileno())  # (inbox, inotify)
+            self._poller.register(self._fds[0], select.POLLIN)
+            if self._fds[1] >= 0:
+                self._poller.register(self._fds[1], select.POLLIN)
             self._install_signals()
             self._pump()  # the backlog up to now, before we call ourselves ready
             self.pipeline.timing = True  # from now on each ban's latency is measured
@@ -147,8 +152,8 @@ class Daemon:
         take every other one already there."""
         items, self.deferred = self.deferred, []
         readable = None  # not polled: look at both
-        if not items:
-            readable = {fd for fd, _event in self._poller.poll(timeout * 1000)}
+        if not items:  # {fd: event}, made in C: a wake-up's Python steps are its cost
+            readable = dict(self._poller.poll(timeout * 1000))
         items += self._arrived(readable)
         for item in items:
             if item is RELOAD:
@@ -160,14 +165,13 @@ class Daemon:
             elif isinstance(item, Delivery):
                 fleet.apply(self, item)
 
-    def _arrived(self, readable: set[int] | None = None) -> list[Any]:
+    def _arrived(self, readable: Container[int] | None = None) -> list[Any]:
         """What the inbox holds, and the sources inotify says changed (never blocks);
         only from the descriptors in ``readable`` when a poll() said which."""
         items = []
-        if readable is None or self.wakeups.fileno() in readable:
+        if readable is None or self._fds[0] in readable:
             items = self.wakeups.take()
-        if self.watcher is not None and (readable is None
-                                         or self.watcher.fileno() in readable):
+        if self.watcher is not None and (readable is None or self._fds[1] in readable):
             self.dirty |= self.watcher.changed()
         return items
 
@@ -195,24 +199,29 @@ class Daemon:
         self._commit()
 
     def _read(self, source: str, st: startup.Source) -> bool:
-        """Read one source to its end (READ_BYTES at a time); whether it gave lines."""
-        more, read = True, False
-        while more and not self.stopping.is_set():
+        """Read one source to its end (READ_BYTES at a time); whether it gave lines.
+
+        Each wake-up of a front end's log comes here for a line or two, after a sleep
+        that left the CPU's caches cold: every Python step counts several times over
+        (docs/benchmarks.md), so what is not needed is not called."""
+        read = False
+        while True:
             try:
                 chunks = st.follower.read(READ_BYTES)
             except OSError as exc:
                 warn_limited(log, f"read {source}", "cannot read %s: %s", source, exc)
                 break
-            more = sum(len(c.data) for c in chunks) >= READ_BYTES
             for chunk in chunks:
                 self._scan(source, st, chunk)
             if chunks:
                 self.pipeline.read(chunks[-1].position(source))
                 read = True
-            if self.pipeline.pending:  # most wake-ups bring none: no call for nothing
+            if self.pipeline.pending:  # most wake-ups bring none
                 self.pipeline.flush(save=False)
-            if self.pipeline.journal.unsaved >= SAVE_EVERY:
-                self._commit(force=True)
+                if self.pipeline.journal.unsaved >= SAVE_EVERY:  # only a flush adds some
+                    self._commit(force=True)
+            if sum(map(len, map(_DATA, chunks))) < READ_BYTES or self.stopping.is_set():
+                break  # read to the end (or asked to stop)
         return read
 
     def _scan(self, source: str, st: startup.Source, chunk: Any) -> None:
@@ -251,7 +260,10 @@ class Daemon:
         return True
 
     def _commit(self, force: bool = False) -> None:
-        for position in self.pipeline.commit(force):
+        pipeline = self.pipeline
+        if not (force or pipeline.announce or pipeline.journal.due()):
+            return  # nothing to log, nor to save yet: the usual wake-up
+        for position in pipeline.commit(force):
             self.sources[position.source].position = position
 
     def _housekeeping(self) -> None:

@@ -58,22 +58,26 @@ from __future__ import annotations
 
 import errno
 import re
-import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PCounter
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from rblguard import __version__
+from rblguard.daemon.collectors import (
+    FAMILIES,
+    ActiveBans,
+    KernelCounters,
+    RateWindow,
+    ReadCounters,
+)
 from rblguard.daemon.listen import MetricsAddressError, parse_address
 from rblguard.firewall.base import Counters
 from rblguard.model import ChunkResult, Connection, Event, Ignored, Match, ParseError
 
-FAMILIES = {4: "ipv4", 6: "ipv6"}
 REFUSAL_REASONS = ("allowlist", "storm_active", "storm_rate", "set_full", "firewall",
                    "invalid", "dnsbl_error")
 FIREWALL_OPERATIONS = ("ban", "health", "counters")
@@ -87,10 +91,6 @@ _DNSBL_ERROR_PATTERNS = (
                           r"too many queries|excess(?:ive)? volume| as 127\.255\.255\.255$")),
     ("typo", re.compile(r"(?i)/returnc/typo\b|\btypo\b|typing error| as 127\.255\.255\.252$")),
 )
-WINDOW = 3600.0  # s of history behind the per-day estimates
-MIN_SPAN = 60.0  # s: right after start, a burst is not scaled up from a few seconds
-SAMPLE_EVERY = 10.0  # s between budget samples: at most WINDOW / SAMPLE_EVERY kept
-DAY = 86400.0
 UNBAN_REASONS = ("manual", "allowlisted", "flush")  # rblguard_unbans_total{reason}
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0)
@@ -102,101 +102,6 @@ def dnsbl_error_kind(text: str) -> str:
         if pattern.search(text):
             return kind
     return "other"
-
-
-class _ActiveBans:
-    """``rblguard_active_bans{family}``, computed when scraped (no work between scrapes)."""
-
-    def __init__(self) -> None:
-        self.source: Callable[[], dict[int, int]] | None = None
-        self.last: dict[int, int] = dict.fromkeys(FAMILIES, 0)
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        counts = self.source() if self.source is not None else self.last
-        metric = GaugeMetricFamily("rblguard_active_bans", "Bans in force",
-                                   labels=["family"])
-        for family, label in FAMILIES.items():
-            metric.add_metric([label], counts.get(family, 0))
-        yield metric
-
-
-class _KernelCounters:
-    """The kernel's drop counters as Prometheus counters, and the budget's estimates.
-
-    Collected on the HTTP thread while the main loop updates them, hence the lock.
-    Recreating the firewall objects restarts the kernel's counting at 0: a value below
-    the last one read means that, and the last total is carried over, so the exposed
-    counters never go down (a reset that already counted past the old value between
-    two reads is missed; at most one read interval of drops is lost then).
-    """
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-        self.lock = threading.Lock()
-        self.base: dict[tuple[int, str], int] = {}
-        self.last: dict[tuple[int, str], int] = {}
-
-    def update(self, counters: dict[int, Counters]) -> None:
-        with self.lock:
-            for family, c in counters.items():
-                for kind, value in (("packets", c.packets), ("connections", c.connections)):
-                    key = (family, kind)
-                    previous = self.last.get(key, 0)
-                    if value < previous:
-                        self.base[key] = self.base.get(key, 0) + previous
-                    self.last[key] = value
-
-    def total(self, family: int, kind: str) -> int:
-        with self.lock:
-            return self.base.get((family, kind), 0) + self.last.get((family, kind), 0)
-
-    def avoided(self) -> int:
-        return self.metrics.zones * sum(self.total(f, "connections") for f in FAMILIES)
-
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        conns = CounterMetricFamily("rblguard_blocked_connections",
-                                    "New SMTP connections the kernel dropped",
-                                    labels=["family"])
-        packets = CounterMetricFamily("rblguard_blocked_packets",
-                                      "Packets the kernel dropped (SYN retransmits too)",
-                                      labels=["family"])
-        for family, name in FAMILIES.items():
-            conns.add_metric([name], self.total(family, "connections"))
-            packets.add_metric([name], self.total(family, "packets"))
-        avoided = CounterMetricFamily(
-            "rblguard_dnsbl_queries_avoided",
-            "DNSBL queries saved: blocked connections x zones (an upper bound)")
-        avoided.add_metric([], self.avoided())
-        yield conns
-        yield packets
-        yield avoided
-        budget = self.metrics.budget()
-        for what, help_text in (("queries", "DNSBL queries a day at the last hour's rate "
-                                 "(upper bound: connections x zones)"),
-                                ("connections", "SMTP connections a day at the last "
-                                 "hour's rate")):
-            estimate = GaugeMetricFamily(f"rblguard_dnsbl_{what}_per_day_estimate", help_text)
-            estimate.add_metric([], budget[f"{what}_per_day_estimate"])
-            yield estimate
-
-
-class _RateWindow:
-    """Connection totals sampled every SAMPLE_EVERY s over the last WINDOW s."""
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self.clock = clock
-        self.lock = threading.Lock()
-        self.samples: deque[tuple[float, int]] = deque([(clock(), 0)])
-
-    def per_day(self, total: int) -> float:
-        now = self.clock()
-        with self.lock:
-            if now - self.samples[-1][0] >= SAMPLE_EVERY:
-                self.samples.append((now, total))
-            while len(self.samples) > 2 and now - self.samples[1][0] >= WINDOW:
-                self.samples.popleft()
-            t0, c0 = self.samples[0]
-        return (total - c0) / max(MIN_SPAN, now - t0) * DAY
 
 
 class Metrics:
@@ -218,8 +123,8 @@ class Metrics:
         self.server: Any = None
         Gauge("rblguard_build_info", "rblguard version", ["version"], registry=r).labels(
             __version__).set(1)
-        self.lines = PCounter("rblguard_lines_read", "Complete log lines read", ["source"],
-                              registry=r)
+        self.read = ReadCounters()  # lines and connections: they move at every wake-up
+        r.register(self.read)
         self.matches = PCounter("rblguard_matches", "RBL rejects recognised", ["rule"],
                                 registry=r)
         self.ignored = PCounter("rblguard_ignored_lines", "Matches an ignore vetoed",
@@ -233,8 +138,6 @@ class Metrics:
         self.dnsbl_errors = PCounter("rblguard_dnsbl_error_replies",
                                      "DNSBL error replies: the DNSBL refuses our queries",
                                      ["zone", "kind"], registry=r)
-        self.connections = PCounter("rblguard_smtp_connections",
-                                    "SMTP connections seen (connection lines)", registry=r)
         self.bans = PCounter("rblguard_bans", "Bans sent to the kernel", ["rule", "family"],
                              registry=r)
         self.refusals = PCounter("rblguard_bans_refused", "Bans refused", ["reason"],
@@ -243,7 +146,7 @@ class Metrics:
                                ["reason"], registry=r)
         for reason in UNBAN_REASONS:
             self.unbans.labels(reason)
-        self.active = _ActiveBans()
+        self.active = ActiveBans()
         r.register(self.active)
         self.latency = Histogram("rblguard_ban_latency_seconds",
                                  "Log line time to kernel commit", buckets=LATENCY_BUCKETS,
@@ -269,9 +172,9 @@ class Metrics:
               registry=r).set(queries_per_day)
         Gauge("rblguard_dnsbl_connections_per_day_limit", "DNSBL free-use connection limit",
               registry=r).set(connections_per_day)
-        self.kernel = _KernelCounters(self)
+        self.kernel = KernelCounters(zones, self.budget)
         r.register(self.kernel)
-        self.window = _RateWindow(clock)
+        self.window = RateWindow(clock)
         self.fw_healthy.set(1)
         self.heartbeat.set(wall_clock())
         for reason in REFUSAL_REASONS:
@@ -280,7 +183,6 @@ class Metrics:
             self.reloads.labels(result)
         for operation in FIREWALL_OPERATIONS:
             self.fw_errors.labels(operation)
-        self.connection_total = 0
         self.match_total: Counter[str] = Counter()
 
     # -- serving ----------------------------------------------------------------------
@@ -322,13 +224,17 @@ class Metrics:
         per wake-up of the daemon, so the labelled children are looked up once each and
         kept: ``labels()`` costs more than the ``inc``."""
         if result.lines:
-            self._child(self.lines, source).inc(result.lines)
+            lines = self.read.lines
+            lines[source] = lines.get(source, 0) + result.lines
         connections = result.connection_count
         if result.events or result.match_counts:
             connections += self._count_events(result)
-        if connections:
-            self.connections.inc(connections)
-            self.connection_total += connections
+        self.read.connections += connections
+
+    @property
+    def connection_total(self) -> int:
+        """SMTP connections seen since the start (the DNSBL budget's figure)."""
+        return self.read.connections
 
     def _count_events(self, result: ChunkResult) -> int:
         """Matches, ignored lines, DNSBL and parse errors of one chunk; its connections.
