@@ -104,15 +104,15 @@ class Ban:
     origin: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class SourcePosition:
+class SourcePosition(NamedTuple):
     """Where reading of one configured source stopped: enough to resume exactly there.
 
     ``file`` is the path the bytes came from when last read (a multilog ``current`` may
     since have been renamed to ``@....s``: ``dev``/``inode`` find it again), ``offset``
     is just past the last line whose bans are in the kernel, and ``fingerprint`` is a
     digest of the file's first bytes, so a replaced file (new content, reused inode) is
-    told apart from the one we were reading.
+    told apart from the one we were reading.  A named tuple: the daemon makes one at
+    every wake-up, and a frozen dataclass sets each field through a call.
     """
 
     source: str  # the configured source path

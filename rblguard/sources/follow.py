@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from rblguard.model import SourcePosition
 from rblguard.sources.layout import (
@@ -52,9 +53,9 @@ log = logging.getLogger("rblguard.sources.follow")
 # -- what the daemon gets -----------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """Complete lines from one file: ``data`` starts at byte ``start`` and ends in b"\\n"."""
+class Chunk(NamedTuple):
+    """Complete lines from one file: ``data`` starts at byte ``start`` and ends in b"\\n".
+    A named tuple, as SourcePosition: one is made at every wake-up."""
 
     file: str
     dev: int
