@@ -448,6 +448,47 @@ def test_writes_beside_a_source_directory_wake_nothing(tmp_path: Path) -> None:
         watcher.stop()
 
 
+def test_repeated_events_are_remembered_until_the_watches_change(tmp_path: Path) -> None:
+    """A busy log's writes give the same inotify bytes at every wake-up: the watcher
+    answers them from memory, and forgets it when its watches change, so an answer
+    never outlives the watches it was made for.  A source directory moved away and made
+    again is watched afresh at its path (the kernel's watch goes with the moved one,
+    which until 2026-12-08 left the new directory unwatched: only the loop's 1 s
+    re-read saw its lines), and the moved one no longer."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        (d / "current").write_bytes(b"")
+    watcher = SourceWatcher([str(a), str(b)], lambda _source: None)
+    watcher.start(own_thread=False)
+    poller = select.poll()
+    poller.register(watcher.fileno(), select.POLLIN)
+
+    def changed_after(path: Path) -> set[str]:
+        with path.open("ab") as f:
+            f.write(b"x\n")
+        assert poller.poll(5000), f"no inotify event for {path}"
+        return watcher.changed()
+
+    try:
+        for _ in range(3):
+            assert changed_after(a / "current") == {str(a)}
+        assert len(watcher._plain) == 1  # one read, the same bytes each time
+        assert changed_after(b / "current") == {str(b)}
+        remembered = set(watcher._plain)
+        a.rename(tmp_path / "a.old")  # the source directory replaced under the watcher
+        a.mkdir()
+        assert poller.poll(5000), "no inotify event for the rename"
+        assert str(a) in watcher.changed()
+        assert not remembered & set(watcher._plain)  # forgotten with the old watches
+        assert changed_after(a / "current") == {str(a)}
+        with (tmp_path / "a.old" / "current").open("ab") as f:
+            f.write(b"x\n")  # no longer a source: its writes name none
+        assert not poller.poll(200) or watcher.changed() == set()
+    finally:
+        watcher.stop()
+
+
 def test_a_path_made_at_once_is_followed_down_to_the_source(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``mkdir -p not/yet`` makes ``yet`` before the watch on ``not`` is added when the

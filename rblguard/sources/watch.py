@@ -65,6 +65,7 @@ _WATCH_MASK = _STRUCTURE_MASK | _IN_MODIFY  # a directory whose files are the so
 _RESHAPE = _IN_ISDIR | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED | _IN_Q_OVERFLOW
 _RESHAPE_ROUNDS = 8  # looks at the paths after a change of watches (see _reshape)
 _EVENT_HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len
+_REMEMBERED_READ = 4 * _EVENT_HEADER.size + 256  # a read of a few events (see _plain)
 
 
 def _parse_events(buf: bytes) -> list[tuple[int, int, str]]:
@@ -131,6 +132,11 @@ class SourceWatcher:
         self._dir_wd: dict[str, int] = {}
         self._dir_mask: dict[str, int] = {}
         self._by_dir: dict[str, list[tuple[str, str | None, bool]]] = {}
+        # What a short read without watch changes said, by its bytes: it depends on
+        # nothing else until the watches change (then it is forgotten), and a busy
+        # log's writes give the same one again and again (IN_MODIFY of `current`),
+        # which each wake-up of the daemon would otherwise parse and match anew.
+        self._plain: dict[bytes, frozenset[str]] = {}
 
     def start(self, own_thread: bool = True) -> None:
         """Watch from now on.  With ``own_thread`` False, no thread reads inotify: the
@@ -210,6 +216,7 @@ class SourceWatcher:
                 self._wd_dir[wd] = directory
                 self._dir_mask[directory] = mask
         self._by_dir = by_dir
+        self._plain.clear()
         return changed
 
     def _run(self) -> None:
@@ -232,6 +239,9 @@ class SourceWatcher:
             buf = os.read(self._fd, 1 << 16)
         except BlockingIOError:
             return set()
+        known = self._plain.get(buf)
+        if known is not None:  # the same events as before: a write to a source
+            return set(known)
         touched: set[str] = set()
         reshape = False
         for wd, mask, name in _parse_events(buf):
@@ -240,15 +250,28 @@ class SourceWatcher:
             if mask & _IN_Q_OVERFLOW:
                 touched.update(self.sources)
             if mask & _IN_IGNORED:
-                directory = self._wd_dir.pop(wd, None)
-                if directory is not None and self._dir_wd.get(directory) == wd:
-                    del self._dir_wd[directory]
+                self._drop_watch(wd)
             for source, wanted, rotated_too in self._by_dir.get(self._wd_dir.get(wd, ""), ()):
                 if wanted is None or name == wanted or (rotated_too and name[:1] == "@"):
                     touched.add(source)
+            if mask & _IN_MOVE_SELF:  # the watch went with the directory: its path names
+                self._drop_watch(wd)  # another (or none), which _reshape watches afresh
+                self._inotify.remove(wd)
         if reshape:
             touched |= self._reshape()
-        return set(map(self.sources.__getitem__, touched))  # in C, no comprehension
+        changed = set(map(self.sources.__getitem__, touched))  # in C, no comprehension
+        if not reshape and len(buf) <= _REMEMBERED_READ:  # then it depends on buf alone
+            if len(self._plain) >= 64:  # rotations' moves each differ (their cookie)
+                self._plain.clear()
+            self._plain[buf] = frozenset(changed)
+        return changed
+
+    def _drop_watch(self, wd: int) -> None:
+        """Forget watch ``wd`` (the kernel dropped it, or its directory moved away)."""
+        directory = self._wd_dir.pop(wd, None)
+        if directory is not None and self._dir_wd.get(directory) == wd:
+            del self._dir_wd[directory]
+            self._dir_mask.pop(directory, None)
 
     def _notify(self, source: str) -> None:
         try:
