@@ -80,10 +80,15 @@ def fixed_texts(patterns: list[tuple[bytes, bytes]], vetoes: list[bytes]) -> tup
     return () if behind or not all(texts) else texts
 
 
+def can_pick(template: bytes | None, texts: tuple[bytes, ...]) -> bool:
+    """Whether pick() can tell: built, a stamp of fixed width (``template`` not None),
+    and fixed texts (see fixed_texts())."""
+    return template is not None and bool(texts) and _select is not None
+
+
 def pick(window: bytes | bytearray, stop: int, template: bytes | None,
          texts: tuple[bytes, ...]) -> Selection | None:
-    """select() of ``window[1:stop]``, or None where it cannot tell: not built, a stamp
-    of varying width (``template`` None), or no fixed texts (see fixed_texts())."""
-    if template is None or not texts or _select is None:
+    """select() of ``window[1:stop]``, or None where it cannot tell (can_pick())."""
+    if not can_pick(template, texts):
         return None
     return select(window, 1, stop, template, texts)

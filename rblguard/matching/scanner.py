@@ -353,7 +353,7 @@ class Scanner:
 
     def prepare(self, fmt: StampFormat) -> None:
         """Compile what tally() of ``fmt`` needs now: before a scan forks, not in each."""
-        if self.use_prefilter and self.fixed_texts:
+        if self.use_prefilter and prefilter.can_pick(fmt.template, self.fixed_texts):
             self._count_patterns(NONE)  # for the lines the prefilter picks
         self._count_patterns(fmt)
 
