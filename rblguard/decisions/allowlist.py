@@ -21,7 +21,7 @@ from operator import ge, not_, or_
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rblguard.addresses import interface_addresses
+from rblguard.decisions.interfaces import interface_addresses
 
 if TYPE_CHECKING:
     from rblguard.config import Config
@@ -203,7 +203,7 @@ class Allowlist:
 def host_addresses() -> list[Network]:
     """This host's own addresses, as /32 and /128 networks (re-read on every reload).
 
-    Netlink (one RTM_GETADDR dump, addresses.interface_addresses) sees every address
+    Netlink (one RTM_GETADDR dump, interfaces.interface_addresses) sees every address
     of this network namespace; if it is refused, /proc/net/if_inet6 and the host
     name's addresses are the fallback.
     """
