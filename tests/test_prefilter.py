@@ -34,18 +34,21 @@ def stamped(line: bytes, template: bytes) -> bool:
 
 
 def reference(window: bytes, start: int, stop: int, template: bytes,
-              literals: tuple[bytes, ...]) -> tuple[int, bytes, list[int]]:
+              literals: tuple[bytes, ...]) -> tuple[int, bytes, list[int], list[int]]:
     """What select() must give, line by line in Python: (lines, text, window positions
-    of the chosen messages)."""
+    of the chosen messages, how many of them start with each literal)."""
     width = len(template)
     lines, text, origins, pos = 0, b"\n", [], start
+    found = [0] * len(literals)
     for line in window[start:stop].split(b"\n")[:-1]:
-        if stamped(line, template) and any(line[width:].startswith(lit) for lit in literals):
+        starts = [line[width:].startswith(lit) for lit in literals]
+        if stamped(line, template) and any(starts):
             text += line[width:] + b"\n"
             origins.append(pos + width)
+            found = [n + s for n, s in zip(found, starts, strict=True)]
         lines += 1
         pos += len(line) + 1
-    return lines, text, origins
+    return lines, text, origins, found
 
 
 def test_picks_the_messages_of_stamped_lines_that_start_with_a_fixed_text() -> None:
@@ -61,6 +64,7 @@ def test_picks_the_messages_of_stamped_lines_that_start_with_a_fixed_text() -> N
     assert got.text == b"\nrblsmtpd: 198.18.0.1 pid 1: 553\nqmail-smtpd[9]: rbl: ip=198.18.0.2\n"
     assert list(got.origins) == [5, window.index(b"qmail")]
     assert list(got.starts) == [1, got.text.index(b"qmail")]
+    assert list(got.found) == [1, 1]
 
 
 @settings(max_examples=300, deadline=None)
@@ -71,10 +75,12 @@ def test_picks_the_messages_of_stamped_lines_that_start_with_a_fixed_text() -> N
 def test_agrees_with_the_reference(lines: list[bytes], template: bytes, start_line: int) -> None:
     window = b"\n" + b"".join(line + b"\n" for line in lines)
     start = min(1 + sum(len(line) + 1 for line in lines[:start_line]), len(window))
-    literals = (b"ab", b"zz")
+    literals = (b"ab", b"zz", b"a")  # "a" starts every line "ab" starts: both count it
     got = prefilter.select(bytearray(window), start, len(window), template, literals)
-    lines_count, text, origins = reference(window, start, len(window), template, literals)
+    lines_count, text, origins, found = reference(window, start, len(window), template,
+                                                  literals)
     assert (got.lines, got.text, list(got.origins)) == (lines_count, text, origins)
+    assert list(got.found) == found
     for k, origin in enumerate(origins):  # every byte of a chosen message, and its newline
         length = window.index(b"\n", origin) - origin + 1
         for i in range(length):

@@ -9,6 +9,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
 
 #define MAX_LITERALS 64
@@ -53,17 +54,28 @@ stamped(const unsigned char *line, const unsigned char *template, Py_ssize_t wid
     return 1;
 }
 
-static int
-starts_with_one(const char *message, Py_ssize_t room, const literal_t *lits, int n)
+/* The literals of ``lits`` that ``message`` starts with, as bits (bit i: lits[i]); one
+ * may be a prefix of another, so a message may start with several. */
+static uint64_t
+starts_with(const char *message, Py_ssize_t room, const literal_t *lits, int n)
 {
+    uint64_t which = 0;
     for (int i = 0; i < n; i++) {
         if (lits[i].len <= room && memcmp(message, lits[i].text, (size_t)lits[i].len) == 0)
-            return 1;
+            which |= (uint64_t)1 << i;
     }
-    return 0;
+    return which;
 }
 
-/* select(window, start, stop, template, literals) -> (lines, selected, origins)
+/* Adds one to found[i] for each bit i of ``which``. */
+static void
+count_each(uint64_t which, int64_t *found)
+{
+    for (int i = 0; which != 0; i++, which >>= 1)
+        found[i] += (int64_t)(which & 1);
+}
+
+/* select(window, start, stop, template, literals) -> (lines, selected, origins, found)
  *
  * lines: the newlines in window[start:stop], whose lines it looks at; bytes after
  * the last newline are no line yet and are left out.
@@ -72,6 +84,8 @@ starts_with_one(const char *message, Py_ssize_t room, const literal_t *lits, int
  * describes (see stamped) and its message with one of ``literals``.
  * origins: for each chosen line, two native 8-byte integers: where its message starts
  * in ``selected``, and where in ``window``.
+ * found: for each literal, a native 8-byte integer: how many chosen lines start with
+ * it (a rule none starts with can have no hit, and its search can be skipped).
  */
 static PyObject *
 prefilter_select(PyObject *self, PyObject *args)
@@ -88,6 +102,7 @@ prefilter_select(PyObject *self, PyObject *args)
     char *out = NULL, *org = NULL;
     Py_ssize_t out_len = 0, out_cap = 0, org_len = 0, org_cap = 0, lines = 0;
     literal_t lits[MAX_LITERALS];
+    int64_t found[MAX_LITERALS] = {0};
     int n = (int)PyTuple_GET_SIZE(literals);
     if (n > MAX_LITERALS) {
         PyErr_SetString(PyExc_ValueError, "too many fixed texts");
@@ -123,9 +138,10 @@ prefilter_select(PyObject *self, PyObject *args)
         if (nl == NULL)  /* a partial last line: not a line yet */
             break;
         Py_ssize_t len = nl - p;
-        if (len > width && starts_with_one(p + width, len - width, lits, n)
-                && stamped((const unsigned char *)p, (const unsigned char *)template,
-                           width)) {
+        uint64_t which = len > width ? starts_with(p + width, len - width, lits, n) : 0;
+        if (which != 0 && stamped((const unsigned char *)p, (const unsigned char *)template,
+                                  width)) {
+            count_each(which, found);
             Py_ssize_t message = len - width;
             int64_t pair[2] = {(int64_t)out_len, (int64_t)(p + width - base)};
             if (!reserve(&out, &out_cap, out_len + message + 1)
@@ -147,7 +163,8 @@ prefilter_select(PyObject *self, PyObject *args)
         PyErr_NoMemory();
         goto done;
     }
-    result = Py_BuildValue("ny#y#", lines, out, out_len, org, org_len);
+    result = Py_BuildValue("ny#y#y#", lines, out, out_len, org, org_len, (const char *)found,
+                           (Py_ssize_t)(n * (Py_ssize_t)sizeof found[0]));
 done:
     PyMem_Free(out);
     PyMem_Free(org);
@@ -157,7 +174,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"select", prefilter_select, METH_VARARGS,
-     "select(window, start, stop, template, literals) -> (lines, selected, origins)"},
+     "select(window, start, stop, template, literals) -> (lines, selected, origins, found)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -8,6 +8,7 @@ the addresses and the text an ignore would veto.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -31,14 +32,38 @@ class CountPattern:
     """One rule's (or connection line's) patterns for tally()."""
 
     source: Rule | ConnectionLine
-    count: regex.Pattern  # without the stamp's groups, with TAIL: for findall
-    fast: re.Pattern | None  # the same compiled by ``re`` where it can be (deadline)
+    count_text: bytes  # the anchored pattern with TAIL (count, fast)
     full: regex.Pattern  # the scanner's own pattern, with the stamp's groups
-    veto: regex.Pattern | None  # the full pattern's hits that an ignore vetoes
     literals: list[bytes] | None  # the ignores' texts, when each is plain text (or |)
     # ``count`` without TAIL, by ``re`` (None where it cannot be): findall then gives
     # the addresses alone, for lines the prefilter picked (Scanner._tally_buffer)
     bare: re.Pattern | None = None
+
+    # Compiled when first asked for: where the prefilter picks lines and ``bare`` is
+    # usable, as on every front end's log, they are never used, and compiling them
+    # was a tenth of a scan's start-up beyond the interpreter's.
+    @property
+    def vetoes(self) -> bool:
+        """Whether an ignore of the rule can veto a hit (then ``veto`` is a pattern)."""
+        return type(self.source) is Rule and self.source.veto is not None
+
+    @functools.cached_property
+    def veto(self) -> regex.Pattern | None:
+        """The full pattern's hits that an ignore vetoes."""
+        if not self.vetoes:
+            return None
+        return regex.compile(self.full.pattern + b"(?=[^\n]*?(?:" + self.source.veto.pattern
+                             + b"))", FLAGS)
+
+    @functools.cached_property
+    def count(self) -> regex.Pattern:
+        """Without the stamp's groups, with TAIL: for findall."""
+        return regex.compile(self.count_text, FLAGS)
+
+    @functools.cached_property
+    def fast(self) -> re.Pattern | None:
+        """``count`` compiled by ``re`` where it can be (rblguard.matching.deadline)."""
+        return deadline.compile_fast(self.count_text, re.MULTILINE)
 
 
 def anchored(literal: bytes, stamp: bytes, rest: bytes) -> bytes:
@@ -57,17 +82,12 @@ def count_patterns(sources: list[tuple[Rule | ConnectionLine, bytes, bytes]],
     for (source, literal, rest), (_, full) in zip(sources, full_patterns, strict=True):
         bare = anchored(literal, uncaptured, rest)
         count_text = bare + b"(?P<" + TAIL.encode() + b">[^\n]*)"
-        veto = literals = None
-        if type(source) is Rule and source.veto is not None:
-            veto = regex.compile(full.pattern + b"(?=[^\n]*?(?:" + source.veto.pattern + b"))",
-                                 FLAGS)
+        literals = None
         if type(source) is Rule and source.ignores:
             parts = [literal_alternatives(ig.regex.pattern) for ig in source.ignores]
             if all(part is not None for part in parts):
                 literals = [text for part in parts for text in part or ()]
-        made.append(CountPattern(source, regex.compile(count_text, FLAGS),
-                                 deadline.compile_fast(count_text, re.MULTILINE),
-                                 full, veto, literals,
+        made.append(CountPattern(source, count_text, full, literals,
                                  deadline.compile_fast(bare, re.MULTILINE)))
     return made
 

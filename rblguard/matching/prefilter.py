@@ -45,6 +45,9 @@ class Selection:
     text: bytes
     starts: array  # where each chosen message starts in text
     origins: array  # where it starts in the window
+    # per fixed text, in the order select() was given them: the chosen messages that
+    # start with it (a rule with none has no hit here, and needs no search)
+    found: array
 
     def origin(self, pos: int) -> int:
         """The window's position of ``text[pos]`` (a byte of a chosen message or its
@@ -65,10 +68,11 @@ def select(window: bytes | bytearray, start: int, stop: int, template: bytes,
     ``literals``; RuntimeError if not available()."""
     if _select is None:
         raise RuntimeError("rblguard's compiled prefilter is not built")
-    lines, text, pairs = _select(window, start, stop, template, literals)
-    both = array("q")
+    lines, text, pairs, counts = _select(window, start, stop, template, literals)
+    both, found = array("q"), array("q")
     both.frombytes(pairs)
-    return Selection(lines, text, both[0::2], both[1::2])
+    found.frombytes(counts)
+    return Selection(lines, text, both[0::2], both[1::2], found)
 
 
 def fixed_texts(patterns: list[tuple[bytes, bytes]], vetoes: list[bytes]) -> tuple[bytes, ...]:

@@ -20,11 +20,7 @@ from operator import itemgetter
 
 import regex
 
-from rblguard.addresses import (
-    BYTES_CACHE,
-    canonical_address,
-    canonical_bytes,
-)
+from rblguard.addresses import BYTES_CACHE, add_counts, canonical_address, canonical_bytes
 from rblguard.logs import warn
 from rblguard.matching import counting, deadline, prefilter
 from rblguard.matching.rules import TCPSERVER, ConnectionLine, Rule, RuleSet
@@ -252,9 +248,8 @@ class Scanner:
         an address that is none becomes a ParseError per match."""
         counts = into.match_counts if into.match_counts is not None else {}
         by_rule, errors = counting.resolve(raw, into.end_offset)
-        for name, found in by_rule.items():
-            for address, n in found.items():
-                counts[(name, address)] = counts.get((name, address), 0) + n
+        add_counts(counts, {(name, address): n for name, found in by_rule.items()
+                            for address, n in found.items()})
         into.events.extend(errors)
         into.match_counts = counts
         return into
@@ -274,13 +269,15 @@ class Scanner:
         # (rule, hits, vetoed addresses): added to raw only once every search is done,
         # so that a search that runs out of time leaves raw as it was
         found_by_rule: list[tuple[str, list, int | None, list[bytes]]] = []
-        for cp in self._count_patterns(searched):
+        for i, cp in enumerate(self._count_patterns(searched)):  # in fixed_texts' order
             rule = cp.source
-            if picked is not None and self._bare_usable(cp):
+            if picked is not None and not picked.found[i]:  # no line starts with its text
+                found, hits, index = [], (), None
+            elif picked is not None and self._bare_usable(cp):
                 with deadline.bound(BUFFER_TIMEOUT):
                     found = cp.bare.findall(data, 0, stop)
                 hits = (vetoed_lines(rule.veto, cp.full, data, stop, cp.literals)
-                        if found and cp.veto is not None and rule.veto is not None else ())
+                        if found and cp.vetoes else ())
                 index = None if cp.bare.groups == 1 else cp.bare.groupindex["addr"] - 1
             else:
                 found = deadline.findall(cp.count, cp.fast, data, stop, BUFFER_TIMEOUT)
@@ -314,11 +311,10 @@ class Scanner:
 
     @staticmethod
     def _bare_usable(cp: counting.CountPattern) -> bool:
-        """Whether a hit's address alone will do (CountPattern.bare): compiled, bounded
-        by a timer (deadline.usable), and the ignores, if any, plain texts that
-        vetoes.vetoed_lines can look for in the lines the prefilter picked."""
-        return cp.bare is not None and deadline.usable() and (
-            cp.veto is None or cp.literals is not None)
+        """Whether a hit's address alone will do (CountPattern.bare): compiled, bounded by
+        a timer (deadline.usable), the ignores (if any) texts vetoed_lines can look for."""
+        return cp.bare is not None and deadline.usable() and (not cp.vetoes
+                                                               or cp.literals is not None)
 
     @staticmethod
     def _vetoed(cp: counting.CountPattern, found: list, data: bytes | bytearray,
@@ -353,9 +349,10 @@ class Scanner:
 
     def prepare(self, fmt: StampFormat) -> None:
         """Compile what tally() of ``fmt`` needs now: before a scan forks, not in each."""
-        if self.use_prefilter and prefilter.can_pick(fmt.template, self.fixed_texts):
-            self._count_patterns(NONE)  # for the lines the prefilter picks
-        self._count_patterns(fmt)
+        can = self.use_prefilter and prefilter.can_pick(fmt.template, self.fixed_texts)
+        for cp in self._count_patterns(NONE if can else fmt):  # NONE: the lines picked
+            if not self._bare_usable(cp):  # else needed only where a line is odd
+                _ = cp.count, cp.fast, cp.veto  # cached properties: compiled, kept
 
     def _count_patterns(self, fmt: StampFormat) -> list[counting.CountPattern]:
         """tally()'s patterns for ``fmt`` (rblguard.matching.counting), made once."""
