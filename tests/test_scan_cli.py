@@ -137,8 +137,9 @@ def test_the_next_lines_client_text_is_never_a_reject(tmp_path: Path, stamp: str
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the split needs two cores")
 def test_two_processes_give_exactly_the_one_process_answer(tmp_path: Path) -> None:
-    """A file of 32 MB or more is scanned in two halves by two processes: the JSON must
-    be exactly what one process gives, and what the generator wrote."""
+    """A file of PARALLEL_MIN_BYTES (128 MB) or more is scanned in two halves by two
+    processes: the JSON must be exactly what one process gives, and what the generator
+    wrote."""
     log = tmp_path / "current"
     truth = genlog.write_log(log, "tai64n", 11, size=scan_module.PARALLEL_MIN_BYTES + (1 << 20))
     assert log.stat().st_size >= scan_module.PARALLEL_MIN_BYTES

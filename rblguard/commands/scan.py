@@ -155,9 +155,13 @@ def _rank(item: tuple[str, int]) -> tuple[int, str]:
     return -item[1], item[0]
 
 
-# A file at least this large is scanned in two halves by two processes: scanning is
-# CPU-bound, and an admin's machine has more than one core.
-PARALLEL_MIN_BYTES = 32 << 20
+# A file at least this large is scanned in two halves by two processes.  A second
+# process costs about 35 ms of CPU whatever the size (its copies of the pages both
+# write to, and the addresses both halves hold made canonical twice) and saves about
+# half of the scan's wall time: that pays from about 100 MB (90 MB: 37 ms more CPU for
+# 30 ms sooner; 363 MB: 35 ms for 162 ms sooner).  Below it, on a busy mail host, the
+# CPU counts for more than those milliseconds (docs/benchmarks.md, parse.py).
+PARALLEL_MIN_BYTES = 128 << 20
 _worker_scanner: Scanner | None = None
 
 
