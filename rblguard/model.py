@@ -2,13 +2,17 @@
 
 The flow is one way: sources read lines, rules turn lines into events, decisions turn
 matches into bans, and the firewall backend puts bans in the kernel.  Every stage takes
-and returns the small dataclasses below, so each stage can be tested alone and nothing
+and returns the small records below, so each stage can be tested alone and nothing
 reaches into another stage's internals.
+
+They are named tuples (or, where a stage fills one in, a plain class with slots), not
+dataclasses: these modules are what ``rblguard scan`` imports, and ``dataclasses``
+(with the ``inspect`` it imports) and the making of each dataclass were a fifth of a
+scan's start-up (tests/test_layers.py keeps them out of it).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 # The longest log line any stage looks at.  A reject is a few hundred bytes; a longer
@@ -17,8 +21,7 @@ from typing import NamedTuple
 MAX_LINE_BYTES = 1 << 20
 
 
-@dataclass(slots=True)
-class Match:
+class Match(NamedTuple):
     """A line that a rule recognised as an RBL reject: its address deserves a ban."""
 
     rule: str
@@ -28,8 +31,7 @@ class Match:
     offset: int  # byte offset just past this line's newline, in its file
 
 
-@dataclass(slots=True)
-class Ignored:
+class Ignored(NamedTuple):
     """A line a rule matched but one of its ignore patterns vetoed: never a ban.
 
     ``kind`` groups reasons for reporting: ``lookup-error`` (the DNS lookup failed),
@@ -46,8 +48,7 @@ class Ignored:
     offset: int
 
 
-@dataclass(slots=True)
-class ParseError:
+class ParseError(NamedTuple):
     """A line that looks like a rule's reject but whose address does not parse."""
 
     rule: str
@@ -57,8 +58,7 @@ class ParseError:
     reason: str = "address"  # or "timeout": the rule took too long on this line
 
 
-@dataclass(slots=True)
-class Connection:
+class Connection(NamedTuple):
     """An SMTP connection a producer accepted (``tcpserver: pid N from ADDR``,
     Postfix's ``connect from``): each one cost at least one DNSBL query.
     """
@@ -72,23 +72,43 @@ class Connection:
 Event = Match | Ignored | ParseError | Connection
 
 
-@dataclass(slots=True)
 class ChunkResult:
-    """What the scanner found in one buffer of complete lines, in file order."""
+    """What the scanner found in one buffer of complete lines, in file order.
 
-    lines: int = 0
-    events: list[Event] = field(default_factory=list)
-    first_time: float | None = None
-    last_time: float | None = None
-    end_offset: int = 0  # byte offset just past the last complete line consumed
-    # Scanner.tally() only counts: these hold what Match and Connection events would say,
-    # and ``events`` then holds only the rare Ignored and ParseError events.
-    match_counts: dict[tuple[str, str], int] | None = None  # (rule, address) -> matches
-    connection_count: int = 0
+    ``end_offset`` is the byte offset just past the last complete line consumed.
+    Scanner.tally() only counts: ``match_counts`` ((rule, address) -> matches) and
+    ``connection_count`` then hold what Match and Connection events would say, and
+    ``events`` only the rare Ignored and ParseError events.
+    """
+
+    __slots__ = (
+        "connection_count",
+        "end_offset",
+        "events",
+        "first_time",
+        "last_time",
+        "lines",
+        "match_counts",
+    )
+
+    def __init__(self, lines: int = 0, events: list[Event] | None = None,
+                 first_time: float | None = None, last_time: float | None = None,
+                 end_offset: int = 0, match_counts: dict[tuple[str, str], int] | None = None,
+                 connection_count: int = 0) -> None:
+        self.lines = lines
+        self.events: list[Event] = [] if events is None else events
+        self.first_time = first_time
+        self.last_time = last_time
+        self.end_offset = end_offset
+        self.match_counts = match_counts
+        self.connection_count = connection_count
+
+    def __repr__(self) -> str:
+        return "ChunkResult(" + ", ".join(f"{n}={getattr(self, n)!r}"
+                                          for n in self.__slots__) + ")"
 
 
-@dataclass(frozen=True, slots=True)
-class Ban:
+class Ban(NamedTuple):
     """A decision to keep ``target`` out until ``until`` (Unix time).
 
     ``target`` is a canonical address ("198.18.5.124", "2001:db8::17") or a network in
@@ -123,8 +143,7 @@ class SourcePosition(NamedTuple):
     fingerprint: str
 
 
-@dataclass(frozen=True, slots=True)
-class BanPolicy:
+class BanPolicy(NamedTuple):
     """What a rule asks for: ``count`` matches within ``window`` seconds ban an address
     for ``duration`` seconds (None: the configured ``ban_time``)."""
 

@@ -2,13 +2,17 @@
 
 The layers themselves are import-linter's contracts in pyproject.toml (``lint-imports``,
 run by run-tests.sh).  This module checks what import-linter does not: that no module
-imports another module's private name, and that modules, classes and functions stay
-small enough to read in one sitting.
+imports another module's private name, that modules, classes and functions stay small
+enough to read in one sitting, and that ``rblguard scan`` starts without the modules
+it does not need.
 """
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "rblguard"
@@ -69,3 +73,30 @@ def test_modules_classes_and_functions_stay_small() -> None:
             if size > limit and f"{name}::{node.name}" not in LONGER:
                 offences.append(f"{where}: {size} lines (at most {limit})")
     assert not offences, "too long to read in one sitting:\n" + "\n".join(offences)
+
+
+# What `rblguard scan` does without: each was measured as a part of its start-up, which
+# is most of what a scan of a day's log costs (docs/benchmarks.md, "Where scan's time
+# goes").  The records it reads are named tuples or plain classes (rblguard.model says
+# why); `logging`, `pickle` and the socket module are imported where they are used.
+SCAN_STARTS_WITHOUT = ("dataclasses", "inspect", "socket", "logging", "pickle")
+_SCAN_IMPORTS = """\
+import json, sys
+from rblguard.commands.cli import main
+try:
+    main(["scan", "--json", sys.argv[1]])
+except SystemExit:
+    pass
+print(json.dumps(sorted(sys.modules)), file=sys.stderr)
+"""
+
+
+def test_scan_starts_without_what_it_does_not_need(tmp_path: Path) -> None:
+    log = tmp_path / "current"
+    log.write_bytes(b"@4000000065a1d28a302953e2 rblsmtpd: 198.18.0.1 pid 1: 553 listed\n")
+    proc = subprocess.run([sys.executable, "-c", _SCAN_IMPORTS, str(log)], capture_output=True,
+                          text=True, check=True, cwd=PACKAGE.parent)
+    assert json.loads(proc.stdout)["matches"] == 1
+    imported = set(json.loads(proc.stderr.strip().splitlines()[-1]))
+    needless = sorted(imported & set(SCAN_STARTS_WITHOUT))
+    assert not needless, f"rblguard scan imports {needless}"

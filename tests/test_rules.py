@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -289,8 +288,8 @@ def _unconfined(rules_dir: Path):
 
     _enabled, rules, samples = load_rule_file(rules_dir / "r.yaml")
     rest = ("[^=]*ip=" + ADDR_CAPTURE + "$").encode()  # after "qmail-dnsbl: rejected"
-    loose = dataclasses.replace(rules[0], rest=rest,
-                                regex=regex.compile(re.escape(rules[0].literal) + rest, regex.M))
+    loose = rules[0]._replace(rest=rest,
+                              regex=regex.compile(re.escape(rules[0].literal) + rest, regex.M))
     return [loose], samples
 
 

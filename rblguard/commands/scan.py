@@ -19,7 +19,6 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from rblguard.addresses import add_counts
@@ -31,25 +30,23 @@ from rblguard.sources.files import log_files, read_windows
 from rblguard.sources.stamps import FORMATS, NONE, StampFormat, detect_file_format
 
 
-@dataclass
 class ScanReport:
     """Totals over every chunk of every file scanned."""
 
-    lines: int = 0
-    connections: int = 0
-    first_time: float | None = None
-    last_time: float | None = None
-    by_rule: Counter[str] = field(default_factory=Counter)
-    ignored: Counter[str] = field(default_factory=Counter)
-    ignored_kinds: Counter[str] = field(default_factory=Counter)
-    dnsbl_zones: Counter[str] = field(default_factory=Counter)
-    parse_errors: int = 0
-    offenders: Counter[str] = field(default_factory=Counter)
-    files: list[str] = field(default_factory=list)
-    first_dnsbl_error: str | None = None
-    # matches per rule by address as the log spells it, until settle() makes them
-    # canonical: once for all the parts one process scans, not once per window
-    raw: dict[str, Counter[bytes]] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self.lines = self.connections = self.parse_errors = 0
+        self.first_time: float | None = None
+        self.last_time: float | None = None
+        self.by_rule: Counter[str] = Counter()
+        self.ignored: Counter[str] = Counter()
+        self.ignored_kinds: Counter[str] = Counter()
+        self.dnsbl_zones: Counter[str] = Counter()
+        self.offenders: Counter[str] = Counter()
+        self.files: list[str] = []
+        self.first_dnsbl_error: str | None = None
+        # matches per rule by address as the log spells it, until settle() makes them
+        # canonical: once for all the parts one process scans, not once per window
+        self.raw: dict[str, Counter[bytes]] = {}
 
     def add(self, chunk: ChunkResult) -> None:
         self.lines += chunk.lines

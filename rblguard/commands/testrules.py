@@ -15,7 +15,6 @@ Exit status: 0 all good, 1 a sample or check failed, 2 a file could not be read 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import re
 import sys
@@ -159,7 +158,7 @@ def check_samples(rules: list[Rule], samples: list[Sample],
     """Problems with one file's samples: wrong outcomes, paths of the scanner that
     disagree, and unexercised rules/ignores/connection lines.  Each connection line is
     tried on its own (``behind`` dropped): a hand-off depends on the lines before it."""
-    lines = [dataclasses.replace(line, behind=None) for line in connections or []]
+    lines = [line._replace(behind=None) for line in connections or []]
     scanner = Scanner(RuleSet(rules=rules, connections=lines), tcpserver=False)
     outcomes, problems = _check_paths(scanner, samples)
     exercised: set[str] = set()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import re
 from collections import Counter
-from dataclasses import dataclass
 
 import regex
 
@@ -27,26 +26,33 @@ TAIL = RESERVED_GROUP_PREFIX + "tail"  # the count pattern's group: the rest of 
 _STAMP_GROUP = re.compile(rb"(?<!\\)\((?!\?)")  # a capturing "(" in a stamp's pattern
 
 
-@dataclass(frozen=True)
 class CountPattern:
-    """One rule's (or connection line's) patterns for tally()."""
+    """One rule's (or connection line's) patterns for tally().
 
-    source: Rule | ConnectionLine
-    count_text: bytes  # the anchored pattern with TAIL (count, fast)
-    full: regex.Pattern  # the scanner's own pattern, with the stamp's groups
-    literals: list[bytes] | None  # the ignores' texts, when each is plain text (or |)
-    # ``count`` without TAIL, by ``re`` (None where it cannot be): findall then gives
-    # the addresses alone, for lines the prefilter picked (Scanner._tally_buffer)
-    bare: re.Pattern | None = None
+    ``count_text`` is the anchored pattern with TAIL (``count``, ``fast``); ``full`` the
+    scanner's own pattern, with the stamp's groups; ``literals`` the ignores' texts,
+    when each is plain text (or ``|``); ``bare`` is ``count`` without TAIL, by ``re``
+    (None where it cannot be): findall then gives the addresses alone, for the lines
+    the prefilter picked (Scanner._tally_buffer).
+    """
 
-    # Compiled when first asked for: where the prefilter picks lines and ``bare`` is
-    # usable, as on every front end's log, they are never used, and compiling them
-    # was a tenth of a scan's start-up beyond the interpreter's.
+    def __init__(self, source: Rule | ConnectionLine, count_text: bytes,
+                 full: regex.Pattern, literals: list[bytes] | None,
+                 bare: re.Pattern | None = None) -> None:
+        self.source = source
+        self.count_text = count_text
+        self.full = full
+        self.literals = literals
+        self.bare = bare
+
     @property
     def vetoes(self) -> bool:
         """Whether an ignore of the rule can veto a hit (then ``veto`` is a pattern)."""
         return type(self.source) is Rule and self.source.veto is not None
 
+    # Compiled when first asked for: where the prefilter picks lines and ``bare`` is
+    # usable, as on every front end's log, they are never used, and compiling them
+    # was a tenth of a scan's start-up beyond the interpreter's.
     @functools.cached_property
     def veto(self) -> regex.Pattern | None:
         """The full pattern's hits that an ignore vetoes."""

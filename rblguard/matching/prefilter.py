@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import bisect
 from array import array
-from dataclasses import dataclass
+from typing import NamedTuple
 
 try:
     from rblguard.matching._prefilter import select as _select
@@ -31,8 +31,7 @@ except ImportError:  # built without a compiler: the scanner searches whole wind
     _select = None
 
 
-@dataclass(frozen=True)
-class Selection:
+class Selection(NamedTuple):
     """The messages of the lines of a window a rule may match, copied out.
 
     ``text`` is a newline followed by each chosen line's message (the line without its

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import regex
 import yaml
@@ -35,15 +34,13 @@ class RuleError(Exception):
     """A rule file cannot be used; the message names file, line and problem."""
 
 
-@dataclass(frozen=True, slots=True)
-class IgnorePattern:
+class IgnorePattern(NamedTuple):
     name: str
     kind: str
     regex: regex.Pattern
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
+class Sample(NamedTuple):
     line: str
     outcome: str  # one of OUTCOMES
     expect: str  # the address for "ban", the ignore name for "ignored", else the why
@@ -52,8 +49,7 @@ class Sample:
     lineno: int
 
 
-@dataclass(frozen=True, slots=True)
-class Rule:
+class Rule(NamedTuple):
     name: str
     file: str
     lineno: int
@@ -67,8 +63,7 @@ class Rule:
     error: str | None = None  # every match is an error of this kind, never a ban
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionLine:
+class ConnectionLine(NamedTuple):
     """A producer's line for one accepted SMTP connection (tcpserver's ``pid N from
     ADDR``, Postfix's ``connect from``): each cost DNSBL queries, so ``simulate`` and
     the DNSBL budget count them.  ``behind``: the front end (postscreen) that passes
@@ -105,15 +100,19 @@ def _address_pattern(pattern: str, where: str, what: str) -> tuple[str, str, reg
     return literal, rest, _compile(re.escape(literal) + rest, where, what)
 
 
-@dataclass
 class RuleSet:
-    """Every enabled rule, in load order (files by name, rules in file order)."""
+    """Every enabled rule, in load order (files by name, rules in file order), with the
+    files' samples and own connection lines, and which files were read and off."""
 
-    rules: list[Rule] = field(default_factory=list)
-    samples: list[Sample] = field(default_factory=list)
-    connections: list[ConnectionLine] = field(default_factory=list)  # the files' own
-    files: list[str] = field(default_factory=list)
-    disabled_files: list[str] = field(default_factory=list)
+    __slots__ = ("connections", "disabled_files", "files", "rules", "samples")
+
+    def __init__(self, rules: list[Rule] | None = None, samples: list[Sample] | None = None,
+                 connections: list[ConnectionLine] | None = None) -> None:
+        self.rules: list[Rule] = [] if rules is None else rules
+        self.samples: list[Sample] = [] if samples is None else samples
+        self.connections: list[ConnectionLine] = [] if connections is None else connections
+        self.files: list[str] = []
+        self.disabled_files: list[str] = []
 
     def by_name(self, name: str) -> Rule:
         for rule in self.rules:
@@ -318,8 +317,7 @@ def load_rule_file(path: Path, packs: Collection[str] = ()) -> tuple[bool, list[
     return f.enabled, f.rules, f.samples
 
 
-@dataclass(frozen=True, slots=True)
-class RuleFile:
+class RuleFile(NamedTuple):
     """One rule file as read: whether it is on, its rules, samples and connection lines."""
 
     enabled: bool

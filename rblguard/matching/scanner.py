@@ -410,7 +410,7 @@ class Scanner:
             event = self.classify_message(message, None, base + start)
             if event is not None:
                 if m is not None:
-                    event.time = fmt.parse(m, ref)
+                    event = event._replace(time=fmt.parse(m, ref))
                 events.append(event)
 
 

@@ -13,8 +13,8 @@ import contextlib
 import os
 import re
 import stat
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from rblguard.logs import warn
 
@@ -30,8 +30,7 @@ ROTATED_NAME = re.compile(r"@([0-9a-fA-F]{24})\.[su]\Z")
 # -- which files make up a source ---------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Layout:
+class Layout(NamedTuple):
     live: str  # the file being written: the plain file, or the multilog ``current``
     directory: str | None  # the multilog directory; None for a plain file
 

@@ -14,8 +14,7 @@ import calendar
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 TAI64_UNIX_OFFSET = 4611686018427387914  # 2**62 + 10: TAI64 label of the Unix epoch
 
@@ -43,8 +42,7 @@ _SPLOGGER = re.compile(rb"\d{9,10}\.\d{6} ")
 _MONTHS = {m.encode(): i for i, m in enumerate(calendar.month_abbr) if m}
 
 
-@dataclass(frozen=True, slots=True)
-class StampFormat:
+class StampFormat(NamedTuple):
     """How one file's lines are stamped.
 
     ``prefix`` matches a line's stamp (and syslog header) at the line start; its groups
