@@ -86,12 +86,12 @@ def count_patterns(sources: list[tuple[Rule | ConnectionLine, bytes, bytes]],
     uncaptured = _STAMP_GROUP.sub(b"(?:", stamp)  # findall: only what it counts
     made = []
     for (source, literal, rest), (_, full) in zip(sources, full_patterns, strict=True):
-        count_text = anchored(literal, uncaptured, rest) + b"(?P<" + TAIL.encode() + b">[^\n]*)"
+        anchor = anchored(literal, uncaptured, rest)
+        count_text = anchor + b"(?P<" + TAIL.encode() + b">[^\n]*)"
         # Without a stamp, the newline itself can lead: the same hits (a rest never takes
         # a newline, so each line's own is left for it), found a little faster than by
         # looking behind from the fixed text, on the lines the prefilter picked.
-        bare = (b"\n" + re.escape(literal) + rest if not stamp
-                else anchored(literal, uncaptured, rest))
+        bare = b"\n" + re.escape(literal) + rest if not stamp else anchor
         literals = None
         if type(source) is Rule and source.ignores:
             parts = [literal_alternatives(ig.regex.pattern) for ig in source.ignores]

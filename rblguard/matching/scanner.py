@@ -313,8 +313,8 @@ class Scanner:
     def _bare_usable(cp: counting.CountPattern) -> bool:
         """Whether a hit's address alone will do (CountPattern.bare): compiled, bounded by
         a timer (deadline.usable), the ignores (if any) texts vetoed_lines can look for."""
-        return cp.bare is not None and deadline.usable() and (not cp.vetoes
-                                                               or cp.literals is not None)
+        return (cp.bare is not None and deadline.usable()
+                and (not cp.vetoes or cp.literals is not None))
 
     @staticmethod
     def _vetoed(cp: counting.CountPattern, found: list, data: bytes | bytearray,
@@ -394,10 +394,10 @@ class Scanner:
         if rule.name not in self._timed_out:
             self._timed_out.add(rule.name)
             warn(__name__, "%s:%d: rule %s took over %.1f s on one line (at byte %d): that "
-                        "line is skipped for it; the pattern backtracks catastrophically "
-                        "(nested or overlapping repetition, like (\\d+)+ or (a|a)*): "
-                        "rewrite it", rule.file, rule.lineno, rule.name, LINE_TIMEOUT,
-                        offset - len(message) - 1)
+                 "line is skipped for it; the pattern backtracks catastrophically "
+                 "(nested or overlapping repetition, like (\\d+)+ or (a|a)*): "
+                 "rewrite it", rule.file, rule.lineno, rule.name, LINE_TIMEOUT,
+                 offset - len(message) - 1)
         text = message[:200].decode("utf-8", "replace")
         return ParseError(rule.name, text, when, offset, reason="timeout")
 

@@ -89,7 +89,7 @@ def read_windows(path: str | Path, start: int = 0, end: int | None = None,
                 have = filled
             else:
                 warn(__name__, "%s: the line at byte %d is longer than %d bytes: skipped",
-                            path, offset, MAX_LINE_BYTES)
+                     path, offset, MAX_LINE_BYTES)
                 offset, have, skipping = offset + filled - 1, 1, True
 
 
