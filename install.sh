@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install rblguard on Debian 12 as a Debian package and run it:  sudo ./install.sh
+# Install rblguard on Debian 12 as a Debian package and run it, as root:  ./install.sh
 #
 #  - Debian's build tools (this checkout's debian/control Build-Depends), then the
 #    package rblguard_*.deb built from this checkout in a temporary copy

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite, on a fresh Debian machine, as root:  sudo ./run-tests.sh
+# The whole test suite, on a fresh Debian machine, as root:  ./run-tests.sh
 #
 # It installs what the tests need (Debian's nftables, ipset, iptables, ucspi-tcp,
 # daemontools, dnsmasq, postfix, promtool, systemd-analyze, the packaging tools, lintian,
